@@ -1,0 +1,166 @@
+"""One self-describing checkpoint format: ``model.safetensors`` + ``config.json``.
+
+``config.json`` carries everything needed to rebuild and use the model
+(architecture, task schema, preprocessing) plus how it was trained and how
+well it did. Weights are only ever read through safetensors: nothing is
+unpickled. Every file is written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from facemt import __version__
+from facemt.errors import FacemtError
+from facemt.model import MultiTaskNet, create_trunk
+from facemt.tasks import check_schema, schema_dict
+from facemt.transforms import PreprocessConfig
+
+FORMAT = "facemt-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp_path)`` and rename the result onto ``path`` only if it succeeded."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    model: MultiTaskNet,
+    backbone: str,
+    preprocess: PreprocessConfig,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model.safetensors`` and ``config.json`` into ``run_dir``.
+
+    Args:
+        run_dir: the run folder (created if needed).
+        model: the trained network.
+        backbone: timm name of the trunk.
+        preprocess: the model's preprocessing.
+        extra: more JSON-ready fields (training config, metrics, dataset summary).
+
+    Returns:
+        the run folder.
+    """
+    run_dir = Path(run_dir)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(run_dir / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "facemt_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "backbone": backbone,
+        "dropout": float(model.dropout.p),
+        "tasks": schema_dict(model.tasks),
+        "preprocess": preprocess.to_dict(),
+        "weights_sha256": sha256_file(run_dir / WEIGHTS),
+        **(extra or {}),
+    }
+    atomic_write_text(run_dir / CONFIG, json.dumps(config, indent=2) + "\n")
+    return run_dir
+
+
+def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a run folder's ``config.json``.
+
+    Raises:
+        FacemtError: missing folder or file, invalid JSON, foreign or newer format.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG
+    if not run_dir.is_dir():
+        raise FacemtError(f"{run_dir}: no such run folder (give the --out folder of 'facemt fit')")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FacemtError(f"{path}: missing; {run_dir} is not a facemt run folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FacemtError(f"{path}: corrupt JSON ({exc})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise FacemtError(f"{path}: not a facemt checkpoint config")
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        raise FacemtError(
+            f"{path}: checkpoint format version {version!r}, this facemt reads version {FORMAT_VERSION}"
+        )
+    for key in ("backbone", "tasks", "preprocess", "weights_sha256"):
+        if key not in config:
+            raise FacemtError(f"{path}: missing field {key!r}")
+    return config
+
+
+def load_checkpoint(
+    run_dir: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[MultiTaskNet, PreprocessConfig, dict[str, Any]]:
+    """Rebuild the model from a run folder alone.
+
+    Returns:
+        the model (eval mode), its preprocessing and the whole config.
+
+    Raises:
+        FacemtError: any missing, corrupt, edited or mismatched file, named.
+    """
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    weights = run_dir / WEIGHTS
+    if not weights.is_file():
+        raise FacemtError(f"{weights}: missing")
+    if sha256_file(weights) != config["weights_sha256"]:
+        raise FacemtError(f"{weights}: SHA-256 does not match config.json (file corrupt or replaced)")
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise FacemtError(f"{weights}: not a readable safetensors file ({exc})") from None
+    try:
+        tasks = check_schema(config["tasks"])
+        preprocess = PreprocessConfig.from_dict(config["preprocess"])
+        trunk = create_trunk(config["backbone"], pretrained=False)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise FacemtError(f"{run_dir / CONFIG}: invalid field ({exc})") from None
+    model = MultiTaskNet(trunk, tasks, dropout=float(config.get("dropout", 0.0)))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise FacemtError(f"{weights}: weights do not fit the model described in config.json ({first[0] if first else exc})") from None
+    model.to(map_location).eval()
+    return model, preprocess, config

@@ -1,0 +1,289 @@
+"""Command line: ``facemt synth | fit | predict``. The only module that parses
+arguments or prints."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from facemt import __version__
+from facemt.errors import FacemtError
+from facemt.tasks import TASK_NAMES, TASKS
+
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+EPILOG = """examples:
+  facemt synth data/faces-demo --persons 12
+  facemt fit --data data/faces-demo --out runs/demo --epochs 15 --image-size 96
+  facemt fit --data faces.csv --out runs/expr --tasks expression
+  facemt fit --data data/faces --out runs/mnv2 --backbone mobilenetv2_100 --pretrained-file weights.safetensors
+  facemt predict runs/demo photo.jpg
+  facemt predict runs/demo photos/ --csv > predictions.csv
+"""
+
+
+class _Progress:
+    """Turns the engine's callback events into rich progress bars on stderr."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            console=console, transient=False,
+        )
+        self.decode_task = None
+        self.train_task = None
+
+    def __enter__(self) -> "_Progress":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def __call__(self, event: str, info: dict[str, Any]) -> None:
+        p = self.progress
+        if event == "decode":
+            if self.decode_task is None:
+                self.decode_task = p.add_task("decode images", total=info["total"])
+            p.update(self.decode_task, completed=info["done"])
+        elif event == "epoch_start" and self.train_task is None:
+            self.train_task = p.add_task("train", total=info["epochs"] * info["steps"])
+        elif event == "step":
+            p.update(self.train_task, advance=1, description=f"epoch {info['epoch']} loss {info['loss']:.3f}")
+        elif event == "epoch_end":
+            row = info["row"]
+            parts = [f"epoch {info['epoch']:>3}/{info['epochs']}"]
+            for split in ("train", "val"):
+                accs = [f"{t}={row[f'{split}_{t}_acc']:.2f}" for t in TASK_NAMES if f"{split}_{t}_acc" in row]
+                if accs:
+                    parts.append(f"{split} acc " + " ".join(accs))
+            p.console.print("  ".join(parts))
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from facemt.engine import TrainConfig
+    from facemt.transforms import AUGMENT_PRESETS
+
+    d = TrainConfig()
+    p.add_argument("--data", action="append", required=True, metavar="DIR|CSV",
+                   help="folder of FACES-named images or a CSV manifest (repeatable)")
+    p.add_argument("--tasks", help=f"comma-separated heads to train (default: every labelled one of {','.join(TASK_NAMES)})")
+    p.add_argument("--backbone", default=d.backbone, help="timm model name (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="default %(default)s")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default %(default)s)")
+    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="default %(default)s")
+    p.add_argument("--image-size", type=int, default=d.image_size, help="network input side in pixels (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
+    p.add_argument("--augment", choices=AUGMENT_PRESETS, default=d.augment, help="default %(default)s")
+    p.add_argument("--loss-weights", metavar="TASK=W,...", help="e.g. expression=2,gender=1 (default 1 each)")
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="default %(default)s")
+    p.add_argument("--dropout", type=float, default=d.dropout, help="before the heads (default %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="held-out share, split by person when persons are known (default %(default)s)")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--pretrained", action="store_true", help="ImageNet weights from the timm model hub (needs network)")
+    w.add_argument("--pretrained-file", metavar="PATH", help="ImageNet weights from a local .safetensors/.pth file")
+    w.add_argument("--no-pretrained", action="store_true", help="random initialisation (the default)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
+
+
+def _train_config(args: argparse.Namespace):
+    from facemt.engine import TrainConfig
+    from facemt.losses import parse_loss_weights
+    from facemt.tasks import select_tasks
+
+    tasks = select_tasks(args.tasks) if args.tasks else None
+    config = TrainConfig(
+        backbone=args.backbone, tasks=tasks, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, image_size=args.image_size,
+        seed=args.seed, augment=args.augment,
+        loss_weights=parse_loss_weights(args.loss_weights, tasks or TASK_NAMES),
+        label_smoothing=args.label_smoothing, dropout=args.dropout, val_fraction=args.val_fraction,
+        pretrained=args.pretrained, pretrained_file=args.pretrained_file, device=args.device,
+    )
+    config.validate()
+    return config
+
+
+def _load_data(sources: Sequence[str], err: Console):
+    from facemt.data import combine, load_index
+
+    index = combine([load_index(s) for s in sources])
+    if index.skipped:
+        err.print(f"[yellow]skipped {len(index.skipped)} file(s) that are not FACES-named, e.g. {index.skipped[0]}[/]")
+    return index
+
+
+def _print_summary(index, err: Console) -> None:
+    s = index.summary()
+    err.print(f"{s['images']} images, {s['persons']} persons")
+    for task, counts in s["labels"].items():
+        if counts["missing"] < s["images"]:
+            err.print(f"  {task}: " + ", ".join(f"{c} {n}" for c, n in counts.items() if n))
+
+
+def cmd_synth(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from facemt.synth import check_args, generate
+
+    check_args(args.out, args.persons, (args.width, args.height))
+    with Progress(TextColumn("synth"), BarColumn(), MofNCompleteColumn(), console=err) as progress:
+        task = progress.add_task("synth", total=args.persons * 12)
+        paths = generate(args.out, persons=args.persons, size=(args.width, args.height), seed=args.seed,
+                         progress=lambda d, n: progress.update(task, completed=d, total=n))
+    out.print(f"wrote {len(paths)} synthetic FACES-named images to {args.out}")
+    return EXIT_OK
+
+
+def cmd_fit(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from facemt.checkpoint import CONFIG
+    from facemt.engine import fit
+
+    run = Path(args.out)
+    if (run / CONFIG).exists() and not args.overwrite:
+        raise FacemtError(f"{run} already holds a trained model; choose another --out or pass --overwrite")
+    config = _train_config(args)
+    index = _load_data(args.data, err)
+    _print_summary(index, err)
+    with _Progress(err) as progress:
+        result = fit(index, config, run, callback=progress)
+    table = Table(title=f"best epoch {result.best_epoch} (saved to {run})")
+    table.add_column("head")
+    table.add_column("train acc", justify="right")
+    table.add_column("val acc", justify="right")
+    for t in result.tasks:
+        v = result.metrics.get(f"val_{t}_acc")
+        table.add_row(t, f"{result.metrics[f'train_{t}_acc']:.3f}", "-" if v is None else f"{v:.3f}")
+    out.print(table)
+    return EXIT_OK
+
+
+def _prediction_rows(preds) -> tuple[list[str], list[dict[str, Any]]]:
+    header = ["path", "error"]
+    for t in TASK_NAMES:
+        header += [t] + [f"{t}_p_{c}" for c in TASKS[t].classes]
+    rows = []
+    for p in preds:
+        row: dict[str, Any] = {"path": p.source, "error": p.error or ""}
+        for t, label in p.labels.items():
+            row[t] = label
+            row.update({f"{t}_p_{c}": f"{v:.6f}" for c, v in p.probabilities[t].items()})
+        rows.append(row)
+    return header, rows
+
+
+def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from facemt.data import iter_image_files
+    from facemt.inference import load
+
+    predictor = load(args.run, device=args.device, batch_size=args.batch_size)
+    files = iter_image_files(args.inputs)
+    if not files:
+        raise FacemtError("no image files found in the given inputs")
+    preds = []
+    with Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=err, transient=True, disable=len(files) < 2 * args.batch_size) as progress:
+        task = progress.add_task("predict", total=len(files))
+        for p in predictor.predict_files(files):
+            if p.error:
+                err.print(f"error: {p.error}", markup=False, highlight=False)
+            preds.append(p)
+            progress.advance(task)
+    ok = [p for p in preds if not p.error]
+    if args.json:
+        print(json.dumps([p.to_dict() for p in preds], indent=2))
+    elif args.csv:
+        header, rows = _prediction_rows(preds)
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=[h for h in header if any(h in r for r in rows) or h in ("path", "error")])
+        writer.writeheader()
+        writer.writerows(rows)
+        sys.stdout.write(buf.getvalue())
+    else:
+        table = Table()
+        table.add_column("file")
+        for t in predictor.tasks:
+            table.add_column(t)
+        for p in ok:
+            cells = [f"{p.labels[t]} ({p.probabilities[t][p.labels[t]]:.2f})" for t in predictor.tasks]
+            table.add_row(Path(p.source).name if p.source else "-", *cells)
+        out.print(table)
+    failed = len(preds) - len(ok)
+    if failed:
+        err.print(f"{failed} of {len(preds)} file(s) could not be read", markup=False)
+        return EXIT_PARTIAL
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="facemt", description="Age group, gender and facial expression from one multi-task network.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"facemt {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic FACES-named data set", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", help="output folder")
+    p.add_argument("--persons", type=int, default=12, help="default %(default)s (6 x 2 pictures each)")
+    p.add_argument("--width", type=int, default=240, help="default %(default)s")
+    p.add_argument("--height", type=int, default=300, help="default %(default)s")
+    p.add_argument("--seed", type=int, default=0, help="default %(default)s")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("fit", help="train a model on labelled images", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_train_args(p)
+    p.add_argument("--out", required=True, help="run folder to write (model.safetensors, config.json, history.csv)")
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("predict", help="predict all heads for images or folders", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run folder written by 'facemt fit'")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print JSON (one object per image)")
+    fmt.add_argument("--csv", action="store_true", help="print CSV (one row per image)")
+    p.add_argument("--batch-size", type=int, default=32, help="default %(default)s")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI and return the exit code (0 ok, 1 some inputs failed, 2 user error)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    out, err = Console(), Console(stderr=True)
+    try:
+        return args.func(args, out, err)
+    except FacemtError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        err.print("interrupted", markup=False)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

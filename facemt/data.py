@@ -1,0 +1,323 @@
+"""Dataset indexing (FACES folders, CSV manifests), the decode-once image cache and
+the torch Dataset.
+
+Every source becomes the same table: one row per image with columns ``path``,
+``person`` (may be missing), ``source`` and one column per task holding a
+class name or ``None`` when that label is unknown.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from facemt.errors import FacemtError
+from facemt.images import decode_file, is_image_file
+from facemt.tasks import TASK_NAMES, TASKS
+from facemt.transforms import PreprocessConfig, shrink
+
+log = logging.getLogger(__name__)
+
+FACES_PATTERN = re.compile(
+    r"^(?P<person>\d+)_(?P<age_group>[ymo])_(?P<gender>[mf])_(?P<expression>[adfhns])_(?P<set>[ab])$",
+    re.IGNORECASE,
+)
+COLUMNS = ("path", "person", "source", *TASK_NAMES)
+PERSON_COLUMNS = ("person", "group", "subject", "id")
+
+
+@dataclass
+class DataIndex:
+    """A validated table of images plus what was left out while building it.
+
+    Attributes:
+        table: one row per image (see module docstring).
+        skipped: file names that were seen but not understood, with the reason.
+    """
+
+    table: pd.DataFrame
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def summary(self) -> dict:
+        """Counts per task and class, persons and skipped files (JSON-ready)."""
+        t = self.table
+        out: dict = {
+            "images": int(len(t)),
+            "persons": int(t["person"].dropna().nunique()),
+            "skipped": len(self.skipped),
+            "sources": {str(k): int(v) for k, v in t["source"].value_counts().items()},
+            "labels": {},
+        }
+        for name in TASK_NAMES:
+            counts = t[name].value_counts()
+            out["labels"][name] = {c: int(counts.get(c, 0)) for c in TASKS[name].classes}
+            out["labels"][name]["missing"] = int(t[name].isna().sum())
+        return out
+
+    def tasks_present(self) -> tuple[str, ...]:
+        """Tasks that have at least one label in the table."""
+        return tuple(n for n in TASK_NAMES if self.table[n].notna().any())
+
+
+def parse_faces_name(name: str) -> dict[str, str]:
+    """Parse a FACES file name such as ``004_o_m_a_a.jpg`` into labels.
+
+    Returns:
+        dict with ``person``, ``age_group``, ``gender``, ``expression`` (class
+        names) and ``set``.
+
+    Raises:
+        FacemtError: the name does not follow the FACES scheme.
+    """
+    stem = Path(str(name)).name
+    stem = stem.split(".", 1)[0] if "." in stem else stem
+    match = FACES_PATTERN.match(stem)
+    if not match:
+        raise FacemtError(
+            f"{name!r} is not a FACES file name (expected id_age_gender_expression_set, e.g. 004_o_m_a_a.jpg)"
+        )
+    parts = {k: v.lower() for k, v in match.groupdict().items()}
+    out = {"person": parts["person"], "set": parts["set"]}
+    for task in TASK_NAMES:
+        out[task] = TASKS[task].classes[TASKS[task].codes.index(parts[task])]
+    return out
+
+
+def _empty_table() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS})
+
+
+def _finish_table(rows: list[dict]) -> pd.DataFrame:
+    table = pd.DataFrame(rows, columns=list(COLUMNS)) if rows else _empty_table()
+    table = table.astype(object).where(table.notna(), None)
+    return table.sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def index_folder(root: str | os.PathLike) -> DataIndex:
+    """Index a folder (recursively) of FACES-named images.
+
+    Files with an image extension whose names do not parse are listed in
+    ``skipped``; other files are ignored.
+
+    Raises:
+        FacemtError: the folder does not exist or holds no FACES-named image.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise FacemtError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise FacemtError(f"{root}: not a folder (give a folder of FACES-named images or a .csv manifest)")
+    rows, skipped = [], []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p)):
+        try:
+            labels = parse_faces_name(path.name)
+        except FacemtError:
+            skipped.append(f"{path.relative_to(root)}: name does not follow the FACES scheme")
+            continue
+        rows.append({"path": str(path.resolve()), "person": labels["person"], "source": root.name,
+                     **{t: labels[t] for t in TASK_NAMES}})
+    if not rows:
+        raise FacemtError(
+            f"{root}: no FACES-named images found ({len(skipped)} other image files); "
+            "name files like 004_o_m_a_a.jpg or give a CSV manifest"
+        )
+    if skipped:
+        log.warning("%s: skipped %d files whose names are not FACES names", root, len(skipped))
+    return DataIndex(_finish_table(rows), skipped)
+
+
+def read_manifest(csv_path: str | os.PathLike) -> DataIndex:
+    """Read a CSV manifest: a ``path`` column (relative to the CSV's folder or
+    absolute), any subset of the task columns (class names or FACES codes,
+    empty = unknown) and optionally a ``person`` / ``group`` column.
+
+    Raises:
+        FacemtError: unreadable CSV, no ``path`` column, or an unknown label
+            (the message names the row).
+    """
+    csv_path = Path(csv_path)
+    try:
+        frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False, na_values=[])
+    except FileNotFoundError:
+        raise FacemtError(f"{csv_path}: no such file") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as exc:
+        raise FacemtError(f"{csv_path}: not a readable CSV manifest ({str(exc).strip().splitlines()[0]})") from None
+    frame.columns = [str(c).strip().lower() for c in frame.columns]
+    if "path" not in frame.columns:
+        raise FacemtError(f"{csv_path}: manifest needs a 'path' column (has: {', '.join(frame.columns) or 'none'})")
+    label_cols = [t for t in TASK_NAMES if t in frame.columns]
+    if not label_cols:
+        raise FacemtError(f"{csv_path}: manifest has no label column; add one of {', '.join(TASK_NAMES)}")
+    person_col = next((c for c in PERSON_COLUMNS if c in frame.columns), None)
+    rows = []
+    for i, rec in enumerate(frame.to_dict("records"), start=2):
+        raw = str(rec["path"]).strip()
+        if not raw:
+            raise FacemtError(f"{csv_path}:{i}: empty path")
+        path = Path(raw) if Path(raw).is_absolute() else csv_path.parent / raw
+        row = {"path": str(path.resolve()), "source": csv_path.stem, "person": None}
+        if person_col and str(rec[person_col]).strip():
+            row["person"] = str(rec[person_col]).strip()
+        for task in TASK_NAMES:
+            value = str(rec.get(task, "")).strip()
+            if not value:
+                row[task] = None
+                continue
+            try:
+                row[task] = TASKS[task].classes[TASKS[task].index(value)]
+            except FacemtError as exc:
+                raise FacemtError(f"{csv_path}:{i}: {exc}") from None
+        rows.append(row)
+    if not rows:
+        raise FacemtError(f"{csv_path}: manifest has no rows")
+    return DataIndex(_finish_table(rows), [])
+
+
+def load_index(source: str | os.PathLike) -> DataIndex:
+    """Index a folder of FACES-named files or a ``.csv`` manifest."""
+    path = Path(source)
+    if path.suffix.lower() == ".csv":
+        return read_manifest(path)
+    return index_folder(path)
+
+
+def combine(indexes: Sequence[DataIndex]) -> DataIndex:
+    """Concatenate several indexes into one (same columns, skipped lists joined)."""
+    if len(indexes) == 1:
+        return indexes[0]
+    table = pd.concat([i.table for i in indexes], ignore_index=True)
+    return DataIndex(table, [s for i in indexes for s in i.skipped])
+
+
+def encode_targets(table: pd.DataFrame, tasks: Sequence[str]) -> dict[str, np.ndarray]:
+    """Class indices per task, -1 where the label is missing."""
+    out = {}
+    for task in tasks:
+        classes = TASKS[task].classes
+        out[task] = np.array(
+            [classes.index(v) if v is not None else -1 for v in table[task]], dtype=np.int64
+        )
+    return out
+
+
+def file_key(path: str) -> tuple[str, int, int]:
+    st = os.stat(path)
+    return (path, st.st_mtime_ns, st.st_size)
+
+
+class ImageCache:
+    """Decodes each image once (EXIF applied, RGB, shrunk to the working size)
+    and keeps the result in memory, shared by every fold and model of a run.
+    """
+
+    def __init__(self, workers: int | None = None) -> None:
+        self._store: dict[tuple, np.ndarray] = {}
+        self.workers = workers or min(4, os.cpu_count() or 1)
+        self.decoded = 0
+
+    def _decode(self, path: str, cfg: PreprocessConfig) -> np.ndarray:
+        return shrink(decode_file(path, cfg.working_side), cfg)
+
+    def load(
+        self,
+        paths: Sequence[str],
+        cfg: PreprocessConfig,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> tuple[list[np.ndarray | None], list[str]]:
+        """Return the cached arrays for ``paths`` (None where unreadable) and the
+        error messages of unreadable files, decoding only what is not cached yet.
+        """
+        results: list[np.ndarray | None] = [None] * len(paths)
+        errors: list[str] = []
+        todo = []
+        for i, p in enumerate(paths):
+            try:
+                key = (*file_key(p), cfg.working_side)
+            except OSError:
+                errors.append(f"{p}: no such file")
+                continue
+            if key in self._store:
+                results[i] = self._store[key]
+            else:
+                todo.append((i, p, key))
+        done = len(paths) - len(todo)
+        if progress:
+            progress(done, len(paths))
+
+        def work(item):
+            i, p, key = item
+            try:
+                return i, key, self._decode(p, cfg), None
+            except FacemtError as exc:
+                return i, key, None, str(exc)
+
+        with ThreadPoolExecutor(self.workers) as pool:
+            for i, key, arr, err in pool.map(work, todo):
+                done += 1
+                if err:
+                    errors.append(err)
+                else:
+                    self._store[key] = arr
+                    results[i] = arr
+                    self.decoded += 1
+                if progress:
+                    progress(done, len(paths))
+        return results, errors
+
+
+def content_hash(path: str) -> str:
+    """SHA-256 of a file's bytes (used to find exact duplicates)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class FaceDataset(Dataset):
+    """Cached images + per-task targets; items are ``{"image": CHW tensor,
+    "targets": {task: class index or -1}}``."""
+
+    def __init__(
+        self,
+        images: Sequence[np.ndarray],
+        targets: dict[str, np.ndarray],
+        transform: Callable[[np.ndarray], torch.Tensor],
+    ) -> None:
+        self.images = list(images)
+        self.targets = targets
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {
+            "image": self.transform(self.images[i]),
+            "targets": {t: torch.tensor(v[i]) for t, v in self.targets.items()},
+        }
+
+
+def iter_image_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders (recursively, image extensions only) into a sorted list."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(q for q in p.rglob("*") if q.is_file() and is_image_file(q)))
+        else:
+            out.append(p)
+    return out

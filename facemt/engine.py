@@ -1,0 +1,366 @@
+"""Training and evaluation loops. Reports progress through a callback; never prints."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from facemt.checkpoint import atomic_write_text, save_checkpoint
+from facemt.data import DataIndex, FaceDataset, ImageCache, encode_targets
+from facemt.errors import FacemtError
+from facemt.losses import MISSING, MultiTaskLoss
+from facemt.model import DEFAULT_BACKBONE, MultiTaskNet, check_backbone, create_model
+from facemt.tasks import TASKS, select_tasks
+from facemt.transforms import AUGMENT_PRESETS, PreprocessConfig, build_transform
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; written into every checkpoint.
+
+    ``tasks=None`` trains every task that the data has labels for.
+    """
+
+    backbone: str = DEFAULT_BACKBONE
+    tasks: tuple[str, ...] | None = None
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    image_size: int | None = 128
+    seed: int = 0
+    augment: str = "heavy"
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    label_smoothing: float = 0.0
+    dropout: float = 0.2
+    val_fraction: float = 0.2
+    pretrained: bool = False
+    pretrained_file: str | None = None
+    device: str = "auto"
+
+    def validate(self) -> None:
+        """Raise FacemtError on values that cannot train."""
+        if self.epochs < 1:
+            raise FacemtError("--epochs must be at least 1")
+        if self.batch_size < 1:
+            raise FacemtError("--batch-size must be at least 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise FacemtError("--lr must be a positive number")
+        if self.image_size is not None and not 16 <= self.image_size <= 1024:
+            raise FacemtError("--image-size must be between 16 and 1024")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise FacemtError("--val-fraction must be in [0, 1)")
+        if self.augment not in AUGMENT_PRESETS:
+            raise FacemtError(f"--augment must be one of {', '.join(AUGMENT_PRESETS)}")
+        check_backbone(self.backbone)
+        if self.pretrained and self.pretrained_file:
+            raise FacemtError("give either --pretrained or --pretrained-file, not both")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["tasks"] = list(self.tasks) if self.tasks else None
+        return d
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes:
+        model: the best model (by mean validation accuracy, or last epoch without validation).
+        preprocess: its preprocessing.
+        history: one row per epoch (losses, accuracies, lr).
+        best_epoch: 1-based epoch of the returned weights.
+        metrics: the history row of ``best_epoch`` as a dict.
+        tasks: the trained heads.
+    """
+
+    model: MultiTaskNet
+    preprocess: PreprocessConfig
+    history: pd.DataFrame
+    best_epoch: int
+    metrics: dict[str, float]
+    tasks: tuple[str, ...]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch so that CPU runs repeat exactly."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise FacemtError(f"unknown device {name!r} (use auto, cpu or cuda)") from None
+
+
+def resolve_tasks(index: DataIndex, wanted: Sequence[str] | None) -> tuple[str, ...]:
+    """The tasks to train: the requested ones, each needing >= 2 labelled classes.
+
+    Raises:
+        FacemtError: a requested task has no labels or only one class.
+    """
+    tasks = select_tasks(wanted) if wanted else index.tasks_present()
+    if not tasks:
+        raise FacemtError("the data has no labels for any task")
+    for t in tasks:
+        classes = index.table[t].dropna().unique()
+        if len(classes) < 2:
+            found = f"only {classes[0]!r}" if len(classes) else "no labels"
+            raise FacemtError(f"cannot train {t}: the data has {found}; a head needs at least two classes")
+    return tasks
+
+
+def decode_images(
+    index: DataIndex, preprocess: PreprocessConfig, cache: ImageCache | None, callback: Callback | None
+) -> list[np.ndarray]:
+    """Decode (or fetch from the cache) every image of the index, before any training.
+
+    Raises:
+        FacemtError: naming every unreadable file.
+    """
+    cache = cache or ImageCache()
+    paths = list(index.table["path"])
+    images, errors = cache.load(
+        paths, preprocess, (lambda d, n: callback("decode", {"done": d, "total": n})) if callback else None
+    )
+    if errors:
+        shown = "; ".join(errors[:5]) + (f"; and {len(errors) - 5} more" if len(errors) > 5 else "")
+        raise FacemtError(f"{len(errors)} unreadable image(s), fix or remove them: {shown}")
+    return images  # type: ignore[return-value]
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _loader(dataset: FaceDataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0)
+
+
+class _Meter:
+    """Sums loss and correct counts per head over labelled rows."""
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        self.tasks = tuple(tasks)
+        self.loss = {t: 0.0 for t in tasks}
+        self.correct = {t: 0 for t in tasks}
+        self.count = {t: 0 for t in tasks}
+
+    def add(self, logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], losses: dict[str, torch.Tensor]) -> None:
+        for t in self.tasks:
+            mask = targets[t] != MISSING
+            n = int(mask.sum())
+            if n:
+                self.loss[t] += float(losses[t]) * n
+                self.correct[t] += int((logits[t][mask].argmax(1) == targets[t][mask]).sum())
+                self.count[t] += n
+
+    def row(self, prefix: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for t in self.tasks:
+            n = self.count[t]
+            out[f"{prefix}_{t}_loss"] = self.loss[t] / n if n else float("nan")
+            out[f"{prefix}_{t}_acc"] = self.correct[t] / n if n else float("nan")
+        accs = [out[f"{prefix}_{t}_acc"] for t in self.tasks if self.count[t]]
+        out[f"{prefix}_mean_acc"] = float(np.mean(accs)) if accs else float("nan")
+        return out
+
+
+@torch.no_grad()
+def evaluate_loader(model: MultiTaskNet, loader: DataLoader, criterion: MultiTaskLoss, device: torch.device) -> dict[str, float]:
+    """Per-head loss and accuracy of ``model`` over a loader (eval mode)."""
+    model.eval()
+    meter = _Meter(model.tasks)
+    for batch in loader:
+        targets = {t: v.to(device) for t, v in batch["targets"].items()}
+        logits = model(batch["image"].to(device))
+        _, losses = criterion(logits, targets)
+        meter.add(logits, targets, losses)
+    return meter.row("val")
+
+
+@torch.no_grad()
+def predict_images(
+    model: MultiTaskNet,
+    images: Sequence[np.ndarray],
+    preprocess: PreprocessConfig,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> dict[str, np.ndarray]:
+    """Class probabilities per head for cached images (N x classes arrays)."""
+    model.eval()
+    transform = build_transform(preprocess, "none")
+    out: dict[str, list[np.ndarray]] = {t: [] for t in model.tasks}
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack([transform(im) for im in images[start : start + batch_size]]).to(device)
+        for t, logits in model(batch).items():
+            out[t].append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+    return {t: np.concatenate(v) if v else np.zeros((0, TASKS[t].num_classes)) for t, v in out.items()}
+
+
+def train(
+    index: DataIndex,
+    config: TrainConfig,
+    train_rows: Sequence[int],
+    val_rows: Sequence[int] = (),
+    out_dir: str | Path | None = None,
+    cache: ImageCache | None = None,
+    callback: Callback | None = None,
+    extra: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train a multi-task (or single-task) network.
+
+    Args:
+        index: the labelled images.
+        config: the run's configuration.
+        train_rows, val_rows: row positions of ``index.table`` to train and validate on.
+        out_dir: if given, the best checkpoint and ``history.csv`` are written
+            there (atomically) as training goes.
+        cache: decoded images shared between runs.
+        callback: receives ``(event, info)`` for ``decode``, ``epoch_start``,
+            ``step`` and ``epoch_end``.
+        extra: more JSON fields for the checkpoint's ``config.json``.
+
+    Returns:
+        the best model and its history.
+
+    Raises:
+        FacemtError: bad configuration, unusable data, weights not available.
+    """
+    config.validate()
+    tasks = resolve_tasks(index, config.tasks)
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
+    model, preprocess = create_model(
+        config.backbone, tasks, config.pretrained, config.pretrained_file, config.image_size, config.dropout
+    )
+    model.to(device)
+    images = decode_images(index, preprocess, cache, callback)
+    targets = encode_targets(index.table, tasks)
+    train_rows, val_rows = list(train_rows), list(val_rows)
+    if not train_rows:
+        raise FacemtError("no training images")
+
+    def subset(rows: list[int], augment: str, seed: int) -> FaceDataset:
+        return FaceDataset(
+            [images[i] for i in rows],
+            {t: v[rows] for t, v in targets.items()},
+            build_transform(preprocess, augment, seed),
+        )
+
+    train_loader = _loader(subset(train_rows, config.augment, config.seed), config.batch_size, True, config.seed)
+    val_loader = _loader(subset(val_rows, "none", config.seed), config.batch_size, False, config.seed) if val_rows else None
+
+    criterion = MultiTaskLoss({t: config.loss_weights.get(t, 1.0) for t in tasks}, config.label_smoothing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = len(train_loader)
+    total_steps = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(total_steps, int(round(config.warmup_epochs * steps_per_epoch)))
+    )
+
+    rows: list[dict[str, float]] = []
+    best_score, best_epoch, best_state = -math.inf, 0, None
+    for epoch in range(1, config.epochs + 1):
+        if callback:
+            callback("epoch_start", {"epoch": epoch, "epochs": config.epochs, "steps": steps_per_epoch})
+        model.train()
+        meter = _Meter(tasks)
+        lr = optimizer.param_groups[0]["lr"]
+        for step, batch in enumerate(train_loader, start=1):
+            batch_targets = {t: v.to(device) for t, v in batch["targets"].items()}
+            logits = model(batch["image"].to(device))
+            loss, losses = criterion(logits, batch_targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            meter.add({t: v.detach() for t, v in logits.items()}, batch_targets, {t: v.detach() for t, v in losses.items()})
+            if callback:
+                callback("step", {"epoch": epoch, "step": step, "steps": steps_per_epoch, "loss": loss.item()})
+        row: dict[str, float] = {"epoch": epoch, "lr": lr, **meter.row("train")}
+        if val_loader is not None:
+            row.update(evaluate_loader(model, val_loader, criterion, device))
+        rows.append(row)
+        score = row.get("val_mean_acc", float("nan"))
+        # Without validation the last epoch wins; ties go to the later epoch.
+        if val_loader is None or not math.isfinite(score) or score >= best_score:
+            best_score = score if math.isfinite(score) else best_score
+            best_epoch = epoch
+            best_state = copy.deepcopy(model.state_dict())
+            if out_dir is not None:
+                save_checkpoint(
+                    out_dir, model, config.backbone, preprocess,
+                    {"train": config.to_dict(), "best_epoch": epoch, "metrics": _clean(row), **(extra or {})},
+                )
+        if out_dir is not None:
+            atomic_write_text(Path(out_dir) / "history.csv", pd.DataFrame(rows).to_csv(index=False))
+        if callback:
+            callback("epoch_end", {"epoch": epoch, "epochs": config.epochs, "row": row, "best_epoch": best_epoch})
+
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    model.eval()
+    history = pd.DataFrame(rows)
+    return TrainResult(model, preprocess, history, best_epoch, _clean(rows[best_epoch - 1]), tasks)
+
+
+def _clean(row: dict[str, float]) -> dict[str, float | None]:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+def fit(
+    index: DataIndex,
+    config: TrainConfig,
+    out_dir: str | Path | None = None,
+    cache: ImageCache | None = None,
+    callback: Callback | None = None,
+) -> TrainResult:
+    """Split off a validation set (subject-disjoint when persons are known) and train.
+
+    The checkpoint records the dataset summary and which persons validated.
+    See :func:`train` for arguments and errors.
+    """
+    from facemt.evaluation import validation_split
+
+    train_rows, val_rows = validation_split(index.table, config.val_fraction, config.seed)
+    val_persons = sorted({p for p in index.table["person"].iloc[val_rows] if p is not None})
+    extra = {
+        "dataset": index.summary(),
+        "split": {
+            "train_images": int(len(train_rows)),
+            "val_images": int(len(val_rows)),
+            "val_persons": val_persons,
+            "subject_disjoint": bool(index.table["person"].notna().all()),
+        },
+    }
+    return train(index, config, train_rows, val_rows, out_dir, cache, callback, extra)

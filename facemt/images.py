@@ -1,0 +1,100 @@
+"""Decoding images safely: EXIF orientation, any mode to RGB, one error type."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from facemt.errors import FacemtError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+def is_image_file(path: Path) -> bool:
+    """True if the file name has an image extension (any case)."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Apply EXIF orientation and convert any Pillow mode to 8-bit RGB.
+
+    Transparent images are composited on white; 16-bit and float greyscale is
+    rescaled to 0-255 rather than clipped.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        image = Image.fromarray(scaled.astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def decode_file(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
+    """Open an image file as RGB, letting JPEG decode at reduced scale when possible.
+
+    Args:
+        path: the image file.
+        min_side: if given, the decoder may skip detail below this shorter side
+            (JPEG draft mode), which makes huge photos cheap to open.
+
+    Raises:
+        FacemtError: the file is missing, empty, not an image, truncated or a
+            decompression bomb.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if min_side and im.format == "JPEG":
+                    w, h = im.size
+                    scale = min_side / min(w, h)
+                    if scale < 1:
+                        im.draft("RGB", (max(1, int(w * scale)), max(1, int(h * scale))))
+                im.load()
+                return to_rgb(im)
+    except FileNotFoundError:
+        raise FacemtError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise FacemtError(f"{path}: is a folder, not an image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise FacemtError(f"{path}: image too large ({exc})") from None
+    except UnidentifiedImageError:
+        kind = "empty file" if path.stat().st_size == 0 else "not a readable image"
+        raise FacemtError(f"{path}: {kind}") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise FacemtError(f"{path}: cannot decode image ({exc})") from None
+
+
+def as_rgb_image(image: ImageInput, min_side: int | None = None) -> Image.Image:
+    """Turn a path, PIL image or HxW / HxWxC uint8 array into an RGB PIL image."""
+    if isinstance(image, (str, os.PathLike)):
+        return decode_file(image, min_side)
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, np.ndarray):
+        arr = image
+        if arr.ndim == 3 and arr.shape[2] == 1:
+            arr = arr[:, :, 0]
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
+            raise FacemtError(f"array of shape {image.shape} is not an HxW or HxWx3/4 image")
+        if arr.dtype != np.uint8:
+            if np.issubdtype(arr.dtype, np.floating) and arr.size and arr.max() <= 1.0:
+                arr = arr * 255.0
+            arr = np.clip(arr, 0, 255).astype(np.uint8)
+        return to_rgb(Image.fromarray(arr))
+    raise FacemtError(f"cannot read an image from a {type(image).__name__}")

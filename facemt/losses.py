@@ -1,0 +1,75 @@
+"""Weighted, label-masked multi-task cross-entropy."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from facemt.errors import FacemtError
+from facemt.tasks import select_tasks
+
+MISSING = -1
+
+
+def parse_loss_weights(text: str | None, tasks: tuple[str, ...]) -> dict[str, float]:
+    """Parse ``expression=2,gender=1`` into a weight per task (default 1.0).
+
+    Raises:
+        FacemtError: malformed pair, unknown or unselected task, negative weight.
+    """
+    weights = {t: 1.0 for t in tasks}
+    if not text:
+        return weights
+    for pair in text.split(","):
+        if not pair.strip():
+            continue
+        name, sep, value = pair.partition("=")
+        name = name.strip()
+        try:
+            if not sep:
+                raise ValueError
+            weight = float(value)
+        except ValueError:
+            raise FacemtError(f"bad loss weight {pair.strip()!r}: write task=number, e.g. expression=2") from None
+        select_tasks([name])
+        if name not in tasks:
+            raise FacemtError(f"loss weight for {name!r}, which is not among the trained tasks ({', '.join(tasks)})")
+        if weight < 0 or weight != weight:
+            raise FacemtError(f"loss weight for {name!r} must be >= 0, got {value.strip()}")
+        weights[name] = weight
+    return weights
+
+
+class MultiTaskLoss(nn.Module):
+    """Sum over heads of ``weight * cross_entropy`` on the rows that have that label.
+
+    Rows whose target is -1 give that head no loss and no gradient, so data
+    sets that carry only some labels can be trained together.
+    """
+
+    def __init__(self, weights: Mapping[str, float], label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.weights = dict(weights)
+        self.label_smoothing = label_smoothing
+
+    def forward(
+        self, logits: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Returns the total loss and the unweighted loss per head (0 when a head
+        has no labelled row in the batch)."""
+        per_task: dict[str, torch.Tensor] = {}
+        total = None
+        for task, weight in self.weights.items():
+            out, target = logits[task], targets[task]
+            labelled = target != MISSING
+            if labelled.any():
+                loss = F.cross_entropy(out[labelled], target[labelled], label_smoothing=self.label_smoothing)
+            else:
+                loss = out.sum() * 0.0
+            per_task[task] = loss
+            total = weight * loss if total is None else total + weight * loss
+        assert total is not None
+        return total, per_task

@@ -1,0 +1,142 @@
+"""The network: one timm trunk, one linear head per task."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Sequence
+from urllib.parse import urlparse
+
+import timm
+import torch
+from torch import nn
+
+from facemt.errors import FacemtError
+from facemt.tasks import TASKS, select_tasks
+from facemt.transforms import PreprocessConfig, resolve_preprocess
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BACKBONE = "resnet18"
+PRETRAINED_HELP = (
+    "use --pretrained-file PATH (a local .safetensors/.pth of the backbone), "
+    "--no-pretrained (random init), or --pretrained with network access to the model hub"
+)
+
+
+class MultiTaskNet(nn.Module):
+    """Shared backbone feeding one classification head per task.
+
+    Args:
+        trunk: a headless timm model (``num_classes=0``) exposing ``num_features``.
+        tasks: task names; each head's width comes from the schema.
+        dropout: dropout before the heads.
+    """
+
+    def __init__(self, trunk: nn.Module, tasks: Sequence[str], dropout: float = 0.2) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.tasks = tuple(tasks)
+        self.dropout = nn.Dropout(dropout)
+        self.heads = nn.ModuleDict(
+            {t: nn.Linear(trunk.num_features, TASKS[t].num_classes) for t in self.tasks}
+        )
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.dropout(self.trunk(x))
+        return {t: head(features) for t, head in self.heads.items()}
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _cached_on_disk(backbone: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cfg = timm.models.get_pretrained_cfg(backbone)
+        hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+        if not hub_id:
+            return False
+        return any(
+            isinstance(try_to_load_from_cache(hub_id, name, cache_dir=os.environ.get("HF_HUB_CACHE")), str)
+            for name in ("model.safetensors", "pytorch_model.bin")
+        )
+    except Exception:  # any hub/cache quirk just means "not known to be cached"
+        return False
+
+
+def check_backbone(backbone: str) -> None:
+    """Raise FacemtError, naming close matches, unless timm knows ``backbone``."""
+    if not timm.is_model(backbone):
+        close = difflib.get_close_matches(backbone, timm.list_models(), n=5, cutoff=0.6)
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise FacemtError(f"unknown backbone {backbone!r}{hint}; see timm.list_models() for all names")
+
+
+def create_trunk(
+    backbone: str = DEFAULT_BACKBONE,
+    pretrained: bool = False,
+    pretrained_file: str | os.PathLike | None = None,
+) -> nn.Module:
+    """A headless timm model, optionally with ImageNet weights.
+
+    Args:
+        backbone: any timm model name.
+        pretrained: download weights from the model hub (fails fast offline).
+        pretrained_file: load weights from a local file instead of the hub.
+
+    Raises:
+        FacemtError: unknown backbone, missing/bad weights file, hub unreachable.
+    """
+    check_backbone(backbone)
+    if pretrained_file is not None:
+        path = Path(pretrained_file)
+        if not path.is_file():
+            raise FacemtError(f"{path}: pretrained weights file not found")
+        try:
+            return timm.create_model(
+                backbone, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path.resolve())}
+            )
+        except Exception as exc:  # timm raises many types for a wrong file
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise FacemtError(f"{path}: cannot load as {backbone} weights ({first})") from None
+    if pretrained:
+        if not _cached_on_disk(backbone) and not _hub_reachable():
+            raise FacemtError(f"cannot download {backbone} weights: the model hub is unreachable; {PRETRAINED_HELP}")
+        try:
+            return timm.create_model(backbone, pretrained=True, num_classes=0)
+        except Exception as exc:
+            raise FacemtError(f"downloading {backbone} weights failed ({type(exc).__name__}); {PRETRAINED_HELP}") from None
+    return timm.create_model(backbone, pretrained=False, num_classes=0)
+
+
+def create_model(
+    backbone: str = DEFAULT_BACKBONE,
+    tasks: Sequence[str] | None = None,
+    pretrained: bool = False,
+    pretrained_file: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    dropout: float = 0.2,
+) -> tuple[MultiTaskNet, PreprocessConfig]:
+    """Build the multi-task network and resolve its preprocessing once.
+
+    Returns:
+        the model and the :class:`PreprocessConfig` that belongs to it.
+    """
+    trunk = create_trunk(backbone, pretrained, pretrained_file)
+    data_config = timm.data.resolve_model_data_config(trunk)
+    model = MultiTaskNet(trunk, select_tasks(tasks), dropout=dropout)
+    return model, resolve_preprocess(data_config, image_size)

@@ -1,0 +1,159 @@
+"""Preprocessing: the one resize/normalise config and the albumentations pipelines.
+
+The same :class:`PreprocessConfig` is resolved once from the backbone's timm
+``pretrained_cfg``, stored in the checkpoint and used by training, evaluation
+and prediction alike.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from facemt.errors import FacemtError
+
+AUGMENT_PRESETS = ("none", "light", "heavy")
+
+_CV2_INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How an RGB image becomes the network's input tensor.
+
+    Attributes:
+        image_size: side of the square network input.
+        crop_pct: fraction of the shorter side kept by the centre crop.
+        interpolation: resize filter name (``bilinear`` or ``bicubic``).
+        mean, std: per-channel normalisation in 0-1 units.
+    """
+
+    image_size: int = 224
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @property
+    def working_side(self) -> int:
+        """Shorter side that images are decoded to once and cached at."""
+        return int(math.floor(self.image_size / self.crop_pct))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PreprocessConfig":
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        for key in ("mean", "std"):
+            if key in known:
+                known[key] = tuple(float(x) for x in known[key])
+        return cls(**known)
+
+
+def resolve_preprocess(data_config: dict[str, Any], image_size: int | None = None) -> PreprocessConfig:
+    """Build the config from timm's ``resolve_model_data_config`` output.
+
+    Args:
+        data_config: dict with ``input_size``, ``crop_pct``, ``interpolation``, ``mean``, ``std``.
+        image_size: overrides the backbone's default input size.
+    """
+    interpolation = data_config.get("interpolation", "bicubic")
+    return PreprocessConfig(
+        image_size=int(image_size or data_config["input_size"][-1]),
+        crop_pct=float(data_config.get("crop_pct", 0.875)),
+        interpolation=interpolation if interpolation in _CV2_INTERPOLATION else "bicubic",
+        mean=tuple(float(x) for x in data_config["mean"]),
+        std=tuple(float(x) for x in data_config["std"]),
+    )
+
+
+def shrink(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
+    """Resize an RGB image so its shorter side is ``cfg.working_side`` (never enlarges
+    beyond it, never changes the aspect ratio) and return it as HxWx3 uint8.
+
+    This is the decode-once step: its output is what the cache holds.
+    """
+    w, h = image.size
+    scale = cfg.working_side / min(w, h)
+    if scale < 1:
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        image = image.resize(size, Image.BICUBIC, reducing_gap=3.0)
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+
+
+class _ToTensor:
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def _finish(cfg: PreprocessConfig) -> list[A.BasicTransform]:
+    return [A.Normalize(mean=cfg.mean, std=cfg.std, max_pixel_value=255.0)]
+
+
+def _eval_geometry(cfg: PreprocessConfig) -> list[A.BasicTransform]:
+    interp = _CV2_INTERPOLATION[cfg.interpolation]
+    return [
+        A.SmallestMaxSize(max_size=cfg.working_side, interpolation=interp),
+        A.CenterCrop(cfg.image_size, cfg.image_size),
+    ]
+
+
+def build_transform(
+    cfg: PreprocessConfig, augment: str = "none", seed: int | None = None
+) -> Callable[[np.ndarray], torch.Tensor]:
+    """The pipeline from a cached HxWx3 uint8 image to a normalised CHW float tensor.
+
+    Args:
+        cfg: the model's preprocessing.
+        augment: ``none`` (evaluation), ``light`` or ``heavy`` (geometric +
+            photometric + occlusion).
+        seed: seeds albumentations' own random state, for reproducible runs.
+    """
+    if augment not in AUGMENT_PRESETS:
+        raise FacemtError(f"unknown augmentation {augment!r}: choose from {', '.join(AUGMENT_PRESETS)}")
+    size = cfg.image_size
+    interp = _CV2_INTERPOLATION[cfg.interpolation]
+    steps: list[A.BasicTransform]
+    if augment == "none":
+        steps = _eval_geometry(cfg)
+    elif augment == "light":
+        steps = [
+            A.SmallestMaxSize(max_size=cfg.working_side, interpolation=interp),
+            A.RandomResizedCrop((size, size), scale=(0.7, 1.0), ratio=(0.9, 1.1), interpolation=interp),
+            A.HorizontalFlip(p=0.5),
+            A.RandomBrightnessContrast(0.15, 0.15, p=0.5),
+        ]
+    else:
+        steps = [
+            A.SmallestMaxSize(max_size=cfg.working_side, interpolation=interp),
+            A.Affine(scale=(0.9, 1.1), rotate=(-15, 15), translate_percent=(-0.06, 0.06), p=0.7),
+            A.RandomResizedCrop((size, size), scale=(0.6, 1.0), ratio=(0.85, 1.15), interpolation=interp),
+            A.HorizontalFlip(p=0.5),
+            A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03, p=0.8),
+            A.ToGray(p=0.1),
+            A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.GaussNoise(std_range=(0.02, 0.08))], p=0.3),
+            A.CoarseDropout(
+                num_holes_range=(1, 3),
+                hole_height_range=(0.08, 0.25),
+                hole_width_range=(0.08, 0.25),
+                p=0.5,
+            ),
+        ]
+    pipeline = A.Compose(steps + _finish(cfg), seed=seed)
+    to_tensor = _ToTensor()
+
+    def apply(image: np.ndarray) -> torch.Tensor:
+        return to_tensor(pipeline(image=image)["image"])
+
+    return apply
+
+
+__all__ = ["AUGMENT_PRESETS", "PreprocessConfig", "build_transform", "resolve_preprocess", "shrink"]

@@ -1,0 +1,129 @@
+import csv
+import io
+import json
+
+import pandas as pd
+import pytest
+
+from facemt.cli import main
+from facemt.checkpoint import read_config
+from conftest import TINY_FIT
+
+
+def test_fit_writes_a_self_describing_run(run_dir):
+    assert {p.name for p in run_dir.iterdir()} == {"model.safetensors", "config.json", "history.csv"}
+    cfg = read_config(run_dir)
+    assert cfg["backbone"] == "resnet18"
+    assert list(cfg["tasks"]) == ["age_group", "gender", "expression"]
+    assert cfg["train"]["epochs"] == 2 and cfg["preprocess"]["image_size"] == 32
+    assert cfg["dataset"]["images"] == 72 and cfg["dataset"]["persons"] == 6
+    assert cfg["split"]["val_persons"] and cfg["split"]["subject_disjoint"]
+    history = pd.read_csv(run_dir / "history.csv")
+    assert len(history) == 2
+    for t in ("age_group", "gender", "expression"):
+        assert {f"train_{t}_loss", f"train_{t}_acc", f"val_{t}_loss", f"val_{t}_acc"} <= set(history.columns)
+
+
+def test_predict_json_all_heads_probabilities_sum_to_one(run_dir, faces_dir, capsys):
+    files = sorted(faces_dir.glob("*.jpg"))[:3]
+    assert main(["predict", str(run_dir), *map(str, files), "--json", "--device", "cpu"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["path"] for r in results] == list(map(str, files))
+    for r in results:
+        for t in ("age_group", "gender", "expression"):
+            assert r[t]["label"] in r[t]["probabilities"]
+            assert abs(sum(r[t]["probabilities"].values()) - 1) < 1e-5
+
+
+def test_predict_folder_csv_reports_bad_files_and_exits_nonzero(run_dir, faces_dir, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    good = sorted(faces_dir.glob("*.jpg"))[:2]
+    for g in good:
+        (folder / g.name).write_bytes(g.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    (folder / "empty.png").write_bytes(b"")
+    code = main(["predict", str(run_dir), str(folder), "--csv", "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 1
+    rows = list(csv.DictReader(io.StringIO(captured.out)))
+    assert len(rows) == 4
+    assert sum(1 for r in rows if r["error"]) == 2
+    assert all(r["expression"] for r in rows if not r["error"])
+    assert "broken.jpg" in captured.err and "empty.png" in captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_predict_table(run_dir, faces_dir, capsys):
+    f = sorted(faces_dir.glob("*.jpg"))[0]
+    assert main(["predict", str(run_dir), str(f), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f.name in out and "expression" in out
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["predict", "/nonexistent/run", "x.jpg"], "no such run folder"),
+        (["fit", "--data", "/nonexistent/faces", "--out", "OUT"], "no such folder"),
+        (["fit", "--data", "FACES", "--out", "OUT", "--tasks", "race"], "unknown task"),
+        (["fit", "--data", "FACES", "--out", "OUT", "--epochs", "0"], "--epochs"),
+        (["fit", "--data", "FACES", "--out", "OUT", "--loss-weights", "gender"], "bad loss weight"),
+        (["fit", "--data", "FACES", "--out", "OUT", "--backbone", "nonet"], "unknown backbone"),
+        (["synth", "OUT", "--persons", "0"], "--persons"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(argv, match, faces_dir, tmp_path, capsys):
+    argv = [a.replace("FACES", str(faces_dir)).replace("OUT", str(tmp_path / "o")) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and match in err and "\n" not in err
+
+
+def test_fit_refuses_to_overwrite_a_run(run_dir, faces_dir, capsys):
+    before = (run_dir / "model.safetensors").read_bytes()
+    assert main(["fit", "--data", str(faces_dir), "--out", str(run_dir), *TINY_FIT]) == 2
+    assert "already holds a trained model" in capsys.readouterr().err
+    assert (run_dir / "model.safetensors").read_bytes() == before
+
+
+def test_fit_stops_before_training_on_unreadable_images(faces_dir, tmp_path, capsys):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for g in sorted(faces_dir.glob("*.jpg"))[::3]:
+        (folder / g.name).write_bytes(g.read_bytes())
+    (folder / "099_y_f_a_a.jpg").write_text("oops")
+    assert main(["fit", "--data", str(folder), "--out", str(tmp_path / "r"), *TINY_FIT]) == 2
+    err = capsys.readouterr().err
+    assert "099_y_f_a_a.jpg" in err and "unreadable" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_single_task_model_has_one_head(faces_dir, tmp_path, capsys):
+    run = tmp_path / "expr"
+    assert main(["fit", "--data", str(faces_dir), "--out", str(run), "--tasks", "expression", *TINY_FIT]) == 0
+    assert list(read_config(run)["tasks"]) == ["expression"]
+    f = sorted(faces_dir.glob("*.jpg"))[0]
+    capsys.readouterr()
+    assert main(["predict", str(run), str(f), "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)[0]
+    assert "expression" in result and "gender" not in result
+
+
+def test_same_seed_same_metrics(faces_dir, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for run in (a, b):
+        assert main(["fit", "--data", str(faces_dir), "--out", str(run), *TINY_FIT, "--augment", "heavy"]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(a / "history.csv"), pd.read_csv(b / "history.csv"))
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+
+
+def test_synth_names_follow_faces(tmp_path):
+    assert main(["synth", str(tmp_path / "s"), "--persons", "2", "--width", "40", "--height", "50"]) == 0
+    names = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert len(names) == 24 and names[0] == "001_y_m_a_a.jpg" and names[-1] == "002_y_f_s_b.jpg"
+
+
+def test_help_shows_examples(capsys):
+    assert main(["fit", "--help"]) == 0
+    assert "facemt fit --data" in capsys.readouterr().out

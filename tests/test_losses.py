@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+from facemt import FacemtError
+from facemt.losses import MultiTaskLoss, parse_loss_weights
+
+
+def test_rows_without_label_give_zero_gradient_to_that_head():
+    logits = {"gender": torch.randn(4, 2, requires_grad=True), "expression": torch.randn(4, 6, requires_grad=True)}
+    targets = {"gender": torch.tensor([0, -1, 1, -1]), "expression": torch.tensor([-1, 2, -1, -1])}
+    total, per_task = MultiTaskLoss({"gender": 1.0, "expression": 1.0})(logits, targets)
+    total.backward()
+    g, e = logits["gender"].grad, logits["expression"].grad
+    assert torch.all(g[[1, 3]] == 0) and torch.any(g[[0, 2]] != 0)
+    assert torch.all(e[[0, 2, 3]] == 0) and torch.any(e[1] != 0)
+
+
+def test_head_without_any_label_contributes_nothing():
+    logits = {"gender": torch.randn(3, 2, requires_grad=True)}
+    total, per_task = MultiTaskLoss({"gender": 1.0})(logits, {"gender": torch.tensor([-1, -1, -1])})
+    assert total.item() == 0.0 and torch.isfinite(total)
+    total.backward()
+    assert torch.all(logits["gender"].grad == 0)
+
+
+def test_weights_scale_the_sum():
+    logits = {"gender": torch.randn(2, 2), "expression": torch.randn(2, 6)}
+    targets = {"gender": torch.tensor([0, 1]), "expression": torch.tensor([1, 2])}
+    total, per = MultiTaskLoss({"gender": 1.0, "expression": 2.0})(logits, targets)
+    assert torch.isclose(total, per["gender"] + 2 * per["expression"])
+
+
+def test_parse_loss_weights():
+    tasks = ("age_group", "gender", "expression")
+    assert parse_loss_weights("expression=2, gender=0.5", tasks) == {"age_group": 1.0, "gender": 0.5, "expression": 2.0}
+    for bad in ("expression", "expression=x", "race=1", "gender=-1"):
+        with pytest.raises(FacemtError):
+            parse_loss_weights(bad, tasks)
+    with pytest.raises(FacemtError, match="not among the trained"):
+        parse_loss_weights("gender=1", ("expression",))
