@@ -1,4 +1,4 @@
-"""Command line: ``facemt synth | fit | predict``. The only module that parses
+"""Command line: ``facemt synth | fit | predict | evaluate | cv``. The only module that parses
 arguments or prints."""
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ EPILOG = """examples:
   facemt fit --data data/faces --out runs/mnv2 --backbone mobilenetv2_100 --pretrained-file weights.safetensors
   facemt predict runs/demo photo.jpg
   facemt predict runs/demo photos/ --csv > predictions.csv
+  facemt evaluate runs/demo --data data/faces-test
+  facemt cv --data data/faces-demo --out reports/demo --split both --seeds 2 --folds 3 --epochs 10 --image-size 64
 """
 
 
@@ -228,6 +230,103 @@ def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
     return EXIT_OK
 
 
+def _metrics_table(title: str, metrics: dict[str, dict]) -> Table:
+    table = Table(title=title)
+    for col in ("head", "n", "accuracy", "balanced acc", "macro-F1", "ECE"):
+        table.add_column(col, justify="left" if col == "head" else "right")
+    for head, m in metrics.items():
+        if m["n"]:
+            table.add_row(head, str(m["n"]), f"{m['accuracy']:.3f}", f"{m['balanced_accuracy']:.3f}",
+                          f"{m['macro_f1']:.3f}", f"{m['ece']:.3f}")
+        else:
+            table.add_row(head, "0", "-", "-", "-", "-")
+    return table
+
+
+def cmd_evaluate(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from facemt.data import ImageCache
+    from facemt.engine import decode_images, predict_images
+    from facemt.evaluation import evaluate_predictions
+    from facemt.inference import load
+
+    predictor = load(args.run, device=args.device, batch_size=args.batch_size)
+    index = _load_data(args.data, err)
+    with _Progress(err) as progress:
+        images = decode_images(index, predictor.preprocess, ImageCache(), progress)
+    probs = predict_images(predictor.model, images, predictor.preprocess, args.batch_size, predictor.device)
+    metrics = evaluate_predictions(index.table, probs)
+    if args.json:
+        print(json.dumps({"run": str(args.run), "images": len(index), "metrics": metrics}, indent=2))
+        return EXIT_OK
+    out.print(_metrics_table(f"{args.run} on {len(index)} images", metrics))
+    for head, m in metrics.items():
+        if not m["n"]:
+            continue
+        t = Table(title=f"{head}: per class")
+        for col in ("class", "precision", "recall", "support"):
+            t.add_column(col, justify="left" if col == "class" else "right")
+        for c, pc in m["per_class"].items():
+            t.add_row(c, f"{pc['precision']:.3f}", f"{pc['recall']:.3f}", str(pc["support"]))
+        out.print(t)
+        cm = Table(title=f"{head}: confusion (rows true, columns predicted)")
+        cm.add_column("")
+        for c in m["classes"]:
+            cm.add_column(c[:5], justify="right")
+        for c, row in zip(m["classes"], m["confusion"]):
+            cm.add_row(c, *map(str, row))
+        out.print(cm)
+    return EXIT_OK
+
+
+class _CVProgress(_Progress):
+    """One bar over every epoch of every model in the cross-validation."""
+
+    def __call__(self, event: str, info: dict[str, Any]) -> None:
+        p = self.progress
+        if event == "decode":
+            super().__call__(event, info)
+        elif event == "run_start":
+            if self.train_task is None:
+                self.train_task = p.add_task("cv", total=info["runs"] * info["epochs"])
+            p.update(self.train_task, description=f"model {info['run']}/{info['runs']} {info['label']}")
+        elif event == "epoch_end":
+            p.update(self.train_task, advance=1)
+
+
+def cmd_cv(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from facemt.evaluation import cross_validate
+    from facemt.report import write_report
+
+    config = _train_config(args)
+    report_dir = Path(args.out)
+    if (report_dir / "report.md").exists() and not args.overwrite:
+        raise FacemtError(f"{report_dir} already holds a report; choose another --out or pass --overwrite")
+    index = _load_data(args.data, err)
+    _print_summary(index, err)
+    with _CVProgress(err) as progress:
+        result = cross_validate(index, config, folds=args.folds, split=args.split, seeds=args.seeds,
+                                baselines=args.baselines, test_size=args.test_size, callback=progress)
+    for warning in result.warnings:
+        err.print(f"warning: {warning}", style="yellow", markup=False)
+    write_report(result, report_dir)
+    summary = result.summary()
+    table = Table(title="test accuracy % (mean ± std over folds x seeds)")
+    for col in ("split", "head", "multi-task", "single-task", "multi − single [95% CI]", "majority"):
+        table.add_column(col, justify="left" if col in ("split", "head") else "right")
+    pct = lambda m, s=None: "-" if m is None or m != m else f"{100 * m:.1f}" + ("" if s is None or s != s else f" ± {100 * s:.1f}")  # noqa: E731
+    for _, r in summary.iterrows():
+        diff = "-"
+        if r.get("diff_mean") == r.get("diff_mean") and r.get("diff_mean") is not None:
+            diff = f"{100 * r['diff_mean']:+.1f}"
+            if r["diff_ci_low"] == r["diff_ci_low"]:
+                diff += f" [{100 * r['diff_ci_low']:+.1f}, {100 * r['diff_ci_high']:+.1f}]"
+        table.add_row(r["protocol"], r["head"], pct(r["multitask_mean"], r["multitask_std"]),
+                      pct(r.get("single_mean"), r.get("single_std")), diff, pct(r["majority_mean"]))
+    out.print(table)
+    out.print(f"report written to {report_dir / 'report.md'}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="facemt", description="Age group, gender and facial expression from one multi-task network.",
@@ -263,6 +362,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="default %(default)s")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="metrics of a trained model on labelled images", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run folder written by 'facemt fit'")
+    p.add_argument("--data", action="append", required=True, metavar="DIR|CSV", help="labelled images (repeatable)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--batch-size", type=int, default=32, help="default %(default)s")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("cv", help="cross-validate multi-task vs single-task models and write a report",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_train_args(p)
+    p.add_argument("--out", required=True, help="report folder (report.md, results.json/csv, plots)")
+    p.add_argument("--folds", type=int, default=5, help="default %(default)s (leave-one-person-out with fewer persons)")
+    p.add_argument("--split", choices=("subject", "random", "both"), default="subject",
+                   help="subject-disjoint folds (default), stratified random folds, or both")
+    p.add_argument("--seeds", type=int, default=1, help="repeats with successive seeds (default %(default)s)")
+    p.add_argument("--test-size", type=float, help="one held-out split of this fraction per seed instead of K folds "
+                   "(--split random --test-size 0.3 is the original 70/30 protocol)")
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="also train one single-task model per head on the same folds (default on)")
+    p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
+    p.set_defaults(func=cmd_cv)
     return parser
 
 
@@ -274,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    out, err = Console(), Console(stderr=True)
+    out, err = Console(), Console(stderr=True, soft_wrap=True)
     try:
         return args.func(args, out, err)
     except FacemtError as exc:

@@ -236,6 +236,7 @@ def train(
     cache: ImageCache | None = None,
     callback: Callback | None = None,
     extra: dict[str, Any] | None = None,
+    select_best: bool = True,
 ) -> TrainResult:
     """Train a multi-task (or single-task) network.
 
@@ -249,6 +250,9 @@ def train(
         callback: receives ``(event, info)`` for ``decode``, ``epoch_start``,
             ``step`` and ``epoch_end``.
         extra: more JSON fields for the checkpoint's ``config.json``.
+        select_best: keep the epoch with the best mean validation accuracy; when
+            False the last epoch is kept and ``val_rows`` only draw learning
+            curves (cross-validation uses this so test folds never pick epochs).
 
     Returns:
         the best model and its history.
@@ -313,7 +317,7 @@ def train(
         rows.append(row)
         score = row.get("val_mean_acc", float("nan"))
         # Without validation the last epoch wins; ties go to the later epoch.
-        if val_loader is None or not math.isfinite(score) or score >= best_score:
+        if not select_best or val_loader is None or not math.isfinite(score) or score >= best_score:
             best_score = score if math.isfinite(score) else best_score
             best_epoch = epoch
             best_state = copy.deepcopy(model.state_dict())

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import warnings
-from typing import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
-from facemt.tasks import TASK_NAMES
+from facemt.data import DataIndex, ImageCache, encode_targets
+from facemt.errors import FacemtError
+from facemt.tasks import TASK_NAMES, TASKS
+
+if TYPE_CHECKING:
+    from facemt.engine import TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 def person_groups(table: pd.DataFrame) -> np.ndarray:
@@ -43,7 +53,11 @@ def subject_folds(
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        folds = list(splitter.split(np.zeros(len(table)), stratify_key(table, tasks), groups))
+        try:
+            folds = list(splitter.split(np.zeros(len(table)), stratify_key(table, tasks), groups))
+        except ValueError:  # every label combination rarer than n_splits: group only
+            folds = list(GroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(
+                np.zeros(len(table)), groups=groups))
     for train_idx, test_idx in folds:
         assert not set(groups[train_idx]) & set(groups[test_idx]), "a person is on both sides of a split"
     return folds
@@ -57,3 +71,287 @@ def validation_split(table: pd.DataFrame, fraction: float, seed: int) -> tuple[n
         return everything, everything[:0]
     train_idx, val_idx = subject_folds(table, int(round(1 / fraction)), seed)[0]
     return np.sort(train_idx), np.sort(val_idx)
+
+
+# ----------------------------------------------------------------- metrics
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = 10) -> float:
+    """ECE: the confidence-weighted gap between confidence and accuracy over equal-width bins."""
+    if len(y_true) == 0:
+        return float("nan")
+    confidence = probs.max(1)
+    correct = probs.argmax(1) == y_true
+    edges = np.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        in_bin = (confidence > lo) & (confidence <= hi)
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(ece)
+
+
+def head_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict:
+    """Accuracy, balanced accuracy, macro-F1, per-class precision/recall, confusion
+    matrix and ECE for one head (rows with label -1 are ignored)."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    mask = y_true >= 0
+    y, p = y_true[mask], probs[mask]
+    labels = list(range(len(classes)))
+    if len(y) == 0:
+        return {"n": 0}
+    pred = p.argmax(1)
+    precision, recall, _, support = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    present = support > 0
+    return {
+        "n": int(len(y)),
+        "accuracy": float(accuracy_score(y, pred)),
+        "balanced_accuracy": float(recall[present].mean()),
+        "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        "ece": expected_calibration_error(y, p),
+        "per_class": {
+            c: {"precision": float(precision[i]), "recall": float(recall[i]), "support": int(support[i])}
+            for i, c in enumerate(classes)
+        },
+        "confusion": confusion_matrix(y, pred, labels=labels).tolist(),
+        "classes": list(classes),
+    }
+
+
+def evaluate_predictions(table: pd.DataFrame, probs: dict[str, np.ndarray]) -> dict[str, dict]:
+    """:func:`head_metrics` for every head in ``probs`` against the table's labels."""
+    targets = encode_targets(table, list(probs))
+    return {t: head_metrics(targets[t], probs[t], TASKS[t].classes) for t in probs}
+
+
+# --------------------------------------------------------- cross-validation
+
+SPLITS = ("subject", "random", "both")
+RANDOM_SPLIT_WARNING = (
+    "random split with known persons: the same person appears in training and test, so age group "
+    "and gender accuracy measure person recognition (identity leak); use --split subject for honest numbers"
+)
+
+
+def random_folds(
+    table: pd.DataFrame, n_splits: int, seed: int, test_size: float | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified random (train, test) splits ignoring persons: ``n_splits`` folds,
+    or one split with ``test_size`` of the rows held out (the original 70/30 protocol)."""
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+
+    key = stratify_key(table)
+    counts = pd.Series(key).value_counts()
+    # Classes too rare to stratify on are merged into one bucket.
+    key = np.where(pd.Series(key).map(counts).to_numpy() >= max(2, n_splits), key, "rare")
+    rows = np.arange(len(table))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        if test_size:
+            try:
+                train, test = train_test_split(rows, test_size=test_size, random_state=seed, stratify=key)
+            except ValueError:
+                train, test = train_test_split(rows, test_size=test_size, random_state=seed)
+            return [(np.sort(train), np.sort(test))]
+        splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        return list(splitter.split(rows, key))
+
+
+def make_folds(
+    table: pd.DataFrame, split: str, n_splits: int, seed: int, test_size: float | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Folds for one protocol: ``subject`` (grouped by person; leave-one-person-out
+    when there are no more persons than folds) or ``random``."""
+    if split == "random":
+        return random_folds(table, n_splits, seed, test_size)
+    if split != "subject":
+        raise FacemtError(f"unknown split {split!r}: choose subject, random or both")
+    groups = person_groups(table)
+    if table["person"].isna().any():
+        log.warning("%d rows have no person: each counts as its own person", int(table["person"].isna().sum()))
+    n_groups = len(set(groups))
+    if n_groups < 2:
+        raise FacemtError("subject-disjoint evaluation needs at least two persons")
+    if test_size:
+        n_splits = max(2, int(round(1 / test_size)))
+        return subject_folds(table, n_splits, seed)[:1]
+    if n_groups <= n_splits:
+        from sklearn.model_selection import LeaveOneGroupOut
+
+        folds = list(LeaveOneGroupOut().split(np.zeros(len(table)), groups=groups))
+    else:
+        folds = subject_folds(table, n_splits, seed)
+    for train, test in folds:
+        if set(groups[train]) & set(groups[test]):
+            raise AssertionError("a person is on both sides of a split")
+    return folds
+
+
+@dataclass
+class CVResult:
+    """Everything a cross-validation produced.
+
+    Attributes:
+        records: one row per protocol x seed x fold x model x head with the
+            test metrics (accuracy, balanced_accuracy, macro_f1, ece, n_test,
+            majority_accuracy) and the test persons.
+        histories: per-epoch curves of every trained model (train and test fold).
+        confusion: (protocol, model, head) -> summed confusion matrix.
+        config: the training configuration and protocol settings.
+        warnings: messages a user must see (e.g. identity leak).
+    """
+
+    records: pd.DataFrame
+    histories: pd.DataFrame
+    confusion: dict[tuple[str, str, str], np.ndarray]
+    config: dict
+    warnings: list[str] = field(default_factory=list)
+
+    def summary(self) -> pd.DataFrame:
+        """Per protocol and head: multi-task and single-task mean/std accuracy, the
+        paired difference (multi - single) with a 95% t-interval over folds x
+        seeds, and the majority-class baseline."""
+        from scipy import stats
+
+        rows = []
+        r = self.records
+        for (protocol, head), g in r.groupby(["protocol", "head"], sort=False):
+            mt = g[g["model"] == "multitask"].set_index(["seed", "fold"])["accuracy"]
+            st = g[g["model"] == "single"].set_index(["seed", "fold"])["accuracy"]
+            row = {
+                "protocol": protocol, "head": head, "pairs": int(len(mt)),
+                "multitask_mean": mt.mean(), "multitask_std": mt.std(ddof=1) if len(mt) > 1 else 0.0,
+                "majority_mean": g[g["model"] == "multitask"]["majority_accuracy"].mean(),
+            }
+            if len(st):
+                diff = (mt - st.reindex(mt.index)).dropna()
+                n = len(diff)
+                half = float(stats.t.ppf(0.975, n - 1) * diff.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+                row.update(
+                    single_mean=st.mean(), single_std=st.std(ddof=1) if len(st) > 1 else 0.0,
+                    diff_mean=diff.mean(), diff_ci_low=diff.mean() - half, diff_ci_high=diff.mean() + half,
+                )
+            rows.append(row)
+        out = pd.DataFrame(rows)
+        protocols = set(out["protocol"]) if len(out) else set()
+        if {"subject", "random"} <= protocols:
+            piv = out.pivot(index="head", columns="protocol", values="multitask_mean")
+            out["identity_leak_gap"] = out["head"].map(piv["random"] - piv["subject"])
+        return out
+
+    def to_json(self) -> dict:
+        """JSON-ready form of the whole result."""
+        clean = lambda df: json.loads(df.to_json(orient="records"))  # noqa: E731  (NaN -> null)
+        return {
+            "config": self.config,
+            "warnings": self.warnings,
+            "summary": clean(self.summary()),
+            "records": clean(self.records),
+            "confusion": [
+                {"protocol": p, "model": m, "head": h, "classes": list(TASKS[h].classes), "matrix": c.tolist()}
+                for (p, m, h), c in self.confusion.items()
+            ],
+        }
+
+
+def cross_validate(
+    index: DataIndex,
+    config: TrainConfig,
+    folds: int = 5,
+    split: str = "subject",
+    seeds: int = 1,
+    baselines: bool = True,
+    test_size: float | None = None,
+    cache: ImageCache | None = None,
+    callback: Callable[[str, dict], None] | None = None,
+) -> CVResult:
+    """Train and test the multi-task model and (with ``baselines``) one single-task
+    model per head on identical folds and seeds.
+
+    Args:
+        index: labelled images.
+        config: training settings shared by every model (``seed`` is the first seed).
+        folds: number of folds (subject: leave-one-person-out when persons <= folds).
+        split: ``subject``, ``random`` or ``both``.
+        seeds: repeats with seeds ``config.seed .. config.seed + seeds - 1``
+            (each seed draws new folds and new initialisations).
+        baselines: also train single-task models.
+        test_size: hold out this fraction once per seed instead of K folds.
+        cache: decoded images shared by every model.
+        callback: receives ``run_start`` / ``run_end`` events plus every
+            training event of :func:`facemt.engine.train`.
+
+    Returns:
+        a :class:`CVResult`.
+
+    Raises:
+        FacemtError: bad protocol settings or unusable data.
+    """
+    from facemt.engine import predict_images, resolve_tasks, train
+
+    if split not in SPLITS:
+        raise FacemtError(f"unknown split {split!r}: choose {', '.join(SPLITS)}")
+    if seeds < 1 or folds < 2:
+        raise FacemtError("--seeds must be >= 1 and --folds >= 2")
+    if test_size is not None and not 0 < test_size < 1:
+        raise FacemtError("--test-size must be between 0 and 1")
+    config.validate()
+    table = index.table
+    tasks = resolve_tasks(index, config.tasks)
+    protocols = ["subject", "random"] if split == "both" else [split]
+    messages = []
+    if "random" in protocols and table["person"].notna().any():
+        messages.append(RANDOM_SPLIT_WARNING)
+        log.info(RANDOM_SPLIT_WARNING)
+    models = [("multitask", tasks)] + ([("single", (t,)) for t in tasks] if baselines and len(tasks) > 1 else [])
+    cache = cache or ImageCache()
+    plan = []
+    for protocol in protocols:
+        for s in range(seeds):
+            seed = config.seed + s
+            for k, (train_rows, test_rows) in enumerate(make_folds(table, protocol, folds, seed, test_size)):
+                for model_name, model_tasks in models:
+                    plan.append((protocol, seed, k, train_rows, test_rows, model_name, model_tasks))
+    targets = encode_targets(table, tasks)
+    records, histories = [], []
+    confusion: dict[tuple[str, str, str], np.ndarray] = {}
+    for i, (protocol, seed, k, train_rows, test_rows, model_name, model_tasks) in enumerate(plan):
+        label = f"{protocol} seed {seed} fold {k + 1} {model_name}" + ("" if model_name == "multitask" else f" {model_tasks[0]}")
+        if callback:
+            callback("run_start", {"run": i + 1, "runs": len(plan), "label": label, "epochs": config.epochs})
+        run_config = replace(config, tasks=model_tasks, seed=seed)
+        result = train(index, run_config, train_rows, test_rows, cache=cache, callback=callback, select_best=False)
+        hist = result.history.copy()
+        hist.insert(0, "protocol", protocol)
+        hist.insert(1, "seed", seed)
+        hist.insert(2, "fold", k)
+        hist.insert(3, "model", model_name if model_name == "multitask" else f"single:{model_tasks[0]}")
+        histories.append(hist)
+        test_images = cache.load([table["path"].iloc[j] for j in test_rows], result.preprocess)[0]
+        probs = predict_images(result.model, test_images, result.preprocess, config.batch_size)
+        metrics = evaluate_predictions(table.iloc[test_rows], probs)
+        persons = sorted({p for p in table["person"].iloc[test_rows] if p is not None})
+        for head in model_tasks:
+            m = metrics[head]
+            if not m["n"]:
+                continue
+            train_y = targets[head][train_rows]
+            train_y = train_y[train_y >= 0]
+            majority = np.bincount(train_y, minlength=TASKS[head].num_classes).argmax()
+            test_y = targets[head][test_rows]
+            test_y = test_y[test_y >= 0]
+            records.append({
+                "protocol": protocol, "seed": seed, "fold": k, "model": model_name, "head": head,
+                "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"], "macro_f1": m["macro_f1"],
+                "ece": m["ece"], "n_test": m["n"], "majority_accuracy": float((test_y == majority).mean()),
+                "test_persons": " ".join(persons),
+            })
+            key = (protocol, model_name, head)
+            confusion[key] = confusion.get(key, 0) + np.array(m["confusion"])
+        if callback:
+            callback("run_end", {"run": i + 1, "runs": len(plan), "label": label})
+    settings = {
+        "train": config.to_dict(), "folds": folds, "split": split, "seeds": seeds, "baselines": baselines,
+        "test_size": test_size, "tasks": list(tasks), "dataset": index.summary(), "images_decoded": cache.decoded,
+    }
+    return CVResult(pd.DataFrame(records), pd.concat(histories, ignore_index=True), confusion, settings, messages)

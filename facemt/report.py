@@ -1,0 +1,203 @@
+"""Cross-validation reports: report.md, results.json / results.csv, history.csv and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from facemt.checkpoint import atomic_write, atomic_write_text  # noqa: E402
+from facemt.evaluation import CVResult  # noqa: E402
+from facemt.tasks import TASKS  # noqa: E402
+
+
+def _fmt(mean: float, std: float | None = None) -> str:
+    if mean is None or (isinstance(mean, float) and np.isnan(mean)):
+        return "-"
+    return f"{100 * mean:.1f}" + ("" if std is None or np.isnan(std) else f" ± {100 * std:.1f}")
+
+
+def _save(fig, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+
+
+def plot_learning_curves(histories: pd.DataFrame, protocol: str, path: Path) -> None:
+    """Per head: loss and accuracy per epoch, train vs test fold, mean over folds x seeds."""
+    h = histories[histories["protocol"] == protocol]
+    heads = [t for t in TASKS if f"train_{t}_acc" in h.columns and h[f"train_{t}_acc"].notna().any()]
+    fig, axes = plt.subplots(len(heads), 2, figsize=(10, 2.8 * len(heads)), squeeze=False)
+    for r, head in enumerate(heads):
+        for c, metric in enumerate(("loss", "acc")):
+            ax = axes[r][c]
+            for model, style in (("multitask", "-"), (f"single:{head}", "--")):
+                m = h[h["model"] == model]
+                if m.empty:
+                    continue
+                for split, color in (("train", "tab:blue"), ("val", "tab:orange")):
+                    col = f"{split}_{head}_{metric}"
+                    if col not in m or m[col].isna().all():
+                        continue
+                    g = m.groupby("epoch")[col]
+                    mean, std = g.mean(), g.std().fillna(0)
+                    name = "test fold" if split == "val" else "train"
+                    ax.plot(mean.index, mean.values, style, color=color, label=f"{model.split(':')[0]} {name}")
+                    ax.fill_between(mean.index, mean - std, mean + std, color=color, alpha=0.12)
+            ax.set_title(f"{head} {'accuracy' if metric == 'acc' else 'loss'}")
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            if r == 0 and c == 1:
+                ax.legend(fontsize=8)
+    fig.suptitle(f"Learning curves ({protocol} split; mean ± std over folds x seeds)")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_confusions(result: CVResult, protocol: str, path: Path) -> None:
+    """Summed confusion matrices (row-normalised) per model and head."""
+    keys = [k for k in result.confusion if k[0] == protocol]
+    models = sorted({k[1] for k in keys}, key=lambda m: m != "multitask")
+    heads = [t for t in TASKS if any(k[2] == t for k in keys)]
+    fig, axes = plt.subplots(len(models), len(heads), figsize=(3.6 * len(heads), 3.4 * len(models)), squeeze=False)
+    for r, model in enumerate(models):
+        for c, head in enumerate(heads):
+            ax = axes[r][c]
+            cm = result.confusion.get((protocol, model, head))
+            ax.set_axis_off() if cm is None else None
+            if cm is None:
+                continue
+            norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+            ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+            classes = TASKS[head].classes
+            ax.set_xticks(range(len(classes)), [c[:4] for c in classes], rotation=45, fontsize=8)
+            ax.set_yticks(range(len(classes)), [c[:4] for c in classes], fontsize=8)
+            for i in range(len(classes)):
+                for j in range(len(classes)):
+                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black")
+            ax.set_title(f"{model}: {head}", fontsize=9)
+            ax.set_xlabel("predicted", fontsize=8)
+            ax.set_ylabel("true", fontsize=8)
+    fig.suptitle(f"Confusion matrices ({protocol} split, summed over folds x seeds)")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_comparison(summary: pd.DataFrame, path: Path) -> None:
+    """Bar chart per head: multi-task vs single-task vs majority class, with std error bars."""
+    protocols = list(dict.fromkeys(summary["protocol"]))
+    fig, axes = plt.subplots(1, len(protocols), figsize=(5.5 * len(protocols), 3.8), squeeze=False)
+    for ax, protocol in zip(axes[0], protocols):
+        s = summary[summary["protocol"] == protocol]
+        x = np.arange(len(s))
+        bars = [("multitask", "tab:blue"), ("single", "tab:green")]
+        width = 0.28
+        for i, (name, color) in enumerate(bars):
+            if f"{name}_mean" not in s or s[f"{name}_mean"].isna().all():
+                continue
+            ax.bar(x + (i - 0.5) * width, 100 * s[f"{name}_mean"], width, yerr=100 * s[f"{name}_std"].fillna(0),
+                   capsize=4, color=color, label=f"{name}-task" if name != "multitask" else "multi-task")
+        ax.scatter(x, 100 * s["majority_mean"], marker="_", s=900, color="black", label="majority class", zorder=3)
+        ax.set_xticks(x, s["head"])
+        ax.set_ylim(0, 125)
+        ax.set_yticks(range(0, 101, 20))
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{protocol} split")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8, loc="upper center", ncol=3, frameon=False)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(result: CVResult, title: str = "facemt cross-validation report") -> str:
+    """The human-readable report (tables, warnings, links to the plots)."""
+    summary = result.summary()
+    cfg = result.config
+    ds = cfg["dataset"]
+    train = cfg["train"]
+    out = [f"# {title}", ""]
+    for w in result.warnings:
+        out += [f"> **Warning:** {w}", ""]
+    out += [
+        f"Data: {ds['images']} images, {ds['persons']} persons. Backbone `{train['backbone']}`, "
+        f"{train['epochs']} epochs, image size {train['image_size']}, augmentation `{train['augment']}`, "
+        f"lr {train['lr']}, pretrained: {train['pretrained_file'] or train['pretrained']}.",
+        f"Protocol: split `{cfg['split']}`, "
+        + (f"test size {cfg['test_size']}" if cfg["test_size"] else f"{cfg['folds']} folds")
+        + f", {cfg['seeds']} seed(s); every model trains a fixed number of epochs (the test fold never picks one). "
+        f"Images decoded: {cfg['images_decoded']} (each once, shared by all folds and models).",
+        "",
+        "## Test accuracy per head (%, mean ± std over folds x seeds)",
+        "",
+    ]
+    has_single = "single_mean" in summary
+    header = ["split", "head", "multi-task"] + (["single-task", "multi − single (95% CI)"] if has_single else []) + ["majority class"]
+    if "identity_leak_gap" in summary:
+        header.append("identity-leak gap (random − subject)")
+    rows = []
+    for _, r in summary.iterrows():
+        row = [r["protocol"], r["head"], _fmt(r["multitask_mean"], r["multitask_std"])]
+        if has_single:
+            diff = "-" if pd.isna(r.get("diff_mean")) else (
+                f"{100 * r['diff_mean']:+.1f} [{100 * r['diff_ci_low']:+.1f}, {100 * r['diff_ci_high']:+.1f}]"
+                if not pd.isna(r.get("diff_ci_low")) else f"{100 * r['diff_mean']:+.1f}")
+            row += [_fmt(r.get("single_mean"), r.get("single_std")), diff]
+        row.append(_fmt(r["majority_mean"]))
+        if "identity_leak_gap" in summary:
+            row.append("-" if pd.isna(r["identity_leak_gap"]) else f"{100 * r['identity_leak_gap']:+.1f}")
+        rows.append(row)
+    out += [_markdown_table(header, rows), ""]
+    out += [
+        "How to read it: *multi-task* is one network with all heads; *single-task* is one network per head, "
+        "trained on the same folds with the same seeds, epochs, augmentation and backbone. The difference is "
+        "paired per fold and seed; its interval is a 95% t-interval over those pairs, so an interval that "
+        "contains 0 means no difference was shown. *Majority class* is the accuracy of always answering the "
+        "training fold's most frequent class. With few persons every number is uncertain by many points.",
+        "",
+        "## Other metrics (multi-task, mean over folds x seeds)",
+        "",
+    ]
+    rec = result.records
+    mt = rec[rec["model"] == "multitask"].groupby(["protocol", "head"], sort=False)[
+        ["balanced_accuracy", "macro_f1", "ece"]].mean().reset_index()
+    out += [_markdown_table(["split", "head", "balanced accuracy", "macro-F1", "ECE"],
+                            [[r.protocol, r.head, _fmt(r.balanced_accuracy), _fmt(r.macro_f1), f"{r.ece:.3f}"]
+                             for r in mt.itertuples()]), ""]
+    out += ["## Plots", "", "![multi-task vs single-task](comparison.png)", ""]
+    for protocol in dict.fromkeys(summary["protocol"]):
+        out += [f"![learning curves, {protocol}](learning_curves_{protocol}.png)", "",
+                f"![confusion matrices, {protocol}](confusion_{protocol}.png)", ""]
+    out += ["Every fold, seed, model and head: `results.csv` / `results.json`; per-epoch curves: `history.csv`.", ""]
+    return "\n".join(out)
+
+
+def write_report(result: CVResult, out_dir: str | os.PathLike, title: str = "facemt cross-validation report") -> Path:
+    """Write report.md, results.json, results.csv, history.csv and the PNG plots into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = result.summary()
+    atomic_write_text(out / "results.json", json.dumps(result.to_json(), indent=2) + "\n")
+    atomic_write_text(out / "results.csv", result.records.to_csv(index=False))
+    atomic_write_text(out / "summary.csv", summary.to_csv(index=False))
+    atomic_write_text(out / "history.csv", result.histories.to_csv(index=False))
+    plot_comparison(summary, out / "comparison.png")
+    for protocol in dict.fromkeys(summary["protocol"]):
+        plot_learning_curves(result.histories, protocol, out / f"learning_curves_{protocol}.png")
+        plot_confusions(result, protocol, out / f"confusion_{protocol}.png")
+    atomic_write_text(out / "report.md", render_markdown(result, title))
+    return out

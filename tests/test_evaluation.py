@@ -1,0 +1,143 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import facemt
+from facemt import FacemtError
+from facemt.cli import main
+from facemt.data import index_folder
+from facemt.engine import TrainConfig
+from facemt.evaluation import RANDOM_SPLIT_WARNING, expected_calibration_error, head_metrics, make_folds
+
+TINY = TrainConfig(epochs=1, image_size=32, batch_size=16, augment="light", device="cpu")
+
+
+def _table(persons, per_person=4):
+    rows = []
+    for p in range(persons):
+        for k in range(per_person):
+            rows.append({"path": f"{p}_{k}.jpg", "person": str(p), "source": "t",
+                         "age_group": ["young", "middle", "old"][p % 3], "gender": ["male", "female"][p % 2],
+                         "expression": ["anger", "happiness"][k % 2]})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("persons,folds", [(12, 5), (6, 5), (3, 5), (20, 3)])
+def test_subject_folds_never_share_a_person(persons, folds):
+    table = _table(persons)
+    result = make_folds(table, "subject", folds, seed=0)
+    if persons <= folds:
+        assert len(result) == persons  # leave one person out
+    seen = []
+    for train, test in result:
+        assert not set(table["person"].iloc[train]) & set(table["person"].iloc[test])
+        assert len(train) + len(test) == len(table)
+        seen.extend(test)
+    assert sorted(seen) == list(range(len(table)))
+
+
+def test_random_folds_do_share_persons_and_test_size_holds_out_a_fraction():
+    table = _table(6, 12)
+    (train, test), = make_folds(table, "random", 5, seed=0, test_size=0.3)
+    assert len(test) == round(0.3 * len(table))
+    assert set(table["person"].iloc[train]) & set(table["person"].iloc[test])
+
+
+def test_head_metrics_and_ece():
+    y = np.array([0, 1, 1, -1])
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.5, 0.5]])
+    m = head_metrics(y, probs, ("male", "female"))
+    assert m["n"] == 3 and m["accuracy"] == pytest.approx(2 / 3)
+    assert m["balanced_accuracy"] == pytest.approx((1 + 0.5) / 2)
+    assert m["confusion"] == [[1, 0], [1, 1]]
+    assert m["per_class"]["female"]["recall"] == pytest.approx(0.5)
+    perfect = expected_calibration_error(np.array([0, 1]), np.array([[1.0, 0.0], [0.0, 1.0]]))
+    assert perfect == 0.0
+    assert expected_calibration_error(np.array([1, 1]), np.array([[0.9, 0.1], [0.9, 0.1]])) == pytest.approx(0.9)
+
+
+@pytest.fixture(scope="module")
+def cv_result(faces_dir):
+    return facemt.cross_validate(index_folder(faces_dir), TINY, folds=2, split="both", seeds=1)
+
+
+def test_cv_compares_multi_and_single_task_on_identical_folds(cv_result):
+    r = cv_result.records
+    assert set(r["protocol"]) == {"subject", "random"}
+    for (protocol, seed, fold), g in r.groupby(["protocol", "seed", "fold"]):
+        assert set(g[g["model"] == "multitask"]["head"]) == {"age_group", "gender", "expression"}
+        assert sorted(g[g["model"] == "single"]["head"]) == ["age_group", "expression", "gender"]
+        assert g["test_persons"].nunique() == 1  # every model saw the same test fold
+    assert cv_result.warnings == [RANDOM_SPLIT_WARNING]
+    summary = cv_result.summary()
+    assert {"multitask_mean", "single_mean", "diff_mean", "diff_ci_low", "majority_mean", "identity_leak_gap"} <= set(summary.columns)
+    assert cv_result.config["images_decoded"] == 72  # each image decoded once for all 16 models
+
+
+def test_single_task_models_have_one_head(cv_result):
+    h = cv_result.histories
+    for head in ("age_group", "gender", "expression"):
+        single = h[h["model"] == f"single:{head}"]
+        assert single[f"train_{head}_acc"].notna().all()
+        others = [c for c in h.columns if c.startswith("train_") and c.endswith("_acc") and head not in c and "mean" not in c]
+        assert single[others].isna().all().all()
+
+
+def test_subject_protocol_never_tests_a_training_person(cv_result, faces_dir):
+    table = index_folder(faces_dir).table
+    for (seed, fold), g in cv_result.records[cv_result.records["protocol"] == "subject"].groupby(["seed", "fold"]):
+        test_persons = set(g["test_persons"].iloc[0].split())
+        assert test_persons and len(test_persons) < table["person"].nunique()
+
+
+def test_same_seeds_same_results(faces_dir):
+    index = index_folder(faces_dir)
+    a = facemt.cross_validate(index, TINY, folds=2, split="subject", seeds=1, baselines=False)
+    b = facemt.cross_validate(index, TINY, folds=2, split="subject", seeds=1, baselines=False)
+    pd.testing.assert_frame_equal(a.records, b.records)
+
+
+def test_cv_cli_writes_a_consistent_report(faces_dir, tmp_path, capsys):
+    out = tmp_path / "report"
+    argv = ["cv", "--data", str(faces_dir), "--out", str(out), "--folds", "2", "--split", "both",
+            "--epochs", "1", "--image-size", "32", "--batch-size", "16", "--device", "cpu"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "identity leak" in err
+    names = {p.name for p in out.iterdir()}
+    assert {"report.md", "results.json", "results.csv", "summary.csv", "history.csv", "comparison.png",
+            "learning_curves_subject.png", "learning_curves_random.png", "confusion_subject.png",
+            "confusion_random.png"} <= names
+    results = json.loads((out / "results.json").read_text())
+    csv_records = pd.read_csv(out / "results.csv", keep_default_na=False)
+    assert len(results["records"]) == len(csv_records)
+    report = (out / "report.md").read_text()
+    for row in results["summary"]:
+        mean, std = 100 * row["multitask_mean"], 100 * row["multitask_std"]
+        assert f"| {row['protocol']} | {row['head']} | {mean:.1f} ± {std:.1f} |" in report
+        recomputed = csv_records[(csv_records.protocol == row["protocol"]) & (csv_records.model == "multitask")
+                                 & (csv_records["head"] == row["head"])]["accuracy"].mean()
+        assert recomputed == pytest.approx(row["multitask_mean"])
+    assert "Warning" in report
+    assert main(argv) == 2  # refuses to overwrite a report
+
+
+def test_cv_rejects_bad_settings(faces_dir):
+    with pytest.raises(FacemtError):
+        facemt.cross_validate(index_folder(faces_dir), TINY, split="sideways")
+    with pytest.raises(FacemtError):
+        facemt.cross_validate(index_folder(faces_dir), TINY, folds=1)
+
+
+def test_evaluate_cli_json(run_dir, faces_dir, capsys):
+    assert main(["evaluate", str(run_dir), "--data", str(faces_dir), "--json", "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["images"] == 72
+    for head in ("age_group", "gender", "expression"):
+        m = out["metrics"][head]
+        assert m["n"] == 72 and 0 <= m["accuracy"] <= 1 and 0 <= m["ece"] <= 1
+        assert sum(map(sum, m["confusion"])) == 72
+    assert main(["evaluate", str(run_dir), "--data", str(faces_dir), "--device", "cpu"]) == 0
+    assert "confusion" in capsys.readouterr().out
