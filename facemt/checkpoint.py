@@ -30,6 +30,7 @@ FORMAT = "facemt-checkpoint"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+PREVIOUS_WEIGHTS = ".model.previous.safetensors"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -81,21 +82,40 @@ def save_checkpoint(
         the run folder.
     """
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in run_dir.glob(".*.tmp"):  # left by a process killed mid-write
+        stale.unlink(missing_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(run_dir / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
-    config = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "facemt_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "backbone": backbone,
-        "dropout": float(model.dropout.p),
-        "tasks": schema_dict(model.tasks),
-        "preprocess": preprocess.to_dict(),
-        "weights_sha256": sha256_file(run_dir / WEIGHTS),
-        **(extra or {}),
-    }
+    weights, previous = run_dir / WEIGHTS, run_dir / PREVIOUS_WEIGHTS
+    fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS}.", suffix=".tmp", dir=run_dir)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"format": FORMAT})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        config = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "facemt_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "backbone": backbone,
+            "dropout": float(model.dropout.p),
+            "tasks": schema_dict(model.tasks),
+            "preprocess": preprocess.to_dict(),
+            "weights_sha256": sha256_file(tmp),
+            **(extra or {}),
+        }
+        # Keep the old weights reachable until the new config.json is in place, so
+        # a kill between the two renames still leaves a consistent pair.
+        previous.unlink(missing_ok=True)
+        if weights.exists():
+            os.link(weights, previous)
+        os.replace(tmp, weights)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     atomic_write_text(run_dir / CONFIG, json.dumps(config, indent=2) + "\n")
+    previous.unlink(missing_ok=True)
     return run_dir
 
 
@@ -145,7 +165,11 @@ def load_checkpoint(
     if not weights.is_file():
         raise FacemtError(f"{weights}: missing")
     if sha256_file(weights) != config["weights_sha256"]:
-        raise FacemtError(f"{weights}: SHA-256 does not match config.json (file corrupt or replaced)")
+        previous = run_dir / PREVIOUS_WEIGHTS
+        if previous.is_file() and sha256_file(previous) == config["weights_sha256"]:
+            weights = previous  # a save was killed between its two renames: the old pair is intact
+        else:
+            raise FacemtError(f"{weights}: SHA-256 does not match config.json (file corrupt or replaced)")
     try:
         state = load_file(str(weights), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as exc:

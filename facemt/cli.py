@@ -1,4 +1,4 @@
-"""Command line: ``facemt synth | fit | predict | evaluate | cv``. The only module that parses
+"""Command line: ``facemt synth | check-data | fit | predict | evaluate | cv``. The only module that parses
 arguments or prints."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,6 +30,8 @@ EPILOG = """examples:
   facemt fit --data data/faces --out runs/mnv2 --backbone mobilenetv2_100 --pretrained-file weights.safetensors
   facemt predict runs/demo photo.jpg
   facemt predict runs/demo photos/ --csv > predictions.csv
+  facemt check-data data/faces-demo
+  facemt fit --resume runs/demo                      # after Ctrl-C
   facemt evaluate runs/demo --data data/faces-test
   facemt cv --data data/faces-demo --out reports/demo --split both --seeds 2 --folds 3 --epochs 10 --image-size 64
 """
@@ -56,7 +59,10 @@ class _Progress:
 
     def __call__(self, event: str, info: dict[str, Any]) -> None:
         p = self.progress
-        if event == "decode":
+        if event == "warnings":
+            for w in info["warnings"]:
+                p.console.print(f"warning: {w}", style="yellow", markup=False, highlight=False)
+        elif event == "decode":
             if self.decode_task is None:
                 self.decode_task = p.add_task("decode images", total=info["total"])
             p.update(self.decode_task, completed=info["done"])
@@ -79,8 +85,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     from facemt.transforms import AUGMENT_PRESETS
 
     d = TrainConfig()
-    p.add_argument("--data", action="append", required=True, metavar="DIR|CSV",
-                   help="folder of FACES-named images or a CSV manifest (repeatable)")
+    p.add_argument("--data", action="append", metavar="DIR|CSV",
+                   help="folder of FACES-named images or a CSV manifest (repeatable; required)")
     p.add_argument("--tasks", help=f"comma-separated heads to train (default: every labelled one of {','.join(TASK_NAMES)})")
     p.add_argument("--backbone", default=d.backbone, help="timm model name (default %(default)s)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="default %(default)s")
@@ -150,18 +156,60 @@ def cmd_synth(args: argparse.Namespace, out: Console, err: Console) -> int:
     return EXIT_OK
 
 
+class _StopFlag:
+    """SIGINT / SIGTERM ask training to stop after the current step; a second
+    signal stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
 def cmd_fit(args: argparse.Namespace, out: Console, err: Console) -> int:
     from facemt.checkpoint import CONFIG
-    from facemt.engine import fit
+    from facemt.engine import TrainConfig, TrainingInterrupted, fit, load_resume
 
-    run = Path(args.out)
-    if (run / CONFIG).exists() and not args.overwrite:
-        raise FacemtError(f"{run} already holds a trained model; choose another --out or pass --overwrite")
-    config = _train_config(args)
-    index = _load_data(args.data, err)
+    if args.resume:
+        run = Path(args.resume)
+        state, tensors = load_resume(run)
+        config = TrainConfig.from_dict(state["config"])
+        sources = state["extra"].get("sources") or []
+        if not sources:
+            raise FacemtError(f"{run}: the interrupted run does not record its data sources")
+        resume = (state, tensors)
+        err.print(f"resuming {run} at epoch {state['epoch']}, step {state['step']}")
+    else:
+        if not args.data or not args.out:
+            raise FacemtError("fit needs --data and --out (or --resume RUN)")
+        run = Path(args.out)
+        if (run / CONFIG).exists() and not args.overwrite:
+            raise FacemtError(f"{run} already holds a trained model; choose another --out or pass --overwrite")
+        config, sources, resume = _train_config(args), args.data, None
+    index = _load_data(sources, err)
     _print_summary(index, err)
-    with _Progress(err) as progress:
-        result = fit(index, config, run, callback=progress)
+    try:
+        with _StopFlag() as stop, _Progress(err) as progress:
+            result = fit(index, config, run, callback=progress, sources=sources, should_stop=stop, resume=resume)
+    except TrainingInterrupted as exc:
+        err.print(f"{exc}; state saved. Resume with: facemt fit --resume {run}", markup=False, highlight=False)
+        return EXIT_INTERRUPTED
     table = Table(title=f"best epoch {result.best_epoch} (saved to {run})")
     table.add_column("head")
     table.add_column("train acc", justify="right")
@@ -243,6 +291,47 @@ def _metrics_table(title: str, metrics: dict[str, dict]) -> Table:
     return table
 
 
+def cmd_check_data(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from facemt.checks import check_data
+    from facemt.evaluation import validation_split
+
+    index = _load_data(args.data, err)
+    _, val_rows = validation_split(index.table, args.val_fraction, args.seed)
+    tasks = None
+    if args.tasks:
+        from facemt.tasks import select_tasks
+
+        tasks = select_tasks(args.tasks)
+    with Progress(TextColumn("decode"), BarColumn(), MofNCompleteColumn(), console=err, transient=True) as progress:
+        task = progress.add_task("decode", total=len(index))
+        report = check_data(index, tasks, val_rows, progress=lambda d, n: progress.update(task, completed=d))
+    if args.json:
+        print(json.dumps({"images": len(index), "skipped": index.skipped, **report.to_dict()}, indent=2))
+    else:
+        table = Table(title=f"{len(index)} images, {index.summary()['persons']} persons, {len(index.skipped)} skipped")
+        table.add_column("head")
+        table.add_column("images per class")
+        table.add_column("missing", justify="right")
+        for head, counts in report.per_class.items():
+            table.add_row(head, ", ".join(f"{c} {n}" for c, n in counts.items() if c != "missing"), str(counts["missing"]))
+        out.print(table)
+        if len(report.per_person):
+            pt = Table(title="per person")
+            for col in report.per_person.columns:
+                pt.add_column(col)
+            for row in report.per_person.itertuples(index=False):
+                pt.add_row(*map(str, row))
+            out.print(pt)
+        for s_ in index.skipped[:20]:
+            out.print(f"skipped: {s_}", markup=False, highlight=False)
+        for w in report.warnings:
+            out.print(f"warning: {w}", style="yellow", markup=False, highlight=False)
+        for p_ in report.problems:
+            out.print(f"problem: {p_}", style="red", markup=False, highlight=False)
+        out.print("data OK for training" if report.ok else "data NOT usable for training as is")
+    return EXIT_OK if report.ok else EXIT_PARTIAL
+
+
 def cmd_evaluate(args: argparse.Namespace, out: Console, err: Console) -> int:
     from facemt.data import ImageCache
     from facemt.engine import decode_images, predict_images
@@ -297,6 +386,8 @@ def cmd_cv(args: argparse.Namespace, out: Console, err: Console) -> int:
     from facemt.evaluation import cross_validate
     from facemt.report import write_report
 
+    if not args.data:
+        raise FacemtError("cv needs --data")
     config = _train_config(args)
     report_dir = Path(args.out)
     if (report_dir / "report.md").exists() and not args.overwrite:
@@ -348,8 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fit", help="train a model on labelled images", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_train_args(p)
-    p.add_argument("--out", required=True, help="run folder to write (model.safetensors, config.json, history.csv)")
+    p.add_argument("--out", help="run folder to write (model.safetensors, config.json, history.csv)")
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    p.add_argument("--resume", metavar="RUN", help="continue a run interrupted with Ctrl-C / SIGTERM "
+                   "(its data and settings are read from RUN)")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("predict", help="predict all heads for images or folders", epilog=EPILOG,
@@ -362,6 +455,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="default %(default)s")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("check-data", help="validate a data set before training", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", nargs="+", metavar="DIR|CSV", help="folders of FACES-named images or CSV manifests")
+    p.add_argument("--tasks", help="heads you intend to train (default: every labelled one)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="validation share used by fit (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed used by fit (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("evaluate", help="metrics of a trained model on labelled images", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -290,24 +290,33 @@ def content_hash(path: str) -> str:
 
 class FaceDataset(Dataset):
     """Cached images + per-task targets; items are ``{"image": CHW tensor,
-    "targets": {task: class index or -1}}``."""
+    "targets": {task: class index or -1}}``.
+
+    Augmentation randomness is seeded per item from ``(seed, epoch, index)``,
+    so an epoch's augmentations do not depend on which items came before: a
+    resumed run sees exactly the images an uninterrupted one would.
+    """
 
     def __init__(
         self,
         images: Sequence[np.ndarray],
         targets: dict[str, np.ndarray],
-        transform: Callable[[np.ndarray], torch.Tensor],
+        transform: Callable[..., torch.Tensor],
+        seed: int = 0,
     ) -> None:
         self.images = list(images)
         self.targets = targets
         self.transform = transform
+        self.seed = seed
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int) -> dict:
+        item_seed = int(np.random.SeedSequence([self.seed % (2**32), self.epoch, i]).generate_state(1)[0])
         return {
-            "image": self.transform(self.images[i]),
+            "image": self.transform(self.images[i], seed=item_seed),
             "targets": {t: torch.tensor(v[i]) for t, v in self.targets.items()},
         }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import random
@@ -76,6 +77,14 @@ class TrainConfig:
         d["tasks"] = list(self.tasks) if self.tasks else None
         return d
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Rebuild a config written by :meth:`to_dict` (unknown keys are ignored)."""
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if known.get("tasks"):
+            known["tasks"] = tuple(known["tasks"])
+        return cls(**known)
+
 
 @dataclass
 class TrainResult:
@@ -116,20 +125,27 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def resolve_tasks(index: DataIndex, wanted: Sequence[str] | None) -> tuple[str, ...]:
-    """The tasks to train: the requested ones, each needing >= 2 labelled classes.
+    """The tasks to train: the requested ones, or every head whose labels cover
+    at least two classes.
 
     Raises:
-        FacemtError: a requested task has no labels or only one class.
+        FacemtError: a requested task has no labels or only one class, or no
+            head is trainable.
     """
-    tasks = select_tasks(wanted) if wanted else index.tasks_present()
-    if not tasks:
-        raise FacemtError("the data has no labels for any task")
-    for t in tasks:
+    candidates = select_tasks(wanted) if wanted else index.tasks_present()
+    tasks = []
+    for t in candidates:
         classes = index.table[t].dropna().unique()
-        if len(classes) < 2:
+        if len(classes) >= 2:
+            tasks.append(t)
+        elif wanted:
             found = f"only {classes[0]!r}" if len(classes) else "no labels"
             raise FacemtError(f"cannot train {t}: the data has {found}; a head needs at least two classes")
-    return tasks
+        else:
+            log.warning("skipping head %s: its labels cover fewer than two classes", t)
+    if not tasks:
+        raise FacemtError("the data has no head with labels of two or more classes: nothing to train")
+    return tuple(tasks)
 
 
 def decode_images(
@@ -161,9 +177,16 @@ def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     return f
 
 
-def _loader(dataset: FaceDataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0)
+def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int, skip: int = 0) -> list[list[int]]:
+    """The shuffled batches of one epoch: a pure function of (seed, epoch), so a
+    resumed run can rebuild them and skip the ones already trained on."""
+    generator = torch.Generator().manual_seed(_mix(seed, epoch))
+    order = torch.randperm(n, generator=generator).tolist()
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)][skip:]
+
+
+def _mix(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) % (2**32) for p in parts]).generate_state(1)[0])
 
 
 class _Meter:
@@ -227,6 +250,69 @@ def predict_images(
     return {t: np.concatenate(v) if v else np.zeros((0, TASKS[t].num_classes)) for t, v in out.items()}
 
 
+class TrainingInterrupted(FacemtError):
+    """Training stopped on request (SIGINT / SIGTERM); a resumable state was saved."""
+
+
+RESUME_WEIGHTS = "resume.safetensors"
+RESUME_STATE = "resume.json"
+RESUME_FORMAT = "facemt-resume"
+
+
+def _save_resume(out_dir: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    from facemt.checkpoint import atomic_write, sha256_file
+
+    atomic_write(out_dir / RESUME_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": RESUME_FORMAT}))
+    state = {**state, "format": RESUME_FORMAT, "format_version": 1, "weights_sha256": sha256_file(out_dir / RESUME_WEIGHTS)}
+    atomic_write_text(out_dir / RESUME_STATE, json.dumps(state, indent=1) + "\n")
+
+
+def load_resume(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read the resumable state that an interrupted ``fit`` left in ``run_dir``.
+
+    Raises:
+        FacemtError: nothing to resume, or the files are corrupt.
+    """
+    from safetensors.torch import load_file
+
+    from facemt.checkpoint import sha256_file
+
+    run_dir = Path(run_dir)
+    path = run_dir / RESUME_STATE
+    if not path.is_file():
+        raise FacemtError(f"{run_dir}: nothing to resume (no {RESUME_STATE}; the run finished or never started)")
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        if state.get("format") != RESUME_FORMAT or state.get("format_version") != 1:
+            raise ValueError("not a facemt resume file")
+        if sha256_file(run_dir / RESUME_WEIGHTS) != state["weights_sha256"]:
+            raise ValueError(f"{RESUME_WEIGHTS} does not match its SHA-256")
+        tensors = load_file(str(run_dir / RESUME_WEIGHTS))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FacemtError(f"{path}: cannot resume ({exc})") from None
+    return state, tensors
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    sd = optimizer.state_dict()
+    tensors = {
+        f"optim/{idx}/{name}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+        for idx, st in sd["state"].items() for name, v in st.items()
+    }
+    return tensors, sd["param_groups"]
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, idx, name = key.split("/", 2)
+            state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
 def train(
     index: DataIndex,
     config: TrainConfig,
@@ -237,6 +323,8 @@ def train(
     callback: Callback | None = None,
     extra: dict[str, Any] | None = None,
     select_best: bool = True,
+    should_stop: Callable[[], bool] | None = None,
+    resume: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
 ) -> TrainResult:
     """Train a multi-task (or single-task) network.
 
@@ -253,40 +341,45 @@ def train(
         select_best: keep the epoch with the best mean validation accuracy; when
             False the last epoch is kept and ``val_rows`` only draw learning
             curves (cross-validation uses this so test folds never pick epochs).
+        should_stop: polled after every step; when it returns True the current
+            step is finished, a resumable state is written to ``out_dir`` and
+            :class:`TrainingInterrupted` is raised.
+        resume: the state returned by :func:`load_resume`, to continue exactly
+            where an interrupted run stopped.
 
     Returns:
         the best model and its history.
 
     Raises:
         FacemtError: bad configuration, unusable data, weights not available.
+        TrainingInterrupted: ``should_stop`` asked to stop.
     """
     config.validate()
     tasks = resolve_tasks(index, config.tasks)
     device = resolve_device(config.device)
     seed_everything(config.seed)
     model, preprocess = create_model(
-        config.backbone, tasks, config.pretrained, config.pretrained_file, config.image_size, config.dropout
+        config.backbone, tasks, config.pretrained and resume is None,
+        config.pretrained_file if resume is None else None, config.image_size, config.dropout,
     )
     model.to(device)
     images = decode_images(index, preprocess, cache, callback)
     targets = encode_targets(index.table, tasks)
-    train_rows, val_rows = list(train_rows), list(val_rows)
+    train_rows, val_rows = [int(i) for i in train_rows], [int(i) for i in val_rows]
     if not train_rows:
         raise FacemtError("no training images")
 
-    def subset(rows: list[int], augment: str, seed: int) -> FaceDataset:
-        return FaceDataset(
-            [images[i] for i in rows],
-            {t: v[rows] for t, v in targets.items()},
-            build_transform(preprocess, augment, seed),
-        )
-
-    train_loader = _loader(subset(train_rows, config.augment, config.seed), config.batch_size, True, config.seed)
-    val_loader = _loader(subset(val_rows, "none", config.seed), config.batch_size, False, config.seed) if val_rows else None
+    train_set = FaceDataset([images[i] for i in train_rows], {t: v[train_rows] for t, v in targets.items()},
+                            build_transform(preprocess, config.augment), seed=config.seed)
+    val_loader = None
+    if val_rows:
+        val_set = FaceDataset([images[i] for i in val_rows], {t: v[val_rows] for t, v in targets.items()},
+                              build_transform(preprocess, "none"))
+        val_loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False, num_workers=0)
 
     criterion = MultiTaskLoss({t: config.loss_weights.get(t, 1.0) for t in tasks}, config.label_smoothing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(total_steps, int(round(config.warmup_epochs * steps_per_epoch)))
@@ -294,13 +387,51 @@ def train(
 
     rows: list[dict[str, float]] = []
     best_score, best_epoch, best_state = -math.inf, 0, None
-    for epoch in range(1, config.epochs + 1):
+    first_epoch, skip, meter_state = 1, 0, None
+    if resume is not None:
+        state, tensors = resume
+        if state["train_rows"] != train_rows or state["val_rows"] != val_rows:
+            raise FacemtError("cannot resume: the data or its split differs from the interrupted run")
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
+        _restore_optimizer(optimizer, tensors, state["optimizer_param_groups"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(tensors["rng/torch"])
+        rows = state["history"]
+        best_score = state["best_score"] if state["best_score"] is not None else -math.inf
+        best_epoch = state["best_epoch"]
+        if best_epoch:
+            best_state = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("best/")}
+        first_epoch, skip, meter_state = state["epoch"], state["step"], state["meter"]
+
+    def save_resume(epoch: int, step: int, meter: _Meter) -> None:
+        optim_tensors, groups = _optimizer_tensors(optimizer)
+        tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        if best_state is not None:
+            tensors.update({f"best/{k}": v.detach().cpu().contiguous() for k, v in best_state.items()})
+        tensors.update(optim_tensors)
+        tensors["rng/torch"] = torch.get_rng_state()
+        _save_resume(Path(out_dir), {
+            "config": config.to_dict(), "epoch": epoch, "step": step, "history": rows,
+            "best_score": best_score if math.isfinite(best_score) else None, "best_epoch": best_epoch,
+            "meter": {"loss": meter.loss, "correct": meter.correct, "count": meter.count},
+            "scheduler": scheduler.state_dict(), "optimizer_param_groups": groups,
+            "train_rows": train_rows, "val_rows": val_rows, "extra": extra or {},
+        }, tensors)
+
+    for epoch in range(first_epoch, config.epochs + 1):
         if callback:
-            callback("epoch_start", {"epoch": epoch, "epochs": config.epochs, "steps": steps_per_epoch})
+            callback("epoch_start", {"epoch": epoch, "epochs": config.epochs, "steps": steps_per_epoch,
+                                     "first_epoch": first_epoch, "skip": skip})
         model.train()
         meter = _Meter(tasks)
-        lr = optimizer.param_groups[0]["lr"]
-        for step, batch in enumerate(train_loader, start=1):
+        if meter_state is not None:
+            meter.loss, meter.correct, meter.count = (dict(meter_state[k]) for k in ("loss", "correct", "count"))
+            meter_state = None
+        train_set.epoch = epoch
+        lr = optimizer.param_groups[0]["lr"] if skip == 0 else rows_lr(scheduler, epoch, steps_per_epoch, optimizer)
+        batches = _epoch_batches(len(train_set), config.batch_size, config.seed, epoch, skip)
+        loader = DataLoader(train_set, batch_sampler=batches, num_workers=0)
+        for step, batch in enumerate(loader, start=skip + 1):
             batch_targets = {t: v.to(device) for t, v in batch["targets"].items()}
             logits = model(batch["image"].to(device))
             loss, losses = criterion(logits, batch_targets)
@@ -311,6 +442,11 @@ def train(
             meter.add({t: v.detach() for t, v in logits.items()}, batch_targets, {t: v.detach() for t, v in losses.items()})
             if callback:
                 callback("step", {"epoch": epoch, "step": step, "steps": steps_per_epoch, "loss": loss.item()})
+            if should_stop is not None and should_stop():
+                if out_dir is not None:
+                    save_resume(epoch, step, meter)
+                raise TrainingInterrupted(f"training interrupted at epoch {epoch}, step {step}/{steps_per_epoch}")
+        skip = 0
         row: dict[str, float] = {"epoch": epoch, "lr": lr, **meter.row("train")}
         if val_loader is not None:
             row.update(evaluate_loader(model, val_loader, criterion, device))
@@ -331,11 +467,20 @@ def train(
         if callback:
             callback("epoch_end", {"epoch": epoch, "epochs": config.epochs, "row": row, "best_epoch": best_epoch})
 
+    if out_dir is not None:
+        for name in (RESUME_STATE, RESUME_WEIGHTS):
+            (Path(out_dir) / name).unlink(missing_ok=True)
     assert best_state is not None
     model.load_state_dict(best_state)
     model.eval()
     history = pd.DataFrame(rows)
     return TrainResult(model, preprocess, history, best_epoch, _clean(rows[best_epoch - 1]), tasks)
+
+
+def rows_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, epoch: int, steps_per_epoch: int, optimizer) -> float:
+    """Learning rate at the first step of ``epoch`` (what an uninterrupted run logs)."""
+    step = (epoch - 1) * steps_per_epoch
+    return float(scheduler.base_lrs[0] * scheduler.lr_lambdas[0](step))
 
 
 def _clean(row: dict[str, float]) -> dict[str, float | None]:
@@ -348,17 +493,30 @@ def fit(
     out_dir: str | Path | None = None,
     cache: ImageCache | None = None,
     callback: Callback | None = None,
+    sources: Sequence[str] = (),
+    should_stop: Callable[[], bool] | None = None,
+    resume: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
 ) -> TrainResult:
     """Split off a validation set (subject-disjoint when persons are known) and train.
 
-    The checkpoint records the dataset summary and which persons validated.
-    See :func:`train` for arguments and errors.
+    The checkpoint records the dataset summary, the data sources and which
+    persons validated. See :func:`train` for the other arguments and errors.
     """
     from facemt.evaluation import validation_split
 
+    from facemt.checks import check_data
+
     train_rows, val_rows = validation_split(index.table, config.val_fraction, config.seed)
+    report = check_data(index, config.tasks, val_rows, decode=False)
+    if report.problems:
+        raise FacemtError("; ".join(report.problems))
+    for warning in report.warnings:
+        log.warning(warning)
+    if callback and report.warnings:
+        callback("warnings", {"warnings": report.warnings})
     val_persons = sorted({p for p in index.table["person"].iloc[val_rows] if p is not None})
     extra = {
+        "sources": [str(s) for s in sources],
         "dataset": index.summary(),
         "split": {
             "train_images": int(len(train_rows)),
@@ -367,4 +525,5 @@ def fit(
             "subject_disjoint": bool(index.table["person"].notna().all()),
         },
     }
-    return train(index, config, train_rows, val_rows, out_dir, cache, callback, extra)
+    return train(index, config, train_rows, val_rows, out_dir, cache, callback, extra,
+                 should_stop=should_stop, resume=resume)

@@ -43,6 +43,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+MAX_ASPECT = 8.0
+
+
+def check_shape(size: tuple[int, int], name: object = "image") -> None:
+    """Reject empty images and extreme aspect ratios (no face photo is 20000 x 10)."""
+    w, h = size
+    if w < 1 or h < 1:
+        raise FacemtError(f"{name}: image has no pixels ({w}x{h})")
+    if max(w, h) / min(w, h) > MAX_ASPECT:
+        raise FacemtError(f"{name}: {w}x{h} pixels is not a face photo (aspect ratio above {MAX_ASPECT:g}:1)")
+
+
 def decode_file(path: str | os.PathLike, min_side: int | None = None) -> Image.Image:
     """Open an image file as RGB, letting JPEG decode at reduced scale when possible.
 
@@ -60,6 +72,7 @@ def decode_file(path: str | os.PathLike, min_side: int | None = None) -> Image.I
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
+                check_shape(im.size, path)
                 if min_side and im.format == "JPEG":
                     w, h = im.size
                     scale = min_side / min(w, h)
@@ -76,8 +89,10 @@ def decode_file(path: str | os.PathLike, min_side: int | None = None) -> Image.I
     except UnidentifiedImageError:
         kind = "empty file" if path.stat().st_size == 0 else "not a readable image"
         raise FacemtError(f"{path}: {kind}") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise FacemtError(f"{path}: cannot decode image ({exc})") from None
+    except FacemtError:
+        raise
+    except Exception as exc:  # Pillow raises many types on malformed files
+        raise FacemtError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
 
 
 def as_rgb_image(image: ImageInput, min_side: int | None = None) -> Image.Image:
@@ -85,6 +100,7 @@ def as_rgb_image(image: ImageInput, min_side: int | None = None) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
         return decode_file(image, min_side)
     if isinstance(image, Image.Image):
+        check_shape(image.size)
         return to_rgb(image)
     if isinstance(image, np.ndarray):
         arr = image
@@ -96,5 +112,6 @@ def as_rgb_image(image: ImageInput, min_side: int | None = None) -> Image.Image:
             if np.issubdtype(arr.dtype, np.floating) and arr.size and arr.max() <= 1.0:
                 arr = arr * 255.0
             arr = np.clip(arr, 0, 255).astype(np.uint8)
+        check_shape((arr.shape[1], arr.shape[0]))
         return to_rgb(Image.fromarray(arr))
     raise FacemtError(f"cannot read an image from a {type(image).__name__}")

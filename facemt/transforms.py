@@ -89,11 +89,6 @@ def shrink(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
 
 
-class _ToTensor:
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-
-
 def _finish(cfg: PreprocessConfig) -> list[A.BasicTransform]:
     return [A.Normalize(mean=cfg.mean, std=cfg.std, max_pixel_value=255.0)]
 
@@ -108,7 +103,7 @@ def _eval_geometry(cfg: PreprocessConfig) -> list[A.BasicTransform]:
 
 def build_transform(
     cfg: PreprocessConfig, augment: str = "none", seed: int | None = None
-) -> Callable[[np.ndarray], torch.Tensor]:
+) -> "Pipeline":
     """The pipeline from a cached HxWx3 uint8 image to a normalised CHW float tensor.
 
     Args:
@@ -147,13 +142,21 @@ def build_transform(
                 p=0.5,
             ),
         ]
-    pipeline = A.Compose(steps + _finish(cfg), seed=seed)
-    to_tensor = _ToTensor()
-
-    def apply(image: np.ndarray) -> torch.Tensor:
-        return to_tensor(pipeline(image=image)["image"])
-
-    return apply
+    return Pipeline(A.Compose(steps + _finish(cfg), seed=seed))
 
 
-__all__ = ["AUGMENT_PRESETS", "PreprocessConfig", "build_transform", "resolve_preprocess", "shrink"]
+class Pipeline:
+    """An albumentations pipeline ending in a CHW float tensor.
+
+    Calling it with ``seed`` reseeds the augmentation randomness first, so one
+    image's augmentation is reproducible on its own.
+    """
+
+    def __init__(self, compose: A.Compose) -> None:
+        self.compose = compose
+
+    def __call__(self, image: np.ndarray, seed: int | None = None) -> torch.Tensor:
+        if seed is not None:
+            self.compose.set_random_seed(seed)
+        out = self.compose(image=image)["image"]
+        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
