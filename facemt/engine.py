@@ -375,7 +375,8 @@ def train(
     if val_rows:
         val_set = FaceDataset([images[i] for i in val_rows], {t: v[val_rows] for t, v in targets.items()},
                               build_transform(preprocess, "none"))
-        val_loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False, num_workers=0)
+        val_loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False, num_workers=0,
+                                generator=torch.Generator())
 
     criterion = MultiTaskLoss({t: config.loss_weights.get(t, 1.0) for t in tasks}, config.label_smoothing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -430,7 +431,8 @@ def train(
         train_set.epoch = epoch
         lr = optimizer.param_groups[0]["lr"] if skip == 0 else rows_lr(scheduler, epoch, steps_per_epoch, optimizer)
         batches = _epoch_batches(len(train_set), config.batch_size, config.seed, epoch, skip)
-        loader = DataLoader(train_set, batch_sampler=batches, num_workers=0)
+        # Its own generator: a loader without one draws from the global RNG that dropout uses.
+        loader = DataLoader(train_set, batch_sampler=batches, num_workers=0, generator=torch.Generator())
         for step, batch in enumerate(loader, start=skip + 1):
             batch_targets = {t: v.to(device) for t, v in batch["targets"].items()}
             logits = model(batch["image"].to(device))
