@@ -33,12 +33,26 @@ CONFIG = "config.json"
 PREVIOUS_WEIGHTS = ".model.previous.safetensors"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def make_temp(path: Path) -> str:
+    """A temporary file beside ``path`` with the permissions a new file would get
+    (mkstemp's own are owner-only)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
+    os.close(fd)
+    return tmp
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` and rename the result onto ``path`` only if it succeeded."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = make_temp(path)
     try:
         write(tmp)
         with open(tmp, "rb") as f:
@@ -87,8 +101,7 @@ def save_checkpoint(
         stale.unlink(missing_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     weights, previous = run_dir / WEIGHTS, run_dir / PREVIOUS_WEIGHTS
-    fd, tmp = tempfile.mkstemp(prefix=f".{WEIGHTS}.", suffix=".tmp", dir=run_dir)
-    os.close(fd)
+    tmp = make_temp(weights)
     try:
         save_file(state, tmp, metadata={"format": FORMAT})
         with open(tmp, "rb") as f:

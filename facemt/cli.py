@@ -1,4 +1,4 @@
-"""Command line: ``facemt synth | check-data | fit | predict | evaluate | cv``. The only module that parses
+"""Command line: ``facemt synth | check-data | fit | predict | evaluate | cv | export``. The only module that parses
 arguments or prints."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -29,7 +30,9 @@ EPILOG = """examples:
   facemt fit --data faces.csv --out runs/expr --tasks expression
   facemt fit --data data/faces --out runs/mnv2 --backbone mobilenetv2_100 --pretrained-file weights.safetensors
   facemt predict runs/demo photo.jpg
-  facemt predict runs/demo photos/ --csv > predictions.csv
+  facemt predict runs/demo photos/ --out predictions.csv   # streams, one row per face
+  facemt predict runs/demo crops/ --no-detect --json
+  facemt export runs/demo --format onnx
   facemt check-data data/faces-demo
   facemt fit --resume runs/demo                      # after Ctrl-C
   facemt evaluate runs/demo --data data/faces-test
@@ -100,6 +103,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss-weights", metavar="TASK=W,...", help="e.g. expression=2,gender=1 (default 1 each)")
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="default %(default)s")
     p.add_argument("--dropout", type=float, default=d.dropout, help="before the heads (default %(default)s)")
+    p.add_argument("--detect", action="store_true",
+                   help="crop the largest detected face of every image before training (portraits with background)")
+    p.add_argument("--crop-margin", type=float, default=d.crop_margin,
+                   help="face crop margin as a fraction of the face box, each side (default %(default)s)")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help="held-out share, split by person when persons are known (default %(default)s)")
     w = p.add_mutually_exclusive_group()
@@ -121,6 +128,7 @@ def _train_config(args: argparse.Namespace):
         seed=args.seed, augment=args.augment,
         loss_weights=parse_loss_weights(args.loss_weights, tasks or TASK_NAMES),
         label_smoothing=args.label_smoothing, dropout=args.dropout, val_fraction=args.val_fraction,
+        detect=args.detect, crop_margin=args.crop_margin,
         pretrained=args.pretrained, pretrained_file=args.pretrained_file, device=args.device,
     )
     config.validate()
@@ -221,61 +229,133 @@ def cmd_fit(args: argparse.Namespace, out: Console, err: Console) -> int:
     return EXIT_OK
 
 
-def _prediction_rows(preds) -> tuple[list[str], list[dict[str, Any]]]:
-    header = ["path", "error"]
+def _csv_header() -> list[str]:
+    header = ["path", "status", "face", "box_x", "box_y", "box_w", "box_h", "error"]
     for t in TASK_NAMES:
         header += [t] + [f"{t}_p_{c}" for c in TASKS[t].classes]
-    rows = []
-    for p in preds:
-        row: dict[str, Any] = {"path": p.source, "error": p.error or ""}
-        for t, label in p.labels.items():
-            row[t] = label
-            row.update({f"{t}_p_{c}": f"{v:.6f}" for c, v in p.probabilities[t].items()})
-        rows.append(row)
-    return header, rows
+    return header
+
+
+def _csv_row(p) -> dict[str, Any]:
+    row: dict[str, Any] = {"path": p.source, "status": p.status, "error": p.error or "",
+                           "face": "" if p.face is None else p.face}
+    for k, v in zip(("box_x", "box_y", "box_w", "box_h"), p.box or ("", "", "", "")):
+        row[k] = v
+    for t, label in p.labels.items():
+        row[t] = label
+        row.update({f"{t}_p_{c}": f"{v:.6f}" for c, v in p.probabilities[t].items()})
+    return row
+
+
+class _Sink:
+    """Writes predictions as they come: CSV or JSON lines to a file (atomically, on
+    success) or CSV to stdout; keeps what the table or a JSON array needs."""
+
+    def __init__(self, fmt: str, path: Path | None, tasks: Sequence[str]) -> None:
+        self.fmt, self.path, self.kept = fmt, path, []
+        self.header = [h for h in _csv_header() if h.split("_p_")[0] not in set(TASK_NAMES) - set(tasks)]
+        self.tmp = None
+        if path is not None:
+            from facemt.checkpoint import make_temp
+
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = make_temp(path)
+            self.file = open(self.tmp, "w", newline="", encoding="utf-8")
+        else:
+            self.file = sys.stdout
+        self.writer = csv.DictWriter(self.file, fieldnames=self.header, extrasaction="ignore") if fmt == "csv" else None
+        if self.writer:
+            self.writer.writeheader()
+
+    def write(self, p) -> None:
+        if self.fmt == "csv":
+            self.writer.writerow(_csv_row(p))
+        elif self.fmt == "jsonl":
+            self.file.write(json.dumps(p.to_dict()) + "\n")
+        else:
+            self.kept.append(p)  # table or JSON array: needs them all
+
+    def close(self, ok: bool) -> None:
+        if self.fmt == "json":
+            self.file.write(json.dumps([p.to_dict() for p in self.kept], indent=2) + "\n")
+        if self.path is None:
+            self.file.flush()
+            return
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        if ok:
+            os.replace(self.tmp, self.path)
+        else:
+            Path(self.tmp).unlink(missing_ok=True)
 
 
 def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
     from facemt.data import iter_image_files
     from facemt.inference import load
 
+    out_path = Path(args.out) if args.out else None
+    if out_path is not None:
+        suffix = out_path.suffix.lower()
+        if suffix not in (".csv", ".jsonl"):
+            raise FacemtError(f"--out {out_path}: use a .csv or .jsonl file name")
+        fmt = suffix[1:]
+    else:
+        fmt = "json" if args.json else "csv" if args.csv else "table"
     predictor = load(args.run, device=args.device, batch_size=args.batch_size)
     files = iter_image_files(args.inputs)
     if not files:
         raise FacemtError("no image files found in the given inputs")
-    preds = []
-    with Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  console=err, transient=True, disable=len(files) < 2 * args.batch_size) as progress:
-        task = progress.add_task("predict", total=len(files))
-        for p in predictor.predict_files(files):
-            if p.error:
-                err.print(f"error: {p.error}", markup=False, highlight=False)
-            preds.append(p)
-            progress.advance(task)
-    ok = [p for p in preds if not p.error]
-    if args.json:
-        print(json.dumps([p.to_dict() for p in preds], indent=2))
-    elif args.csv:
-        header, rows = _prediction_rows(preds)
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=[h for h in header if any(h in r for r in rows) or h in ("path", "error")])
-        writer.writeheader()
-        writer.writerows(rows)
-        sys.stdout.write(buf.getvalue())
-    else:
+    detect = not args.no_detect
+    if detect:
+        from facemt.detect import default_detector
+
+        default_detector()  # fail now, not per file, if OpenCV lacks the cascade
+    sink = _Sink(fmt, out_path, predictor.tasks)
+    counts = {"ok": 0, "no_face": 0, "error": 0}
+    files_done, finished = 0, False
+    try:
+        with Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TextColumn("eta"), TimeRemainingColumn(), console=err, transient=out_path is None,
+                      disable=len(files) < 2 * args.batch_size) as progress:
+            task = progress.add_task("predict", total=len(files))
+            last = None
+            for p in predictor.predict_files(files, detect=detect, fallback=args.fallback):
+                counts[p.status] += 1
+                if p.error:
+                    err.print(f"error: {p.error}", markup=False, highlight=False)
+                sink.write(p)
+                if p.source != last:
+                    files_done += 1
+                    last = p.source
+                    progress.update(task, completed=files_done)
+        finished = True
+    finally:
+        sink.close(finished)
+    if fmt == "table":
         table = Table()
         table.add_column("file")
+        if detect:
+            table.add_column("face box (x, y, w, h)")
         for t in predictor.tasks:
             table.add_column(t)
-        for p in ok:
+        for p in sink.kept:
+            name = Path(p.source).name if p.source else "-"
+            if p.status != "ok":
+                if p.status == "no_face":
+                    table.add_row(name, "no face found", *["-"] * len(predictor.tasks))
+                continue
             cells = [f"{p.labels[t]} ({p.probabilities[t][p.labels[t]]:.2f})" for t in predictor.tasks]
-            table.add_row(Path(p.source).name if p.source else "-", *cells)
+            box = [f"face {p.face}: {', '.join(map(str, p.box))}" if p.box else "whole image"] if detect else []
+            table.add_row(name, *box, *cells)
         out.print(table)
-    failed = len(preds) - len(ok)
-    if failed:
-        err.print(f"{failed} of {len(preds)} file(s) could not be read", markup=False)
-        return EXIT_PARTIAL
-    return EXIT_OK
+    summary = (f"{len(files)} file(s): {counts['ok']} prediction(s), {counts['no_face']} without a face, "
+               f"{counts['error']} unreadable")
+    if out_path is not None:
+        summary += f"; written to {out_path}"
+    if out_path is not None or counts["error"] or counts["no_face"] or fmt == "table":
+        err.print(summary, markup=False, highlight=False)
+    return EXIT_PARTIAL if counts["error"] else EXIT_OK
 
 
 def _metrics_table(title: str, metrics: dict[str, dict]) -> Table:
@@ -418,6 +498,17 @@ def cmd_cv(args: argparse.Namespace, out: Console, err: Console) -> int:
     return EXIT_OK
 
 
+def cmd_export(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from facemt.export import export
+
+    info = export(args.run, args.format, args.out, probabilities=not args.logits, check=not args.no_check)
+    msg = f"wrote {info['path']} (outputs {', '.join(info['outputs'])}: {info['output_kind']})"
+    if "max_abs_diff" in info:
+        msg += f"; max |difference| vs PyTorch {info['max_abs_diff']:.2e}"
+    out.print(msg, markup=False, highlight=False)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="facemt", description="Age group, gender and facial expression from one multi-task network.",
@@ -450,8 +541,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder written by 'facemt fit'")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     fmt = p.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true", help="print JSON (one object per image)")
-    fmt.add_argument("--csv", action="store_true", help="print CSV (one row per image)")
+    fmt.add_argument("--json", action="store_true", help="print JSON (one object per face or image)")
+    fmt.add_argument("--csv", action="store_true", help="print CSV (one row per face or image)")
+    fmt.add_argument("--out", metavar="FILE.csv|FILE.jsonl",
+                     help="stream results to a CSV or JSON-lines file (written atomically; for large folders)")
+    p.add_argument("--no-detect", action="store_true", help="treat each image as an already-cropped face")
+    p.add_argument("--fallback", action="store_true", help="when no face is found, predict on the whole image")
     p.add_argument("--batch-size", type=int, default=32, help="default %(default)s")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
     p.set_defaults(func=cmd_predict)
@@ -473,6 +568,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="default %(default)s")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="export a run to ONNX or TorchScript", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run folder written by 'facemt fit'")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="default %(default)s")
+    p.add_argument("--out", help="output file (default RUN/model.onnx or RUN/model.torchscript.pt)")
+    p.add_argument("--logits", action="store_true", help="output raw logits instead of probabilities")
+    p.add_argument("--no-check", action="store_true", help="skip the parity check against PyTorch")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("cv", help="cross-validate multi-task vs single-task models and write a report",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)

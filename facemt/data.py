@@ -187,12 +187,170 @@ def read_manifest(csv_path: str | os.PathLike) -> DataIndex:
     return DataIndex(_finish_table(rows), [])
 
 
+# ------------------------------------------------------------------ adapters
+
+UTKFACE_PATTERN = re.compile(r"^(?P<age>\d{1,3})_(?P<gender>[01])_(?P<race>[0-4])_(?P<stamp>\d+)")
+JAFFE_PATTERN = re.compile(r"^(?P<person>[A-Z]{2})\.(?P<code>[A-Z]{2})(?P<take>\d+)\.(?P<number>\d+)$")
+JAFFE_CODES = {"AN": "anger", "DI": "disgust", "FE": "fear", "HA": "happiness", "NE": "neutrality", "SA": "sadness"}
+#: FACES age ranges (years) per age group; the one place the mapping lives.
+FACES_AGE_RANGES = {"young": (19, 31), "middle": (39, 55), "old": (69, 80)}
+ADULT_AGE = 18
+
+
+def age_to_group(age: int, policy: str = "strict") -> str | None:
+    """FACES age group of an age in years.
+
+    ``strict``: only ages inside the FACES ranges (19-31, 39-55, 69-80) get a
+    group; ages in the gaps return None (the row keeps its other labels).
+    ``nearest``: adults in the gaps go to the nearest range (ties to the
+    younger); over 80 is old. Under 19 is never a FACES group (None).
+    """
+    if policy not in ("strict", "nearest"):
+        raise FacemtError(f"unknown age policy {policy!r}: choose strict or nearest")
+    for group, (lo, hi) in FACES_AGE_RANGES.items():
+        if lo <= age <= hi:
+            return group
+    if policy == "strict" or age < FACES_AGE_RANGES["young"][0]:
+        return None
+    distance = {g: min(abs(age - lo), abs(age - hi)) for g, (lo, hi) in FACES_AGE_RANGES.items()}
+    return min(distance, key=lambda g: (distance[g], FACES_AGE_RANGES[g][0]))
+
+
+def parse_utkface_name(name: str, policy: str = "strict") -> dict:
+    """Parse ``age_gender_race_datetime.jpg.chip.jpg`` (UTKFace).
+
+    Returns:
+        dict with ``age`` (years), ``age_group`` (see :func:`age_to_group`),
+        ``gender`` and ``person`` (the file name: one image per person in practice).
+
+    Raises:
+        FacemtError: a malformed name (e.g. a missing field) or an age above 130.
+    """
+    base = Path(str(name)).name
+    match = UTKFACE_PATTERN.match(base)
+    if not match:
+        raise FacemtError(f"{name!r} is not a UTKFace file name (expected age_gender_race_datetime.jpg.chip.jpg)")
+    age = int(match["age"])
+    if age > 130:
+        raise FacemtError(f"{name!r}: implausible age {age}")
+    return {
+        "age": age,
+        "age_group": age_to_group(age, policy),
+        "gender": TASKS["gender"].classes[int(match["gender"])],
+        "person": f"utk:{base.split('.')[0]}",
+    }
+
+
+def parse_jaffe_name(name: str) -> dict:
+    """Parse ``KA.AN1.39.tiff`` (JAFFE): person ``KA``, expression anger.
+
+    All JAFFE subjects are women, so gender is ``female``; age is unknown.
+
+    Raises:
+        FacemtError: a malformed name, or surprise (``SU``), which FACES lacks.
+    """
+    stem = Path(str(name)).name
+    stem = stem.rsplit(".", 1)[0] if stem.lower().endswith((".tiff", ".tif", ".jpg", ".png")) else stem
+    match = JAFFE_PATTERN.match(stem)
+    if not match:
+        raise FacemtError(f"{name!r} is not a JAFFE file name (expected e.g. KA.AN1.39.tiff)")
+    if match["code"] not in JAFFE_CODES:
+        what = "surprise, which is not a FACES expression" if match["code"] == "SU" else f"unknown code {match['code']}"
+        raise FacemtError(f"{name!r}: {what}")
+    return {"person": f"jaffe:{match['person']}", "expression": JAFFE_CODES[match["code"]], "gender": "female"}
+
+
+def _index_by_name(root: str | os.PathLike, source: str, parse: Callable[[str], dict]) -> DataIndex:
+    root = Path(root)
+    if not root.is_dir():
+        raise FacemtError(f"{root}: no such folder")
+    rows, skipped = [], []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p)):
+        try:
+            labels = parse(path.name)
+        except FacemtError as exc:
+            skipped.append(f"{path.relative_to(root)}: {str(exc).split(': ', 1)[-1]}")
+            continue
+        rows.append({"path": str(path.resolve()), "source": source, "person": labels.get("person"),
+                     **{t: labels.get(t) for t in TASK_NAMES}})
+    if not rows:
+        raise FacemtError(f"{root}: no {source} images found ({len(skipped)} other image files)")
+    if skipped:
+        log.warning("%s: skipped %d files (%s)", root, len(skipped), skipped[0])
+    return DataIndex(_finish_table(rows), skipped)
+
+
+def index_utkface(root: str | os.PathLike, policy: str = "strict") -> DataIndex:
+    """Index a UTKFace folder: age group by :func:`age_to_group` (``policy``),
+    gender. Faces under 19 are skipped and counted: FACES has adults only."""
+    def parse(name: str) -> dict:
+        labels = parse_utkface_name(name, policy)
+        if labels["age"] <= ADULT_AGE:
+            raise FacemtError(f"{name!r}: age {labels['age']} is under 19 (FACES has adults only)")
+        return labels
+
+    return _index_by_name(root, "utkface", parse)
+
+
+def index_jaffe(root: str | os.PathLike) -> DataIndex:
+    """Index a JAFFE folder (expression, gender female; surprise skipped and counted)."""
+    return _index_by_name(root, "jaffe", parse_jaffe_name)
+
+
+ADAPTERS: dict[str, Callable[[str], DataIndex]] = {
+    "faces": index_folder,
+    "utkface": index_utkface,
+    "jaffe": index_jaffe,
+    "csv": read_manifest,
+}
+_NAME_PARSERS = {"faces": parse_faces_name, "utkface": parse_utkface_name, "jaffe": parse_jaffe_name}
+
+
+def detect_adapter(root: Path, sample: int = 200) -> str:
+    """The adapter whose file-name scheme matches most image files in ``root``."""
+    names = []
+    for p in root.rglob("*"):
+        if p.is_file() and is_image_file(p):
+            names.append(p.name)
+            if len(names) >= sample:
+                break
+    def score(parse: Callable[[str], dict]) -> int:
+        n = 0
+        for name in names:
+            try:
+                parse(name)
+                n += 1
+            except FacemtError:
+                pass
+        return n
+    scores = {k: score(f) for k, f in _NAME_PARSERS.items()}
+    best = max(scores, key=scores.get)
+    return best if scores[best] else "faces"
+
+
 def load_index(source: str | os.PathLike) -> DataIndex:
-    """Index a folder of FACES-named files or a ``.csv`` manifest."""
-    path = Path(source)
-    if path.suffix.lower() == ".csv":
-        return read_manifest(path)
-    return index_folder(path)
+    """Index one data source: ``ADAPTER:PATH`` (``faces``, ``utkface``, ``jaffe``,
+    ``csv``) or a plain path (a ``.csv`` manifest, or a folder whose file-name
+    scheme is detected).
+
+    Raises:
+        FacemtError: unknown adapter, missing path, nothing usable inside.
+    """
+    text = str(source)
+    name, sep, rest = text.partition(":")
+    if sep and name.lower() in ADAPTERS and not Path(text).exists():
+        adapter, path = name.lower(), Path(rest)
+    else:
+        path = Path(text)
+        if path.suffix.lower() == ".csv":
+            adapter = "csv"
+        elif path.is_dir():
+            adapter = detect_adapter(path)
+        else:
+            adapter = "faces"
+    if sep and name and name.lower() not in ADAPTERS and not Path(text).exists() and len(name) > 1:
+        raise FacemtError(f"unknown data adapter {name!r}: choose {', '.join(ADAPTERS)} (e.g. utkface:PATH)")
+    return ADAPTERS[adapter](path)
 
 
 def combine(indexes: Sequence[DataIndex]) -> DataIndex:
@@ -228,9 +386,19 @@ class ImageCache:
         self._store: dict[tuple, np.ndarray] = {}
         self.workers = workers or min(4, os.cpu_count() or 1)
         self.decoded = 0
+        self.no_face: list[str] = []
 
     def _decode(self, path: str, cfg: PreprocessConfig) -> np.ndarray:
-        return shrink(decode_file(path, cfg.working_side), cfg)
+        if not cfg.detect:
+            return shrink(decode_file(path, cfg.working_side), cfg)
+        from facemt.detect import face_crops
+
+        image = decode_file(path)
+        crops = face_crops(image, cfg.crop_margin, largest_only=True)
+        if not crops:
+            self.no_face.append(path)  # trained on the whole picture instead
+            return shrink(image, cfg)
+        return shrink(crops[0][1], cfg)
 
     def load(
         self,
@@ -246,7 +414,7 @@ class ImageCache:
         todo = []
         for i, p in enumerate(paths):
             try:
-                key = (*file_key(p), cfg.working_side)
+                key = (*file_key(p), cfg.working_side, cfg.detect, cfg.crop_margin)
             except OSError:
                 errors.append(f"{p}: no such file")
                 continue

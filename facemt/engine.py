@@ -50,6 +50,8 @@ class TrainConfig:
     label_smoothing: float = 0.0
     dropout: float = 0.2
     val_fraction: float = 0.2
+    detect: bool = False
+    crop_margin: float = 0.4
     pretrained: bool = False
     pretrained_file: str | None = None
     device: str = "auto"
@@ -69,6 +71,8 @@ class TrainConfig:
         if self.augment not in AUGMENT_PRESETS:
             raise FacemtError(f"--augment must be one of {', '.join(AUGMENT_PRESETS)}")
         check_backbone(self.backbone)
+        if not 0.0 <= self.crop_margin <= 2.0:
+            raise FacemtError("--crop-margin must be between 0 and 2")
         if self.pretrained and self.pretrained_file:
             raise FacemtError("give either --pretrained or --pretrained-file, not both")
 
@@ -161,6 +165,11 @@ def decode_images(
     images, errors = cache.load(
         paths, preprocess, (lambda d, n: callback("decode", {"done": d, "total": n})) if callback else None
     )
+    if preprocess.detect and cache.no_face:
+        message = f"no face found in {len(cache.no_face)} image(s); they are used whole, e.g. {cache.no_face[0]}"
+        log.warning(message)
+        if callback:
+            callback("warnings", {"warnings": [message]})
     if errors:
         shown = "; ".join(errors[:5]) + (f"; and {len(errors) - 5} more" if len(errors) > 5 else "")
         raise FacemtError(f"{len(errors)} unreadable image(s), fix or remove them: {shown}")
@@ -361,6 +370,7 @@ def train(
     model, preprocess = create_model(
         config.backbone, tasks, config.pretrained and resume is None,
         config.pretrained_file if resume is None else None, config.image_size, config.dropout,
+        config.detect, config.crop_margin,
     )
     model.to(device)
     images = decode_images(index, preprocess, cache, callback)

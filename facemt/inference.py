@@ -26,12 +26,23 @@ class Prediction:
         labels: task -> predicted class name.
         probabilities: task -> {class name: probability}, summing to 1 per task.
         error: set (and labels empty) when the image could not be read.
+        face: index of the face in the image (0 = largest) when faces were detected.
+        box: that face's (x, y, width, height) in the original image's pixels.
+        no_face: detection found no face (labels empty).
     """
 
     source: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     probabilities: dict[str, dict[str, float]] = field(default_factory=dict)
     error: str | None = None
+    face: int | None = None
+    box: tuple[int, int, int, int] | None = None
+    no_face: bool = False
+
+    @property
+    def status(self) -> str:
+        """``ok``, ``no_face`` or ``error``."""
+        return "error" if self.error else "no_face" if self.no_face else "ok"
 
     @property
     def age_group(self) -> str | None:
@@ -47,9 +58,12 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form: ``{"path", "error", task: {"label", "probabilities"}}``."""
-        out: dict[str, Any] = {"path": self.source}
+        out: dict[str, Any] = {"path": self.source, "status": self.status}
         if self.error:
             out["error"] = self.error
+        if self.face is not None:
+            out["face"] = self.face
+            out["box"] = list(self.box) if self.box else None
         for task, label in self.labels.items():
             out[task] = {"label": label, "probabilities": self.probabilities[task]}
         return out
@@ -91,7 +105,8 @@ class Predictor:
         return out
 
     def predict(self, images: ImageInput | Sequence[ImageInput]) -> Prediction | list[Prediction]:
-        """Predict every head for one image or a list of images.
+        """Predict every head for one image or a list of images, each taken as
+        an already-cropped face (see :meth:`predict_faces` to detect faces).
 
         Args:
             images: a path, PIL image or HxWx3 uint8 array, or a list of them.
@@ -109,25 +124,71 @@ class Predictor:
         results = self._predictions(arrays, sources)
         return results[0] if single else results
 
-    def predict_files(self, paths: Iterable[str | os.PathLike]) -> Iterator[Prediction]:
-        """Stream predictions for many files, in input order and in batches; an
-        unreadable file yields a Prediction with ``error`` set instead of
-        stopping the run. Memory is bounded by one batch."""
-        slots: list[tuple[str, np.ndarray | None, str | None]] = []
+    def _units(self, path: str | os.PathLike | ImageInput, detect: bool, fallback: bool) -> list[tuple]:
+        """(face index, box, prepared array) per face of one input; [] when no face."""
+        image = as_rgb_image(path, None if detect else self.preprocess.working_side)
+        if not detect:
+            return [(None, None, shrink(image, self.preprocess))]
+        from facemt.detect import face_crops
+
+        crops = face_crops(image, self.preprocess.crop_margin)
+        if not crops and fallback:
+            return [(None, None, shrink(image, self.preprocess))]
+        return [(i, box, shrink(crop, self.preprocess)) for i, (box, crop) in enumerate(crops)]
+
+    def predict_faces(self, image: ImageInput, fallback: bool = False) -> list[Prediction]:
+        """Detect faces in a photo and predict every head for each (largest first).
+
+        Args:
+            image: a path, PIL image or array.
+            fallback: when no face is found, predict on the whole image instead
+                of returning an empty list.
+        """
+        units = self._units(image, True, fallback)
+        source = str(image) if isinstance(image, (str, os.PathLike)) else None
+        preds = self._predictions([a for _, _, a in units], [source] * len(units)) if units else []
+        for (face, box, _), p in zip(units, preds):
+            p.face, p.box = face, box
+        return preds
+
+    def predict_files(
+        self, paths: Iterable[str | os.PathLike], detect: bool = False, fallback: bool = False
+    ) -> Iterator[Prediction]:
+        """Stream predictions for many files, in input order and in batches.
+
+        Args:
+            paths: image files.
+            detect: one prediction per detected face (with its box) instead of
+                one per file; a file without a face yields one ``no_face`` result.
+            fallback: with ``detect``, predict the whole image when no face is found.
+
+        An unreadable file yields a Prediction with ``error`` set instead of
+        stopping the run. Memory is bounded by one batch.
+        """
+        slots: list[Prediction] = []
+        arrays: list[np.ndarray] = []
 
         def flush() -> Iterator[Prediction]:
-            ok = [(s, a) for s, a, _ in slots if a is not None]
-            done = iter(self._predictions([a for _, a in ok], [s for s, _ in ok]) if ok else [])
-            for source, array, error in slots:
-                yield next(done) if array is not None else Prediction(source, error=error)
+            waiting = [p for p in slots if p.status == "ok" and not p.labels]
+            if waiting:
+                for p, done in zip(waiting, self._predictions(arrays, [p.source for p in waiting])):
+                    p.labels, p.probabilities = done.labels, done.probabilities
+            yield from slots
             slots.clear()
+            arrays.clear()
 
         for path in paths:
             try:
-                slots.append((str(path), self._prepare(path), None))
+                units = self._units(path, detect, fallback)
             except FacemtError as exc:
-                slots.append((str(path), None, str(exc)))
-            if len(slots) >= self.batch_size:
+                slots.append(Prediction(str(path), error=str(exc)))
+                units = None
+            if units is not None and not units:
+                slots.append(Prediction(str(path), no_face=True))
+            for face, box, array in units or []:
+                slots.append(Prediction(str(path), face=face, box=box))
+                arrays.append(array)
+            if len(arrays) >= self.batch_size:
                 yield from flush()
         yield from flush()
 

@@ -130,6 +130,8 @@ def create_model(
     pretrained_file: str | os.PathLike | None = None,
     image_size: int | None = None,
     dropout: float = 0.2,
+    detect: bool = False,
+    crop_margin: float = 0.4,
 ) -> tuple[MultiTaskNet, PreprocessConfig]:
     """Build the multi-task network and resolve its preprocessing once.
 
@@ -139,4 +141,4 @@ def create_model(
     trunk = create_trunk(backbone, pretrained, pretrained_file)
     data_config = timm.data.resolve_model_data_config(trunk)
     model = MultiTaskNet(trunk, select_tasks(tasks), dropout=dropout)
-    return model, resolve_preprocess(data_config, image_size)
+    return model, resolve_preprocess(data_config, image_size, detect, crop_margin)

@@ -33,6 +33,10 @@ class PreprocessConfig:
         crop_pct: fraction of the shorter side kept by the centre crop.
         interpolation: resize filter name (``bilinear`` or ``bicubic``).
         mean, std: per-channel normalisation in 0-1 units.
+        detect: crop the largest detected face before everything else
+            (``fit --detect``); prediction crops every detected face.
+        crop_margin: the face crop grows the detector's box by this fraction
+            of its size on every side, then squares it.
     """
 
     image_size: int = 224
@@ -40,6 +44,8 @@ class PreprocessConfig:
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    detect: bool = False
+    crop_margin: float = 0.4
 
     @property
     def working_side(self) -> int:
@@ -58,7 +64,9 @@ class PreprocessConfig:
         return cls(**known)
 
 
-def resolve_preprocess(data_config: dict[str, Any], image_size: int | None = None) -> PreprocessConfig:
+def resolve_preprocess(
+    data_config: dict[str, Any], image_size: int | None = None, detect: bool = False, crop_margin: float = 0.4
+) -> PreprocessConfig:
     """Build the config from timm's ``resolve_model_data_config`` output.
 
     Args:
@@ -72,6 +80,8 @@ def resolve_preprocess(data_config: dict[str, Any], image_size: int | None = Non
         interpolation=interpolation if interpolation in _CV2_INTERPOLATION else "bicubic",
         mean=tuple(float(x) for x in data_config["mean"]),
         std=tuple(float(x) for x in data_config["std"]),
+        detect=detect,
+        crop_margin=crop_margin,
     )
 
 

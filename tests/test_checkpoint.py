@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -100,3 +101,11 @@ def test_python_api_predicts_all_heads(run_dir, faces_dir):
     many = model.predict([path, pil, np.asarray(pil.convert("RGB"))])
     assert [m.labels for m in many] == [result.labels] * 3
     assert many[0].source == str(path) and many[1].source is None
+
+
+def test_files_get_normal_permissions(saved):
+    run, _ = saved
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in (WEIGHTS, CONFIG):
+        assert (run / name).stat().st_mode & 0o777 == 0o666 & ~mask

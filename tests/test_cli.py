@@ -26,7 +26,7 @@ def test_fit_writes_a_self_describing_run(run_dir):
 
 def test_predict_json_all_heads_probabilities_sum_to_one(run_dir, faces_dir, capsys):
     files = sorted(faces_dir.glob("*.jpg"))[:3]
-    assert main(["predict", str(run_dir), *map(str, files), "--json", "--device", "cpu"]) == 0
+    assert main(["predict", str(run_dir), *map(str, files), "--json", "--device", "cpu", "--no-detect"]) == 0
     results = json.loads(capsys.readouterr().out)
     assert [r["path"] for r in results] == list(map(str, files))
     for r in results:
@@ -43,7 +43,7 @@ def test_predict_folder_csv_reports_bad_files_and_exits_nonzero(run_dir, faces_d
         (folder / g.name).write_bytes(g.read_bytes())
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     (folder / "empty.png").write_bytes(b"")
-    code = main(["predict", str(run_dir), str(folder), "--csv", "--device", "cpu"])
+    code = main(["predict", str(run_dir), str(folder), "--csv", "--device", "cpu", "--no-detect"])
     captured = capsys.readouterr()
     assert code == 1
     rows = list(csv.DictReader(io.StringIO(captured.out)))
@@ -56,7 +56,7 @@ def test_predict_folder_csv_reports_bad_files_and_exits_nonzero(run_dir, faces_d
 
 def test_predict_table(run_dir, faces_dir, capsys):
     f = sorted(faces_dir.glob("*.jpg"))[0]
-    assert main(["predict", str(run_dir), str(f), "--device", "cpu"]) == 0
+    assert main(["predict", str(run_dir), str(f), "--device", "cpu", "--no-detect"]) == 0
     out = capsys.readouterr().out
     assert f.name in out and "expression" in out
 
@@ -105,7 +105,7 @@ def test_single_task_model_has_one_head(faces_dir, tmp_path, capsys):
     assert list(read_config(run)["tasks"]) == ["expression"]
     f = sorted(faces_dir.glob("*.jpg"))[0]
     capsys.readouterr()
-    assert main(["predict", str(run), str(f), "--json", "--device", "cpu"]) == 0
+    assert main(["predict", str(run), str(f), "--json", "--device", "cpu", "--no-detect"]) == 0
     result = json.loads(capsys.readouterr().out)[0]
     assert "expression" in result and "gender" not in result
 

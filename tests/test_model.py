@@ -51,3 +51,22 @@ def test_offline_hub_fails_with_one_clear_message(monkeypatch, tmp_path):
         create_trunk("resnet18", pretrained=True)
     msg = str(info.value)
     assert "unreachable" in msg and "--pretrained-file" in msg and "--no-pretrained" in msg and "--pretrained " in msg
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_code_in_a_pth_file_is_never_run(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    state = {k: v for k, v in create_trunk("resnet18").state_dict().items()}
+    state["payload"] = _Payload(str(marker))
+    torch.save(state, path)
+    with pytest.raises(FacemtError, match="cannot load as resnet18 weights"):
+        create_trunk("resnet18", pretrained_file=path)
+    assert not marker.exists()

@@ -1,0 +1,44 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import facemt
+from facemt import FacemtError
+from facemt.cli import main
+from facemt.export import export
+
+
+def test_torchscript_export_matches_pytorch(run_dir, tmp_path):
+    info = export(run_dir, "torchscript", tmp_path / "m.pt")
+    assert info["max_abs_diff"] <= 1e-4
+    assert info["outputs"] == ["age_group", "gender", "expression"]
+    module = torch.jit.load(str(tmp_path / "m.pt"))
+    out = module(torch.randn(3, 3, 32, 32))
+    assert [o.shape for o in out] == [(3, 3), (3, 2), (3, 6)]
+    assert torch.allclose(out[2].sum(1), torch.ones(3), atol=1e-5)  # probabilities
+    side = json.loads((tmp_path / "m.pt.json").read_text())
+    assert side["preprocess"]["image_size"] == 32 and side["output_kind"] == "probabilities"
+
+
+def test_onnx_export_matches_pytorch_with_named_outputs(run_dir, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    path = tmp_path / "m.onnx"
+    assert main(["export", str(run_dir), "--format", "onnx", "--out", str(path), "--logits"]) == 0
+    assert "max |difference|" in capsys.readouterr().out
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["age_group", "gender", "expression"]
+    x = np.random.default_rng(0).standard_normal((5, 3, 32, 32)).astype(np.float32)
+    onnx_out = session.run(None, {"image": x})
+    model = facemt.load(run_dir, device="cpu").model
+    with torch.no_grad():
+        torch_out = model(torch.from_numpy(x))
+    for name, got in zip(["age_group", "gender", "expression"], onnx_out):
+        assert np.abs(got - torch_out[name].numpy()).max() <= 1e-4
+
+
+def test_unknown_format(run_dir):
+    with pytest.raises(FacemtError, match="unknown export format"):
+        export(run_dir, "tflite")
