@@ -48,6 +48,13 @@ def make_temp(path: Path) -> str:
     return tmp
 
 
+def _finish_file(tmp: str) -> None:
+    # Writers may recreate the file with their own mode (safetensors uses 0600).
+    os.chmod(tmp, 0o666 & ~_umask())
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` and rename the result onto ``path`` only if it succeeded."""
     path = Path(path)
@@ -55,8 +62,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     tmp = make_temp(path)
     try:
         write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        _finish_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -104,8 +110,7 @@ def save_checkpoint(
     tmp = make_temp(weights)
     try:
         save_file(state, tmp, metadata={"format": FORMAT})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        _finish_file(tmp)
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

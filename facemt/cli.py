@@ -101,6 +101,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
     p.add_argument("--augment", choices=AUGMENT_PRESETS, default=d.augment, help="default %(default)s")
     p.add_argument("--loss-weights", metavar="TASK=W,...", help="e.g. expression=2,gender=1 (default 1 each)")
+    p.add_argument("--loss-weighting", choices=("fixed", "uncertainty"), default=d.loss_weighting,
+                   help="fixed weights, or learned uncertainty weighting (Kendall et al. 2018) (default %(default)s)")
+    p.add_argument("--balance-sources", action="store_true",
+                   help="sample every --data source equally often per epoch")
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="default %(default)s")
     p.add_argument("--dropout", type=float, default=d.dropout, help="before the heads (default %(default)s)")
     p.add_argument("--detect", action="store_true",
@@ -113,6 +117,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     w.add_argument("--pretrained", action="store_true", help="ImageNet weights from the timm model hub (needs network)")
     w.add_argument("--pretrained-file", metavar="PATH", help="ImageNet weights from a local .safetensors/.pth file")
     w.add_argument("--no-pretrained", action="store_true", help="random initialisation (the default)")
+    w.add_argument("--init-from", metavar="RUN", help="start from a previous facemt run: backbone and matching heads")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
 
 
@@ -128,7 +133,8 @@ def _train_config(args: argparse.Namespace):
         seed=args.seed, augment=args.augment,
         loss_weights=parse_loss_weights(args.loss_weights, tasks or TASK_NAMES),
         label_smoothing=args.label_smoothing, dropout=args.dropout, val_fraction=args.val_fraction,
-        detect=args.detect, crop_margin=args.crop_margin,
+        detect=args.detect, crop_margin=args.crop_margin, loss_weighting=args.loss_weighting,
+        balance_sources=args.balance_sources, init_from=args.init_from,
         pretrained=args.pretrained, pretrained_file=args.pretrained_file, device=args.device,
     )
     config.validate()

@@ -47,6 +47,9 @@ class TrainConfig:
     seed: int = 0
     augment: str = "heavy"
     loss_weights: dict[str, float] = field(default_factory=dict)
+    loss_weighting: str = "fixed"
+    balance_sources: bool = False
+    init_from: str | None = None
     label_smoothing: float = 0.0
     dropout: float = 0.2
     val_fraction: float = 0.2
@@ -71,6 +74,10 @@ class TrainConfig:
         if self.augment not in AUGMENT_PRESETS:
             raise FacemtError(f"--augment must be one of {', '.join(AUGMENT_PRESETS)}")
         check_backbone(self.backbone)
+        if self.loss_weighting not in ("fixed", "uncertainty"):
+            raise FacemtError("--loss-weighting must be fixed or uncertainty")
+        if self.init_from and (self.pretrained or self.pretrained_file):
+            raise FacemtError("--init-from already gives the backbone its weights: drop --pretrained/--pretrained-file")
         if not 0.0 <= self.crop_margin <= 2.0:
             raise FacemtError("--crop-margin must be between 0 and 2")
         if self.pretrained and self.pretrained_file:
@@ -186,12 +193,48 @@ def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     return f
 
 
-def _epoch_batches(n: int, batch_size: int, seed: int, epoch: int, skip: int = 0) -> list[list[int]]:
+def _epoch_batches(
+    n: int, batch_size: int, seed: int, epoch: int, skip: int = 0, weights: torch.Tensor | None = None
+) -> list[list[int]]:
     """The shuffled batches of one epoch: a pure function of (seed, epoch), so a
-    resumed run can rebuild them and skip the ones already trained on."""
+    resumed run can rebuild them and skip the ones already trained on. With
+    ``weights``, the epoch's n rows are drawn with replacement in proportion."""
     generator = torch.Generator().manual_seed(_mix(seed, epoch))
-    order = torch.randperm(n, generator=generator).tolist()
+    if weights is not None:
+        order = torch.multinomial(weights, n, replacement=True, generator=generator).tolist()
+    else:
+        order = torch.randperm(n, generator=generator).tolist()
     return [order[i : i + batch_size] for i in range(0, n, batch_size)][skip:]
+
+
+def source_weights(table: pd.DataFrame) -> torch.Tensor:
+    """Sampling weight per row so that every source contributes equally to an
+    epoch, however many images it has (a 213-image set is not drowned by a
+    10,000-image one)."""
+    counts = table["source"].map(table["source"].value_counts()).to_numpy(dtype=np.float64)
+    return torch.as_tensor(1.0 / counts, dtype=torch.float64)
+
+
+def initialise_from(model: MultiTaskNet, run_dir: str | Path, backbone: str) -> list[str]:
+    """Copy the backbone and every head of matching task and width from a
+    previous facemt run into ``model``; returns the copied heads.
+
+    Raises:
+        FacemtError: the run is unreadable or has another backbone.
+    """
+    from facemt.checkpoint import load_checkpoint
+
+    source, _, config = load_checkpoint(run_dir)
+    if config["backbone"] != backbone:
+        raise FacemtError(f"--init-from {run_dir}: its backbone is {config['backbone']}, this run's is {backbone}")
+    model.trunk.load_state_dict(source.trunk.state_dict())
+    copied = []
+    for task, head in model.heads.items():
+        if task in source.heads and source.heads[task].weight.shape == head.weight.shape:
+            head.load_state_dict(source.heads[task].state_dict())
+            copied.append(task)
+    log.info("initialised from %s: backbone and heads %s", run_dir, ", ".join(copied) or "none")
+    return copied
 
 
 def _mix(*parts: int) -> int:
@@ -372,6 +415,8 @@ def train(
         config.pretrained_file if resume is None else None, config.image_size, config.dropout,
         config.detect, config.crop_margin,
     )
+    if config.init_from and resume is None:
+        initialise_from(model, config.init_from, config.backbone)
     model.to(device)
     images = decode_images(index, preprocess, cache, callback)
     targets = encode_targets(index.table, tasks)
@@ -388,8 +433,14 @@ def train(
         val_loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False, num_workers=0,
                                 generator=torch.Generator())
 
-    criterion = MultiTaskLoss({t: config.loss_weights.get(t, 1.0) for t in tasks}, config.label_smoothing)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    criterion = MultiTaskLoss({t: config.loss_weights.get(t, 1.0) for t in tasks}, config.label_smoothing,
+                              learned=config.loss_weighting == "uncertainty").to(device)
+    optimizer = torch.optim.AdamW(
+        [{"params": list(model.parameters())}]
+        + ([{"params": list(criterion.parameters()), "weight_decay": 0.0}] if config.loss_weighting == "uncertainty" else []),
+        lr=config.lr, weight_decay=config.weight_decay,
+    )
+    sample_weights = source_weights(index.table.iloc[train_rows]) if config.balance_sources else None
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -404,6 +455,7 @@ def train(
         if state["train_rows"] != train_rows or state["val_rows"] != val_rows:
             raise FacemtError("cannot resume: the data or its split differs from the interrupted run")
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
+        criterion.load_state_dict({k[10:]: v for k, v in tensors.items() if k.startswith("criterion/")})
         _restore_optimizer(optimizer, tensors, state["optimizer_param_groups"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(tensors["rng/torch"])
@@ -420,6 +472,7 @@ def train(
         if best_state is not None:
             tensors.update({f"best/{k}": v.detach().cpu().contiguous() for k, v in best_state.items()})
         tensors.update(optim_tensors)
+        tensors.update({f"criterion/{k}": v.detach().cpu().contiguous() for k, v in criterion.state_dict().items()})
         tensors["rng/torch"] = torch.get_rng_state()
         _save_resume(Path(out_dir), {
             "config": config.to_dict(), "epoch": epoch, "step": step, "history": rows,
@@ -440,7 +493,7 @@ def train(
             meter_state = None
         train_set.epoch = epoch
         lr = optimizer.param_groups[0]["lr"] if skip == 0 else rows_lr(scheduler, epoch, steps_per_epoch, optimizer)
-        batches = _epoch_batches(len(train_set), config.batch_size, config.seed, epoch, skip)
+        batches = _epoch_batches(len(train_set), config.batch_size, config.seed, epoch, skip, sample_weights)
         # Its own generator: a loader without one draws from the global RNG that dropout uses.
         loader = DataLoader(train_set, batch_sampler=batches, num_workers=0, generator=torch.Generator())
         for step, batch in enumerate(loader, start=skip + 1):
@@ -460,6 +513,8 @@ def train(
                 raise TrainingInterrupted(f"training interrupted at epoch {epoch}, step {step}/{steps_per_epoch}")
         skip = 0
         row: dict[str, float] = {"epoch": epoch, "lr": lr, **meter.row("train")}
+        if criterion.log_vars is not None:
+            row.update({f"loss_weight_{t}": torch.exp(-v.detach()).item() for t, v in criterion.log_vars.items()})
         if val_loader is not None:
             row.update(evaluate_loader(model, val_loader, criterion, device))
         rows.append(row)

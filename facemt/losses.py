@@ -48,12 +48,18 @@ class MultiTaskLoss(nn.Module):
 
     Rows whose target is -1 give that head no loss and no gradient, so data
     sets that carry only some labels can be trained together.
+
+    With ``learned=True`` each head also gets a learned log-variance ``s``
+    (homoscedastic uncertainty weighting, Kendall, Gal & Cipolla 2018): the
+    head contributes ``weight * (exp(-s) * loss + s)``, so noisier heads are
+    down-weighted automatically; the fixed weights still scale each head.
     """
 
-    def __init__(self, weights: Mapping[str, float], label_smoothing: float = 0.0) -> None:
+    def __init__(self, weights: Mapping[str, float], label_smoothing: float = 0.0, learned: bool = False) -> None:
         super().__init__()
         self.weights = dict(weights)
         self.label_smoothing = label_smoothing
+        self.log_vars = nn.ParameterDict({t: nn.Parameter(torch.zeros(())) for t in self.weights}) if learned else None
 
     def forward(
         self, logits: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]
@@ -70,6 +76,9 @@ class MultiTaskLoss(nn.Module):
             else:
                 loss = out.sum() * 0.0
             per_task[task] = loss
+            if self.log_vars is not None and labelled.any():
+                s = self.log_vars[task]
+                loss = torch.exp(-s) * loss + s
             total = weight * loss if total is None else total + weight * loss
         assert total is not None
         return total, per_task
