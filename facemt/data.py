@@ -116,28 +116,8 @@ def index_folder(root: str | os.PathLike) -> DataIndex:
     Raises:
         FacemtError: the folder does not exist or holds no FACES-named image.
     """
-    root = Path(root)
-    if not root.exists():
-        raise FacemtError(f"{root}: no such folder")
-    if not root.is_dir():
-        raise FacemtError(f"{root}: not a folder (give a folder of FACES-named images or a .csv manifest)")
-    rows, skipped = [], []
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p)):
-        try:
-            labels = parse_faces_name(path.name)
-        except FacemtError:
-            skipped.append(f"{path.relative_to(root)}: name does not follow the FACES scheme")
-            continue
-        rows.append({"path": str(path.resolve()), "person": labels["person"], "source": root.name,
-                     **{t: labels[t] for t in TASK_NAMES}})
-    if not rows:
-        raise FacemtError(
-            f"{root}: no FACES-named images found ({len(skipped)} other image files); "
-            "name files like 004_o_m_a_a.jpg or give a CSV manifest"
-        )
-    if skipped:
-        log.warning("%s: skipped %d files whose names are not FACES names", root, len(skipped))
-    return DataIndex(_finish_table(rows), skipped)
+    return _index_by_name(root, Path(root).name, parse_faces_name, "FACES-named",
+                          "name files like 004_o_m_a_a.jpg or give a CSV manifest")
 
 
 def read_manifest(csv_path: str | os.PathLike) -> DataIndex:
@@ -260,10 +240,16 @@ def parse_jaffe_name(name: str) -> dict:
     return {"person": f"jaffe:{match['person']}", "expression": JAFFE_CODES[match["code"]], "gender": "female"}
 
 
-def _index_by_name(root: str | os.PathLike, source: str, parse: Callable[[str], dict]) -> DataIndex:
+def _index_by_name(
+    root: str | os.PathLike, source: str, parse: Callable[[str], dict], what: str, hint: str = ""
+) -> DataIndex:
+    """Index every image file below ``root`` whose name ``parse`` understands;
+    the others are listed in ``skipped`` with the reason."""
     root = Path(root)
-    if not root.is_dir():
+    if not root.exists():
         raise FacemtError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise FacemtError(f"{root}: not a folder (give a folder of images or a .csv manifest)")
     rows, skipped = [], []
     for path in sorted(p for p in root.rglob("*") if p.is_file() and is_image_file(p)):
         try:
@@ -274,9 +260,10 @@ def _index_by_name(root: str | os.PathLike, source: str, parse: Callable[[str], 
         rows.append({"path": str(path.resolve()), "source": source, "person": labels.get("person"),
                      **{t: labels.get(t) for t in TASK_NAMES}})
     if not rows:
-        raise FacemtError(f"{root}: no {source} images found ({len(skipped)} other image files)")
+        raise FacemtError(f"{root}: no {what} images found ({len(skipped)} other image files)"
+                          + (f"; {hint}" if hint else ""))
     if skipped:
-        log.warning("%s: skipped %d files (%s)", root, len(skipped), skipped[0])
+        log.warning("%s: skipped %d files whose names are not %s (%s)", root, len(skipped), what, skipped[0])
     return DataIndex(_finish_table(rows), skipped)
 
 
@@ -289,12 +276,12 @@ def index_utkface(root: str | os.PathLike, policy: str = "strict") -> DataIndex:
             raise FacemtError(f"{name!r}: age {labels['age']} is under 19 (FACES has adults only)")
         return labels
 
-    return _index_by_name(root, "utkface", parse)
+    return _index_by_name(root, "utkface", parse, "UTKFace")
 
 
 def index_jaffe(root: str | os.PathLike) -> DataIndex:
     """Index a JAFFE folder (expression, gender female; surprise skipped and counted)."""
-    return _index_by_name(root, "jaffe", parse_jaffe_name)
+    return _index_by_name(root, "jaffe", parse_jaffe_name, "JAFFE")
 
 
 ADAPTERS: dict[str, Callable[[str], DataIndex]] = {
