@@ -492,7 +492,7 @@ def train(
             meter.loss, meter.correct, meter.count = (dict(meter_state[k]) for k in ("loss", "correct", "count"))
             meter_state = None
         train_set.epoch = epoch
-        lr = optimizer.param_groups[0]["lr"] if skip == 0 else rows_lr(scheduler, epoch, steps_per_epoch, optimizer)
+        lr = optimizer.param_groups[0]["lr"] if skip == 0 else _epoch_start_lr(scheduler, epoch, steps_per_epoch)
         batches = _epoch_batches(len(train_set), config.batch_size, config.seed, epoch, skip, sample_weights)
         # Its own generator: a loader without one draws from the global RNG that dropout uses.
         loader = DataLoader(train_set, batch_sampler=batches, num_workers=0, generator=torch.Generator())
@@ -544,7 +544,7 @@ def train(
     return TrainResult(model, preprocess, history, best_epoch, _clean(rows[best_epoch - 1]), tasks)
 
 
-def rows_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, epoch: int, steps_per_epoch: int, optimizer) -> float:
+def _epoch_start_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, epoch: int, steps_per_epoch: int) -> float:
     """Learning rate at the first step of ``epoch`` (what an uninterrupted run logs)."""
     step = (epoch - 1) * steps_per_epoch
     return float(scheduler.base_lrs[0] * scheduler.lr_lambdas[0](step))

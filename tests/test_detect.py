@@ -88,7 +88,6 @@ def test_no_face_is_reported_and_fallback_or_no_detect_predicts(run_dir, photos,
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
 def test_streamed_output_is_complete_and_well_formed(run_dir, photos, tmp_path, suffix, capsys):
-    files = []
     for i in range(25):  # several batches, with unreadable files among them
         target = photos / f"copy{i:02d}.jpg"
         target.write_bytes((photos / ("broken.jpg" if i % 7 == 3 else "one.jpg")).read_bytes())
