@@ -171,7 +171,8 @@ def read_manifest(csv_path: str | os.PathLike) -> DataIndex:
 
 UTKFACE_PATTERN = re.compile(r"^(?P<age>\d{1,3})_(?P<gender>[01])_(?P<race>[0-4])_(?P<stamp>\d+)")
 JAFFE_PATTERN = re.compile(r"^(?P<person>[A-Z]{2})\.(?P<code>[A-Z]{2})(?P<take>\d+)\.(?P<number>\d+)$")
-JAFFE_CODES = {"AN": "anger", "DI": "disgust", "FE": "fear", "HA": "happiness", "NE": "neutrality", "SA": "sadness"}
+#: JAFFE's two-letter codes, in the order of the schema's expression classes.
+JAFFE_CODES = dict(zip(("AN", "DI", "FE", "HA", "NE", "SA"), TASKS["expression"].classes))
 #: FACES age ranges (years) per age group; the one place the mapping lives.
 FACES_AGE_RANGES = {"young": (19, 31), "middle": (39, 55), "old": (69, 80)}
 ADULT_AGE = 18
