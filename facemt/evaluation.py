@@ -67,7 +67,7 @@ def validation_split(table: pd.DataFrame, fraction: float, seed: int) -> tuple[n
     """Hold out about ``fraction`` of the rows for validation, subject-disjoint
     when persons are known. ``fraction=0`` gives no validation rows."""
     everything = np.arange(len(table))
-    if fraction <= 0 or len(person_groups(table)) < 2 or len(set(person_groups(table))) < 2:
+    if fraction <= 0 or len(set(person_groups(table))) < 2:
         return everything, everything[:0]
     train_idx, val_idx = subject_folds(table, int(round(1 / fraction)), seed)[0]
     return np.sort(train_idx), np.sort(val_idx)
