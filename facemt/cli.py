@@ -94,6 +94,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=d.epochs, help="default %(default)s")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
+    p.add_argument("--backbone-lr-scale", type=float, default=d.backbone_lr_scale,
+                   help="backbone learning rate = --lr x this; heads get --lr (default %(default)s)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default %(default)s)")
     p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="default %(default)s")
     p.add_argument("--image-size", type=int, default=d.image_size, help="network input side in pixels (default %(default)s)")
@@ -128,6 +130,7 @@ def _train_config(args: argparse.Namespace):
     tasks = select_tasks(args.tasks) if args.tasks else None
     config = TrainConfig(
         backbone=args.backbone, tasks=tasks, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        backbone_lr_scale=args.backbone_lr_scale,
         weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, image_size=args.image_size,
         seed=args.seed, augment=args.augment,
         loss_weights=parse_loss_weights(args.loss_weights, tasks or TASK_NAMES),

@@ -41,6 +41,7 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 32
     lr: float = 1e-3
+    backbone_lr_scale: float = 1.0
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     image_size: int | None = 128
@@ -67,6 +68,8 @@ class TrainConfig:
             raise FacemtError("--batch-size must be at least 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise FacemtError("--lr must be a positive number")
+        if not 0.0 < self.backbone_lr_scale <= 10.0:
+            raise FacemtError("--backbone-lr-scale must be in (0, 10]")
         if self.image_size is not None and not 16 <= self.image_size <= 1024:
             raise FacemtError("--image-size must be between 16 and 1024")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -435,8 +438,10 @@ def train(
 
     criterion = MultiTaskLoss({t: config.loss_weights.get(t, 1.0) for t in tasks}, config.label_smoothing,
                               learned=config.loss_weighting == "uncertainty").to(device)
+    # Heads first: group 0's learning rate is the one logged per epoch.
     optimizer = torch.optim.AdamW(
-        [{"params": list(model.parameters())}]
+        [{"params": list(model.heads.parameters())},
+         {"params": list(model.trunk.parameters()), "lr": config.lr * config.backbone_lr_scale}]
         + ([{"params": list(criterion.parameters()), "weight_decay": 0.0}] if config.loss_weighting == "uncertainty" else []),
         lr=config.lr, weight_decay=config.weight_decay,
     )

@@ -187,6 +187,20 @@ def make_folds(
     return folds
 
 
+def paired_interval(diff: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of paired differences and its two-sided t-interval (NaN bounds for < 2 pairs)."""
+    from scipy import stats
+
+    d = np.asarray(diff, dtype=np.float64)
+    if len(d) == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(d.mean())
+    if len(d) < 2:
+        return mean, float("nan"), float("nan")
+    half = float(stats.t.ppf(0.5 + level / 2, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+    return mean, mean - half, mean + half
+
+
 @dataclass
 class CVResult:
     """Everything a cross-validation produced.
@@ -211,8 +225,6 @@ class CVResult:
         """Per protocol and head: multi-task and single-task mean/std accuracy, the
         paired difference (multi - single) with a 95% t-interval over folds x
         seeds, and the majority-class baseline."""
-        from scipy import stats
-
         rows = []
         r = self.records
         for (protocol, head), g in r.groupby(["protocol", "head"], sort=False):
@@ -224,12 +236,10 @@ class CVResult:
                 "majority_mean": g[g["model"] == "multitask"]["majority_accuracy"].mean(),
             }
             if len(st):
-                diff = (mt - st.reindex(mt.index)).dropna()
-                n = len(diff)
-                half = float(stats.t.ppf(0.975, n - 1) * diff.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+                mean, low, high = paired_interval((mt - st.reindex(mt.index)).dropna())
                 row.update(
                     single_mean=st.mean(), single_std=st.std(ddof=1) if len(st) > 1 else 0.0,
-                    diff_mean=diff.mean(), diff_ci_low=diff.mean() - half, diff_ci_high=diff.mean() + half,
+                    diff_mean=mean, diff_ci_low=low, diff_ci_high=high,
                 )
             rows.append(row)
         out = pd.DataFrame(rows)

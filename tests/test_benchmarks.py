@@ -1,0 +1,148 @@
+"""The real-face accuracy benchmark script, run end to end on generated files
+named like JAFFE and UTKFace (the real data is only for benchmarks), and the
+per-group backbone learning rate it studies."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from facemt.cli import main as cli_main
+from facemt.data import index_folder, index_jaffe, index_utkface
+from facemt.engine import TrainConfig, seed_everything, train
+from facemt.model import create_model
+from facemt.evaluation import paired_interval
+from facemt import FacemtError
+
+ROOT = Path(__file__).resolve().parents[1]
+JAFFE_CODES = ("AN", "DI", "FE", "HA", "NE", "SA", "SU")
+UTK_AGES = {"young": 25, "middle": 45, "old": 72}
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("accuracy_bench", ROOT / "benchmarks" / "accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load_script()
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("realish")
+    rng = np.random.default_rng(0)
+    (root / "jaffe").mkdir()
+    for p, person in enumerate(("KA", "KL", "KM", "KR", "MK", "NA", "NM", "TM", "UY", "YM")):
+        for c, code in enumerate(JAFFE_CODES):
+            pixels = rng.integers(0, 255, (40, 40), dtype=np.uint8)
+            Image.fromarray(pixels, "L").save(root / "jaffe" / f"{person}.{code}1.{p * 10 + c}.tiff")
+    (root / "utkface").mkdir()
+    n = 0
+    for group, age in UTK_AGES.items():
+        for gender in (0, 1):
+            for _ in range(5):
+                pixels = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / "utkface" / f"{age}_{gender}_0_2017010900{n:05d}.jpg.chip.jpg")
+                n += 1
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(root / "utkface" / "34_1_0_20170109000000.jpg.chip.jpg")
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(root / "utkface" / "8_1_0_20170109000001.jpg.chip.jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "mobilenetv2_random.safetensors"
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in timm.create_model("mobilenetv2_100").state_dict().items()}, str(path))
+    return path
+
+
+def test_utk_regime_is_balanced_disjoint_and_its_test_set_fixed(bench, data_root):
+    utk = index_utkface(data_root / "utkface")
+    train0, test0 = bench.utk_regime(utk, 0, per_cell=2, test_per_cell=3)
+    train1, test1 = bench.utk_regime(utk, 1, per_cell=2, test_per_cell=3)
+    assert test0 == test1 and len(test0) == 18
+    for tr in (train0, train1):
+        assert not set(tr) & set(test0)
+        cells = utk.table.iloc[tr].groupby(["age_group", "gender"]).size()
+        assert len(cells) == 6 and set(cells) == {2}
+    tr, te = bench.utk_all_adults(utk)
+    assert not set(tr) & set(te) and len(tr) + len(te) == 30  # the gap age (34) has no age group
+    assert len(te) == 6
+
+
+def test_paired_interval():
+    mean, low, high = paired_interval([0.1, 0.2, 0.3])
+    assert mean == pytest.approx(0.2)
+    assert low == pytest.approx(0.2 - 4.302653 * 0.1 / np.sqrt(3), abs=1e-5) and high > mean
+    assert np.isnan(paired_interval([0.5])[1])
+
+
+def test_benchmark_script_runs_every_benchmark(bench, data_root, weights, tmp_path):
+    csv, md = tmp_path / "acc.csv", tmp_path / "RESULTS.md"
+    argv = ["--data-root", str(data_root), "--weights", str(weights), "--only", "C,D,E", "--seeds", "1",
+            "--seeds-b", "2", "--epochs", "1", "--epochs-c", "1", "--image-size", "32", "--batch-size", "8",
+            "--utk-train-per-cell", "2", "--utk-test-per-cell", "3", "--csv", str(csv), "--results", str(md),
+            "--title", "smoke"]
+    assert bench.main(argv) == 0
+    frame = pd.read_csv(csv)
+    counts = frame.groupby(["benchmark", "model"]).size().to_dict()
+    # D pulls in A and B; A: 5 folds x 1 head, B: 2 seeds x (1 + 1 + 2 heads), D: 5 folds x 3 heads.
+    assert counts == {("A", "single"): 5, ("B", "single"): 4, ("B", "multitask"): 4, ("C", "multitask"): 2,
+                      ("D", "multitask"): 15, ("E", "single"): 1}
+    assert frame["accuracy"].between(0, 1).all()
+    assert set(frame.loc[frame["benchmark"] == "D", "n_test"]) == {18, 12}  # UTK test set; 2 women x 6 expressions
+    text = md.read_text()
+    assert "### smoke: A, B, C, D, E at commit" in text and "--only C,D,E" in text
+    assert "D joint minus single-task" in text
+    pairs = bench.joint_pairs(frame).set_index("head")
+    assert pairs.loc["expression", "pairs"] == 5 and pairs.loc["gender", "pairs"] == 1
+    a = frame[(frame["benchmark"] == "A")].set_index("fold")["accuracy"]
+    d = frame[(frame["benchmark"] == "D") & (frame["head"] == "expression")].set_index("fold")["accuracy"]
+    assert pairs.loc["expression", "diff"] == pytest.approx((d - a).mean())
+
+
+def test_jaffe_folds_hold_out_two_women(bench, data_root):
+    jaffe = index_jaffe(data_root / "jaffe")
+    splits = bench.jaffe_subject_splits(jaffe, 1)
+    assert len(splits) == 5
+    for _, _, tr, te in splits:
+        held = set(jaffe.table["person"].iloc[te])
+        assert len(held) == 2 and not held & set(jaffe.table["person"].iloc[tr])
+
+
+def test_backbone_lr_scale_slows_only_the_backbone(faces_dir):
+    index = index_folder(faces_dir)
+    rows = list(range(len(index.table)))
+    base = TrainConfig(backbone="resnet18", epochs=1, image_size=32, batch_size=16, augment="none", device="cpu")
+
+    def change(scale: float) -> tuple[float, float]:
+        result = train(index, replace(base, backbone_lr_scale=scale), rows)
+        seed_everything(base.seed)  # what train() does before it creates the model: the same start
+        start, _ = create_model("resnet18", result.tasks, image_size=32, dropout=base.dropout)
+        trunk = max((p - q).abs().max().item() for p, q in
+                    zip(result.model.trunk.parameters(), start.trunk.parameters()))
+        heads = max((p - q).abs().max().item() for p, q in
+                    zip(result.model.heads.parameters(), start.heads.parameters()))
+        return trunk, heads
+
+    full_trunk, full_heads = change(1.0)
+    slow_trunk, slow_heads = change(1e-3)
+    assert slow_trunk < full_trunk / 50
+    assert slow_heads > full_heads / 5
+    with pytest.raises(FacemtError, match="backbone-lr-scale"):
+        TrainConfig(backbone_lr_scale=0).validate()
+    assert cli_main(["fit", "--data", str(faces_dir), "--out", "/nonexistent/x", "--backbone-lr-scale", "-1"]) == 2
