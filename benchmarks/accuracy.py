@@ -3,16 +3,25 @@
 Run (paths are arguments; the data never enters the repository):
 
     python benchmarks/accuracy.py --data-root ../shared/data \
-        --weights ../shared/weights/mobilenetv2_100_imagenet.safetensors --only A,B,E
+        --weights ../shared/weights/mobilenetv2_100_imagenet.safetensors
 
 Benchmarks (see issue "Real faces"):
-  A  JAFFE expression (6 FACES classes), subject-disjoint 5-fold (2 women per fold), seeds.
+  A  JAFFE expression (6 FACES classes), subject-disjoint 5-fold (2 women per fold),
+     --seeds seeds.
   B  UTKFace, FACES-size regime: 72 training images balanced over age group x gender
-     (12 per cell), a fixed balanced test set of other images, seeds: single-task age
-     and gender models and one two-head model.
+     (12 per cell), a fixed balanced test set of 600 other images (100 per cell), --seeds-b seeds:
+     single-task age and gender models and one two-head model.
+  C  UTKFace, every adult in the FACES age ranges, one fixed stratified 80/20 split:
+     one two-head model per seed (--seeds-c), --epochs-c epochs.
+  D  Joint: one three-head network per A fold and seed, trained on that fold's JAFFE
+     training women + the B training draw of the same seed, evaluated on the A fold
+     (expression) and on B's test set (age group, gender); paired against the
+     single-task models of A and B with the same seed. JAFFE's gender label (all
+     female) is dropped in D, so the gender head learns from UTKFace alone.
   E  The old protocol: random 70/30 split on JAFFE (identity leaks), next to A.
 
-Writes a CSV of every model and appends a Markdown table to --results.
+Every model is trained for a fixed number of epochs: no test image selects an epoch.
+Writes a CSV of every model (--csv) and appends a Markdown section to --results.
 Nothing here is a test; it measures.
 """
 
@@ -28,38 +37,56 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from facemt.data import DataIndex, ImageCache, index_jaffe, index_utkface
+from facemt.data import DataIndex, ImageCache, combine, index_jaffe, index_utkface
 from facemt.engine import TrainConfig, predict_images, train
-from facemt.evaluation import evaluate_predictions, make_folds
+from facemt.evaluation import evaluate_predictions, make_folds, paired_interval
+
+UTK_TEST_PER_CELL = 100
+UTK_TRAIN_PER_CELL = 12
+FIXED_SPLIT_SEED = 12345
 
 
-def run_models(index: DataIndex, config: TrainConfig, splits, bench: str, cache: ImageCache, models) -> list[dict]:
+def train_and_score(index: DataIndex, config: TrainConfig, train_rows, tests: dict[str, list[int]],
+                    cache: ImageCache) -> tuple[dict[str, float], float]:
+    """Train on ``train_rows``; return accuracy per head (on the test rows named for
+    that head, or ``tests["*"]``) and the wall time."""
+    t = time.perf_counter()
+    result = train(index, config, train_rows, (), cache=cache, select_best=False)
+    scores = {}
+    for head in result.tasks:
+        rows = tests.get(head, tests.get("*"))
+        images = cache.load([index.table["path"].iloc[i] for i in rows], result.preprocess)[0]
+        probs = predict_images(result.model, images, result.preprocess, 64)
+        scores[head] = evaluate_predictions(index.table.iloc[rows], probs)[head]["accuracy"]
+    return scores, time.perf_counter() - t
+
+
+def run_models(index, config, splits, bench, cache, models) -> list[dict]:
+    """``splits``: (seed, fold, train_rows, test_rows); ``models``: (name, tasks)."""
     rows = []
     for seed, fold, train_rows, test_rows in splits:
         for name, tasks in models:
-            t = time.perf_counter()
-            cfg = replace(config, tasks=tasks, seed=seed)
-            result = train(index, cfg, train_rows, (), cache=cache)
-            images = cache.load([index.table["path"].iloc[i] for i in test_rows], result.preprocess)[0]
-            probs = predict_images(result.model, images, result.preprocess, 64)
-            metrics = evaluate_predictions(index.table.iloc[test_rows], probs)
-            for head in tasks:
-                rows.append({"benchmark": bench, "model": name, "head": head, "seed": seed, "fold": fold,
-                             "accuracy": metrics[head]["accuracy"], "n_test": metrics[head]["n"],
-                             "seconds": time.perf_counter() - t})
-            print(f"{bench} seed {seed} fold {fold} {name}: " +
-                  ", ".join(f"{h}={metrics[h]['accuracy']:.3f}" for h in tasks), file=sys.stderr, flush=True)
+            scores, seconds = train_and_score(index, replace(config, tasks=tasks, seed=seed), train_rows,
+                                              {"*": test_rows}, cache)
+            rows += [{"benchmark": bench, "model": name, "head": h, "seed": seed, "fold": fold,
+                      "accuracy": a, "n_test": len(test_rows), "seconds": seconds} for h, a in scores.items()]
+            log(bench, seed, fold, name, scores, seconds)
     return rows
 
 
-def utk_regime(index: DataIndex, seed: int, per_cell: int = 12, test_per_cell: int = 100):
-    """72 balanced training rows and a fixed balanced test set (fixed across seeds)."""
-    t = index.table
-    ok = t.dropna(subset=["age_group", "gender"])
-    cells = ok.groupby(["age_group", "gender"]).groups
-    fixed = np.random.default_rng(12345)
+def log(bench, seed, fold, name, scores, seconds) -> None:
+    print(f"{bench} seed {seed} fold {fold} {name}: "
+          + ", ".join(f"{h}={a:.3f}" for h, a in scores.items()) + f" ({seconds:.0f} s)", file=sys.stderr, flush=True)
+
+
+def utk_regime(index: DataIndex, seed: int, per_cell: int = UTK_TRAIN_PER_CELL,
+               test_per_cell: int = UTK_TEST_PER_CELL) -> tuple[list[int], list[int]]:
+    """``per_cell`` training rows per age group x gender cell (drawn by ``seed``) and a
+    fixed balanced test set of ``test_per_cell`` per cell (the same for every seed)."""
+    ok = index.table.dropna(subset=["age_group", "gender"])
+    fixed = np.random.default_rng(FIXED_SPLIT_SEED)
     test, pool = [], []
-    for key, rows in sorted(cells.items()):
+    for _, rows in sorted(ok.groupby(["age_group", "gender"]).groups.items()):
         rows = np.array(sorted(rows))
         fixed.shuffle(rows)
         test += list(rows[:test_per_cell])
@@ -69,52 +96,150 @@ def utk_regime(index: DataIndex, seed: int, per_cell: int = 12, test_per_cell: i
     return sorted(train_rows), sorted(int(i) for i in test)
 
 
+def utk_all_adults(index: DataIndex, test_fraction: float = 0.2) -> tuple[list[int], list[int]]:
+    """Every face with both labels; one fixed split stratified by age group x gender."""
+    from sklearn.model_selection import train_test_split
+
+    ok = index.table.dropna(subset=["age_group", "gender"])
+    strata = ok["age_group"].astype(str) + "/" + ok["gender"].astype(str)
+    tr, te = train_test_split(ok.index.to_numpy(), test_size=test_fraction, stratify=strata,
+                              random_state=FIXED_SPLIT_SEED)
+    return sorted(int(i) for i in tr), sorted(int(i) for i in te)
+
+
+def jaffe_subject_splits(jaffe: DataIndex, seeds: int):
+    return [(s, k, tr, te) for s in range(seeds)
+            for k, (tr, te) in enumerate(make_folds(jaffe.table, "subject", 5, s))]
+
+
+def joint(jaffe: DataIndex, utk: DataIndex, config: TrainConfig, seeds: int, cache: ImageCache,
+          cells: tuple[int, int] = (UTK_TRAIN_PER_CELL, UTK_TEST_PER_CELL)) -> list[dict]:
+    """Benchmark D: one three-head model per (seed, JAFFE fold)."""
+    jaffe = DataIndex(jaffe.table.assign(gender=None), jaffe.skipped)
+    both = combine([jaffe, utk])
+    offset = len(jaffe.table)
+    rows = []
+    for seed, fold, j_train, j_test in jaffe_subject_splits(jaffe, seeds):
+        u_train, u_test = utk_regime(utk, seed, *cells)
+        train_rows = list(j_train) + [offset + i for i in u_train]
+        u_test = [offset + i for i in u_test]
+        tests = {"expression": list(j_test), "age_group": u_test, "gender": u_test}
+        cfg = replace(config, tasks=("age_group", "gender", "expression"), seed=seed)
+        scores, seconds = train_and_score(both, cfg, train_rows, tests, cache)
+        rows += [{"benchmark": "D", "model": "multitask", "head": h, "seed": seed, "fold": fold, "accuracy": a,
+                  "n_test": len(tests[h]), "seconds": seconds} for h, a in scores.items()]
+        log("D", seed, fold, "multitask", scores, seconds)
+    return rows
+
+
+def joint_pairs(frame: pd.DataFrame) -> pd.DataFrame:
+    """D minus single-task per head. Expression pairs per (seed, fold) with A;
+    age group and gender: D averaged over the folds of a seed, paired with B's
+    single-task model of that seed (one B model per seed, so one pair per seed)."""
+    d = frame[frame["benchmark"] == "D"]
+    out = []
+    for head, ref in (("expression", "A"), ("age_group", "B"), ("gender", "B")):
+        single = frame[(frame["benchmark"] == ref) & (frame["model"] == "single") & (frame["head"] == head)]
+        joint_ = d[d["head"] == head]
+        keys = ["seed", "fold"] if ref == "A" else ["seed"]
+        j = joint_.groupby(keys)["accuracy"].mean()
+        s = single.groupby(keys)["accuracy"].mean().reindex(j.index)
+        diff = (j - s).dropna()
+        mean, low, high = paired_interval(diff)
+        out.append({"head": head, "joint": j.mean(), "single": s.mean(), "diff": mean, "low": low, "high": high,
+                    "pairs": len(diff), "against": ref})
+    return pd.DataFrame(out)
+
+
+def markdown(frame: pd.DataFrame, title: str, command: str) -> list[str]:
+    summary = frame.groupby(["benchmark", "model", "head"], sort=False).agg(
+        mean=("accuracy", "mean"), std=("accuracy", "std"), count=("accuracy", "size"),
+        seconds=("seconds", "mean")).reset_index()
+    lines = [f"\n### {title}\n", "```", command, "```", "",
+             "| benchmark | model | head | accuracy % (mean ± std) | models | s per model |",
+             "|---|---|---|---|---|---|"]
+    for r in summary.itertuples():
+        spread = "" if r.count < 2 else f" ± {100 * r.std:.1f}"
+        lines.append(f"| {r.benchmark} | {r.model} | {r.head} | {100 * r.mean:.1f}{spread} | {r.count} | {r.seconds:.0f} |")
+    if (frame["benchmark"] == "D").any():
+        lines += ["", "D joint minus single-task (paired, 95 % t-interval):", "",
+                  "| head | joint % | single-task % | difference (points) | 95 % interval | pairs |",
+                  "|---|---|---|---|---|---|"]
+        for r in joint_pairs(frame).itertuples():
+            lines.append(f"| {r.head} | {100 * r.joint:.1f} | {100 * r.single:.1f} ({r.against}) | "
+                         f"{100 * r.diff:+.1f} | [{100 * r.low:+.1f}, {100 * r.high:+.1f}] | {r.pairs} |")
+    return lines
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-root", required=True, help="folder holding jaffe/ and utkface/")
     p.add_argument("--weights", required=True, help="ImageNet weights for --backbone (.safetensors)")
     p.add_argument("--backbone", default="mobilenetv2_100")
-    p.add_argument("--only", default="A,B,E")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--only", default="A,B,C,D,E", help="comma-separated benchmarks (D needs A and B: they are added)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds for A, D, E (default %(default)s)")
+    p.add_argument("--seeds-b", type=int, default=5, help="seeds for B (default %(default)s)")
+    p.add_argument("--seeds-c", type=int, default=1, help="seeds for C (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs-c", type=int, default=6, help="epochs for C, which has ~2,900 training faces")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--augment", default="light")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--backbone-lr-scale", type=float, default=1.0)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--loss-weighting", default="fixed")
+    p.add_argument("--balance-sources", action="store_true")
+    p.add_argument("--detect", action="store_true", help="crop the detected face (facemt fit --detect)")
+    p.add_argument("--crop-margin", type=float, default=0.4)
+    p.add_argument("--utk-train-per-cell", type=int, default=UTK_TRAIN_PER_CELL, help="B training faces per cell")
+    p.add_argument("--utk-test-per-cell", type=int, default=UTK_TEST_PER_CELL, help="B test faces per cell")
+    p.add_argument("--b-models", default="single,multitask", help="B's models (D always trains both)")
+    p.add_argument("--title", default="", help="heading of the appended section")
     p.add_argument("--csv", default="benchmarks/accuracy.csv")
     p.add_argument("--results", default="benchmarks/RESULTS.md")
     args = p.parse_args(argv)
     root = Path(args.data_root)
-    config = TrainConfig(backbone=args.backbone, pretrained_file=args.weights, epochs=args.epochs,
-                         image_size=args.image_size, augment=args.augment, lr=args.lr, batch_size=16, device="cpu")
+    config = TrainConfig(
+        backbone=args.backbone, pretrained_file=args.weights, epochs=args.epochs, image_size=args.image_size,
+        augment=args.augment, lr=args.lr, backbone_lr_scale=args.backbone_lr_scale,
+        label_smoothing=args.label_smoothing, batch_size=args.batch_size, loss_weighting=args.loss_weighting,
+        balance_sources=args.balance_sources, detect=args.detect, crop_margin=args.crop_margin, device="cpu")
     wanted = set(args.only.split(","))
+    if "D" in wanted:
+        wanted |= {"A", "B"}
+    cells = (args.utk_train_per_cell, args.utk_test_per_cell)
     rows, started = [], time.perf_counter()
     cache = ImageCache()
-    if {"A", "E"} & wanted:
-        jaffe = index_jaffe(root / "jaffe")
-        if "A" in wanted:
-            splits = [(s, k, tr, te) for s in range(args.seeds)
-                      for k, (tr, te) in enumerate(make_folds(jaffe.table, "subject", 5, s))]
-            rows += run_models(jaffe, config, splits, "A", cache, [("single", ("expression",))])
-        if "E" in wanted:
-            splits = [(s, 0, tr, te) for s in range(args.seeds)
-                      for tr, te in make_folds(jaffe.table, "random", 5, s, test_size=0.3)]
-            rows += run_models(jaffe, config, splits, "E", cache, [("single", ("expression",))])
+    jaffe = index_jaffe(root / "jaffe") if wanted & {"A", "D", "E"} else None
+    utk = index_utkface(root / "utkface") if wanted & {"B", "C", "D"} else None
+    if "A" in wanted:
+        rows += run_models(jaffe, config, jaffe_subject_splits(jaffe, args.seeds), "A", cache,
+                           [("single", ("expression",))])
+    if "E" in wanted:
+        splits = [(s, 0, tr, te) for s in range(args.seeds)
+                  for tr, te in make_folds(jaffe.table, "random", 5, s, test_size=0.3)]
+        rows += run_models(jaffe, config, splits, "E", cache, [("single", ("expression",))])
     if "B" in wanted:
-        utk = index_utkface(root / "utkface")
-        splits = [(s, 0, *utk_regime(utk, s)) for s in range(args.seeds)]
-        models = [("single", ("age_group",)), ("single", ("gender",)), ("multitask", ("age_group", "gender"))]
-        rows += run_models(utk, config, splits, "B", cache, models)
+        models = [m for m in (("single", ("age_group",)), ("single", ("gender",)), ("multitask", ("age_group", "gender")))
+                  if m[0] in args.b_models.split(",") or "D" in wanted]
+        rows += run_models(utk, config, [(s, 0, *utk_regime(utk, s, *cells)) for s in range(args.seeds_b)], "B", cache,
+                           models)
+    if "D" in wanted:
+        rows += joint(jaffe, utk, config, args.seeds, cache, cells)
+    if "C" in wanted:
+        tr, te = utk_all_adults(utk)
+        rows += run_models(utk, replace(config, epochs=args.epochs_c),
+                           [(s, 0, tr, te) for s in range(args.seeds_c)], "C", cache,
+                           [("multitask", ("age_group", "gender"))])
     frame = pd.DataFrame(rows)
     frame.to_csv(args.csv, index=False)
     wall = time.perf_counter() - started
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    summary = frame.groupby(["benchmark", "model", "head"])["accuracy"].agg(["mean", "std", "count"]).reset_index()
-    lines = [f"\n### {', '.join(sorted(wanted))} at commit {commit} ({wall:.0f} s on this machine)\n",
-             "```", "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]), "```", "",
-             "| benchmark | model | head | accuracy % (mean ± std) | runs |", "|---|---|---|---|---|"]
-    for r in summary.itertuples():
-        spread = "" if r.count < 2 else f" ± {100 * r.std:.1f}"
-        lines.append(f"| {r.benchmark} | {r.model} | {r.head} | {100 * r.mean:.1f}{spread} | {r.count} |")
+    command = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    title = f"{args.title + ': ' if args.title else ''}{', '.join(sorted(wanted))} at commit {commit} " \
+            f"({wall:.0f} s on this machine)"
+    lines = markdown(frame, title, command)
     with open(args.results, "a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
