@@ -264,7 +264,7 @@ def _index_by_name(
         raise FacemtError(f"{root}: no {what} images found ({len(skipped)} other image files)"
                           + (f"; {hint}" if hint else ""))
     if skipped:
-        log.warning("%s: skipped %d files whose names are not %s (%s)", root, len(skipped), what, skipped[0])
+        log.warning("%s: skipped %d image files; the first: %s", root, len(skipped), skipped[0])
     return DataIndex(_finish_table(rows), skipped)
 
 
