@@ -28,6 +28,7 @@ Nothing here is a test; it measures.
 from __future__ import annotations
 
 import argparse
+import shlex
 import subprocess
 import sys
 import time
@@ -236,7 +237,7 @@ def main(argv=None) -> int:
     frame.to_csv(args.csv, index=False)
     wall = time.perf_counter() - started
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    command = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = shlex.join(["python", "benchmarks/accuracy.py", *(argv if argv is not None else sys.argv[1:])])
     title = f"{args.title + ': ' if args.title else ''}{', '.join(sorted(wanted))} at commit {commit} " \
             f"({wall:.0f} s on this machine)"
     lines = markdown(frame, title, command)
