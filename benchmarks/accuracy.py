@@ -53,13 +53,16 @@ def train_and_score(index: DataIndex, config: TrainConfig, train_rows, tests: di
     that head, or ``tests["*"]``) and the wall time."""
     t = time.perf_counter()
     result = train(index, config, train_rows, (), cache=cache, select_best=False)
-    scores = {}
+    by_rows: dict[tuple[int, ...], list[str]] = {}  # heads sharing a test set share one prediction pass
     for head in result.tasks:
-        rows = tests.get(head, tests.get("*"))
+        by_rows.setdefault(tuple(tests.get(head, tests.get("*"))), []).append(head)
+    scores = {}
+    for rows, heads in by_rows.items():
         images = cache.load([index.table["path"].iloc[i] for i in rows], result.preprocess)[0]
         probs = predict_images(result.model, images, result.preprocess, 64)
-        scores[head] = evaluate_predictions(index.table.iloc[rows], probs)[head]["accuracy"]
-    return scores, time.perf_counter() - t
+        metrics = evaluate_predictions(index.table.iloc[list(rows)], probs)
+        scores.update({h: metrics[h]["accuracy"] for h in heads})
+    return {h: scores[h] for h in result.tasks}, time.perf_counter() - t
 
 
 def run_models(index, config, splits, bench, cache, models) -> list[dict]:
@@ -69,15 +72,16 @@ def run_models(index, config, splits, bench, cache, models) -> list[dict]:
         for name, tasks in models:
             scores, seconds = train_and_score(index, replace(config, tasks=tasks, seed=seed), train_rows,
                                               {"*": test_rows}, cache)
-            rows += [{"benchmark": bench, "model": name, "head": h, "seed": seed, "fold": fold,
-                      "accuracy": a, "n_test": len(test_rows), "seconds": seconds} for h, a in scores.items()]
-            log(bench, seed, fold, name, scores, seconds)
+            rows += records(bench, name, seed, fold, scores, {h: len(test_rows) for h in scores}, seconds)
     return rows
 
 
-def log(bench, seed, fold, name, scores, seconds) -> None:
+def records(bench, name, seed, fold, scores, n_test, seconds) -> list[dict]:
+    """One CSV row per head (and a progress line on stderr)."""
     print(f"{bench} seed {seed} fold {fold} {name}: "
           + ", ".join(f"{h}={a:.3f}" for h, a in scores.items()) + f" ({seconds:.0f} s)", file=sys.stderr, flush=True)
+    return [{"benchmark": bench, "model": name, "head": h, "seed": seed, "fold": fold, "accuracy": a,
+             "n_test": n_test[h], "seconds": seconds} for h, a in scores.items()]
 
 
 def utk_regime(index: DataIndex, seed: int, per_cell: int = UTK_TRAIN_PER_CELL,
@@ -127,9 +131,7 @@ def joint(jaffe: DataIndex, utk: DataIndex, config: TrainConfig, seeds: int, cac
         tests = {"expression": list(j_test), "age_group": u_test, "gender": u_test}
         cfg = replace(config, tasks=("age_group", "gender", "expression"), seed=seed)
         scores, seconds = train_and_score(both, cfg, train_rows, tests, cache)
-        rows += [{"benchmark": "D", "model": "multitask", "head": h, "seed": seed, "fold": fold, "accuracy": a,
-                  "n_test": len(tests[h]), "seconds": seconds} for h, a in scores.items()]
-        log("D", seed, fold, "multitask", scores, seconds)
+        rows += records("D", "multitask", seed, fold, scores, {h: len(tests[h]) for h in scores}, seconds)
     return rows
 
 
@@ -189,7 +191,7 @@ def main(argv=None) -> int:
     p.add_argument("--backbone-lr-scale", type=float, default=1.0)
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--loss-weighting", default="fixed")
+    p.add_argument("--loss-weighting", choices=("fixed", "uncertainty"), default="fixed")
     p.add_argument("--balance-sources", action="store_true")
     p.add_argument("--detect", action="store_true", help="crop the detected face (facemt fit --detect)")
     p.add_argument("--crop-margin", type=float, default=0.4)
