@@ -193,7 +193,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--loss-weighting", choices=("fixed", "uncertainty"), default="fixed")
     p.add_argument("--balance-sources", action="store_true")
-    p.add_argument("--detect", action="store_true", help="crop the detected face (facemt fit --detect)")
+    p.add_argument("--crop", choices=("align", "box", "none"), default="none",
+                   help="crop policy (facemt fit --crop)")
     p.add_argument("--crop-margin", type=float, default=0.4)
     p.add_argument("--utk-train-per-cell", type=int, default=UTK_TRAIN_PER_CELL, help="B training faces per cell")
     p.add_argument("--utk-test-per-cell", type=int, default=UTK_TEST_PER_CELL, help="B test faces per cell")
@@ -207,7 +208,7 @@ def main(argv=None) -> int:
         backbone=args.backbone, pretrained_file=args.weights, epochs=args.epochs, image_size=args.image_size,
         augment=args.augment, lr=args.lr, backbone_lr_scale=args.backbone_lr_scale,
         label_smoothing=args.label_smoothing, batch_size=args.batch_size, loss_weighting=args.loss_weighting,
-        balance_sources=args.balance_sources, detect=args.detect, crop_margin=args.crop_margin, device="cpu")
+        balance_sources=args.balance_sources, crop=args.crop, crop_margin=args.crop_margin, device="cpu")
     wanted = set(args.only.split(","))
     if "D" in wanted:
         wanted |= {"A", "B"}

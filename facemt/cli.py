@@ -19,6 +19,7 @@ from rich.table import Table
 
 from facemt import __version__
 from facemt.errors import FacemtError
+from facemt.faces import CROP_POLICIES
 from facemt.tasks import TASK_NAMES, TASKS
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -64,6 +65,10 @@ class _Progress:
         if event == "warnings":
             for w in info["warnings"]:
                 p.console.print(f"warning: {w}", style="yellow", markup=False, highlight=False)
+        elif event == "framing":
+            for source, c in info["counts"].items():
+                p.console.print(f"faces ({info['crop']}) in {source}: {c['aligned'] + c['boxed']} found, "
+                                f"{c['whole']} used whole (no face found)", markup=False, highlight=False)
         elif event == "decode":
             if self.decode_task is None:
                 self.decode_task = p.add_task("decode images", total=info["total"])
@@ -108,10 +113,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="sample every --data source equally often per epoch")
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="default %(default)s")
     p.add_argument("--dropout", type=float, default=d.dropout, help="before the heads (default %(default)s)")
-    p.add_argument("--detect", action="store_true",
-                   help="crop the largest detected face of every image before training (portraits with background)")
+    p.add_argument("--crop", choices=CROP_POLICIES, default=d.crop,
+                   help="how each image becomes a face: align (detect, eyes level at fixed points), box (detect, "
+                        "square box with --crop-margin) or none (images are already faces); stored in the run and "
+                        "used again by predict and evaluate (default %(default)s)")
     p.add_argument("--crop-margin", type=float, default=d.crop_margin,
-                   help="face crop margin as a fraction of the face box, each side (default %(default)s)")
+                   help="--crop box: margin as a fraction of the face box, each side (default %(default)s)")
     p.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help="held-out share, split by person when persons are known (default %(default)s)")
     w = p.add_mutually_exclusive_group()
@@ -135,7 +142,7 @@ def _train_config(args: argparse.Namespace):
         seed=args.seed, augment=args.augment,
         loss_weights=parse_loss_weights(args.loss_weights, tasks or TASK_NAMES),
         label_smoothing=args.label_smoothing, dropout=args.dropout, val_fraction=args.val_fraction,
-        detect=args.detect, crop_margin=args.crop_margin, loss_weighting=args.loss_weighting,
+        crop=args.crop, crop_margin=args.crop_margin, loss_weighting=args.loss_weighting,
         balance_sources=args.balance_sources, init_from=args.init_from,
         pretrained=args.pretrained, pretrained_file=args.pretrained_file, device=args.device,
     )
@@ -238,7 +245,7 @@ def cmd_fit(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 
 def _csv_header() -> list[str]:
-    header = ["path", "status", "face", "box_x", "box_y", "box_w", "box_h", "error"]
+    header = ["path", "status", "face", "framing", "score", "box_x", "box_y", "box_w", "box_h", "error"]
     for t in TASK_NAMES:
         header += [t] + [f"{t}_p_{c}" for c in TASKS[t].classes]
     return header
@@ -246,7 +253,8 @@ def _csv_header() -> list[str]:
 
 def _csv_row(p) -> dict[str, Any]:
     row: dict[str, Any] = {"path": p.source, "status": p.status, "error": p.error or "",
-                           "face": "" if p.face is None else p.face}
+                           "face": "" if p.face is None else p.face, "framing": p.framing or "",
+                           "score": "" if p.score is None else p.score}
     for k, v in zip(("box_x", "box_y", "box_w", "box_h"), p.box or ("", "", "", "")):
         row[k] = v
     for t, label in p.labels.items():
@@ -310,15 +318,15 @@ def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
         fmt = suffix[1:]
     else:
         fmt = "json" if args.json else "csv" if args.csv else "table"
-    predictor = load(args.run, device=args.device, batch_size=args.batch_size)
+    predictor = load(args.run, device=args.device, batch_size=args.batch_size, crop=_crop_override(args))
     files = iter_image_files(args.inputs)
     if not files:
         raise FacemtError("no image files found in the given inputs")
-    detect = not args.no_detect
+    detect = predictor.preprocess.policy.detects
     if detect:
-        from facemt.detect import default_detector
+        from facemt.faces import default_detector
 
-        default_detector()  # fail now, not per file, if OpenCV lacks the cascade
+        default_detector()  # fail now, not per file, if the detector model is damaged
     sink = _Sink(fmt, out_path, predictor.tasks)
     counts = {"ok": 0, "no_face": 0, "error": 0}
     files_done, finished = 0, False
@@ -328,7 +336,8 @@ def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
                       disable=len(files) < 2 * args.batch_size) as progress:
             task = progress.add_task("predict", total=len(files))
             last = None
-            for p in predictor.predict_files(files, detect=detect, fallback=args.fallback):
+            for p in predictor.predict_files(files, fallback=args.fallback, min_face=args.min_face,
+                                             max_faces=args.max_faces):
                 counts[p.status] += 1
                 if p.error:
                     err.print(f"error: {p.error}", markup=False, highlight=False)
@@ -364,6 +373,16 @@ def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
     if out_path is not None or counts["error"] or counts["no_face"] or fmt == "table":
         err.print(summary, markup=False, highlight=False)
     return EXIT_PARTIAL if counts["error"] else EXIT_OK
+
+
+def _crop_override(args: argparse.Namespace) -> str | None:
+    if getattr(args, "no_detect", False):
+        if args.crop not in (None, "none"):
+            raise FacemtError("--no-detect contradicts --crop " + args.crop)
+        return "none"
+    if getattr(args, "max_faces", None) is not None and args.max_faces < 1:
+        raise FacemtError("--max-faces must be at least 1")
+    return args.crop
 
 
 def _metrics_table(title: str, metrics: dict[str, dict]) -> Table:
@@ -426,14 +445,16 @@ def cmd_evaluate(args: argparse.Namespace, out: Console, err: Console) -> int:
     from facemt.evaluation import evaluate_predictions
     from facemt.inference import load
 
-    predictor = load(args.run, device=args.device, batch_size=args.batch_size)
+    predictor = load(args.run, device=args.device, batch_size=args.batch_size, crop=_crop_override(args))
     index = _load_data(args.data, err)
+    cache = ImageCache()
     with _Progress(err) as progress:
-        images = decode_images(index, predictor.preprocess, ImageCache(), progress)
+        images = decode_images(index, predictor.preprocess, cache, progress)
     probs = predict_images(predictor.model, images, predictor.preprocess, args.batch_size, predictor.device)
     metrics = evaluate_predictions(index.table, probs)
     if args.json:
-        print(json.dumps({"run": str(args.run), "images": len(index), "metrics": metrics}, indent=2))
+        print(json.dumps({"run": str(args.run), "images": len(index), "crop": predictor.preprocess.crop,
+                          "framing": cache.framing_counts(index.table), "metrics": metrics}, indent=2))
         return EXIT_OK
     out.print(_metrics_table(f"{args.run} on {len(index)} images", metrics))
     for head, m in metrics.items():
@@ -553,8 +574,12 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--csv", action="store_true", help="print CSV (one row per face or image)")
     fmt.add_argument("--out", metavar="FILE.csv|FILE.jsonl",
                      help="stream results to a CSV or JSON-lines file (written atomically; for large folders)")
-    p.add_argument("--no-detect", action="store_true", help="treat each image as an already-cropped face")
+    p.add_argument("--crop", choices=CROP_POLICIES,
+                   help="override the run's crop policy (align, box or none; default: the one it was trained with)")
+    p.add_argument("--no-detect", action="store_true", help="same as --crop none: each image is already a face")
     p.add_argument("--fallback", action="store_true", help="when no face is found, predict on the whole image")
+    p.add_argument("--min-face", type=int, default=0, metavar="PX", help="ignore faces narrower than PX pixels")
+    p.add_argument("--max-faces", type=int, metavar="N", help="at most N faces per image (the largest)")
     p.add_argument("--batch-size", type=int, default=32, help="default %(default)s")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
     p.set_defaults(func=cmd_predict)
@@ -572,6 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run folder written by 'facemt fit'")
     p.add_argument("--data", action="append", required=True, metavar="DIR|CSV", help="labelled images (repeatable)")
+    p.add_argument("--crop", choices=CROP_POLICIES,
+                   help="override the run's crop policy (default: the one it was trained with)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--batch-size", type=int, default=32, help="default %(default)s")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")

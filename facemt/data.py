@@ -25,7 +25,8 @@ from torch.utils.data import Dataset
 from facemt.errors import FacemtError
 from facemt.images import decode_file, is_image_file
 from facemt.tasks import TASK_NAMES, TASKS
-from facemt.transforms import PreprocessConfig, shrink
+from facemt.faces import framing
+from facemt.transforms import PreprocessConfig, face_images, shrink
 
 log = logging.getLogger(__name__)
 
@@ -374,19 +375,26 @@ class ImageCache:
         self._store: dict[tuple, np.ndarray] = {}
         self.workers = workers or min(4, os.cpu_count() or 1)
         self.decoded = 0
-        self.no_face: list[str] = []
+        #: how each decoded path was framed: ``aligned``, ``boxed`` or ``whole``.
+        self.framing: dict[str, str] = {}
 
     def _decode(self, path: str, cfg: PreprocessConfig) -> np.ndarray:
-        if not cfg.detect:
+        if not cfg.policy.detects:
+            self.framing[path] = "whole"
             return shrink(decode_file(path, cfg.working_side), cfg)
-        from facemt.detect import face_crops
+        face, array = face_images(decode_file(path), cfg, largest_only=True, fallback=True)[0]
+        self.framing[path] = framing(cfg.policy, face)  # no face found: the whole picture
+        return array
 
-        image = decode_file(path)
-        crops = face_crops(image, cfg.crop_margin, largest_only=True)
-        if not crops:
-            self.no_face.append(path)  # trained on the whole picture instead
-            return shrink(image, cfg)
-        return shrink(crops[0][1], cfg)
+    def framing_counts(self, table: pd.DataFrame) -> dict[str, dict[str, int]]:
+        """Per source, how many of ``table``'s images were aligned, boxed or used whole."""
+        out: dict[str, dict[str, int]] = {}
+        for path, source in zip(table["path"], table["source"]):
+            how = self.framing.get(path)
+            if how:
+                counts = out.setdefault(str(source), {"aligned": 0, "boxed": 0, "whole": 0})
+                counts[how] += 1
+        return out
 
     def load(
         self,
@@ -402,7 +410,7 @@ class ImageCache:
         todo = []
         for i, p in enumerate(paths):
             try:
-                key = (*file_key(p), cfg.working_side, cfg.detect, cfg.crop_margin)
+                key = (*file_key(p), cfg.working_side, cfg.image_size, cfg.policy)
             except OSError:
                 errors.append(f"{p}: no such file")
                 continue

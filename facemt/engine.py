@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from facemt.checkpoint import atomic_write_text, save_checkpoint
 from facemt.data import DataIndex, FaceDataset, ImageCache, encode_targets
 from facemt.errors import FacemtError
+from facemt.faces import CropPolicy
 from facemt.losses import MISSING, MultiTaskLoss
 from facemt.model import DEFAULT_BACKBONE, MultiTaskNet, check_backbone, create_model
 from facemt.tasks import TASKS, select_tasks
@@ -54,7 +55,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     dropout: float = 0.2
     val_fraction: float = 0.2
-    detect: bool = False
+    crop: str = "align"
     crop_margin: float = 0.4
     pretrained: bool = False
     pretrained_file: str | None = None
@@ -81,10 +82,13 @@ class TrainConfig:
             raise FacemtError("--loss-weighting must be fixed or uncertainty")
         if self.init_from and (self.pretrained or self.pretrained_file):
             raise FacemtError("--init-from already gives the backbone its weights: drop --pretrained/--pretrained-file")
-        if not 0.0 <= self.crop_margin <= 2.0:
-            raise FacemtError("--crop-margin must be between 0 and 2")
+        CropPolicy(self.crop, self.crop_margin)  # raises on a bad policy or margin
         if self.pretrained and self.pretrained_file:
             raise FacemtError("give either --pretrained or --pretrained-file, not both")
+
+    @property
+    def crop_policy(self) -> CropPolicy:
+        return CropPolicy(self.crop, self.crop_margin)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -95,6 +99,8 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         """Rebuild a config written by :meth:`to_dict` (unknown keys are ignored)."""
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if "crop" not in known and "detect" in data:  # written before crop policies existed
+            known["crop"] = "box" if data["detect"] else "none"
         if known.get("tasks"):
             known["tasks"] = tuple(known["tasks"])
         return cls(**known)
@@ -175,11 +181,11 @@ def decode_images(
     images, errors = cache.load(
         paths, preprocess, (lambda d, n: callback("decode", {"done": d, "total": n})) if callback else None
     )
-    if preprocess.detect and cache.no_face:
-        message = f"no face found in {len(cache.no_face)} image(s); they are used whole, e.g. {cache.no_face[0]}"
-        log.warning(message)
+    if preprocess.policy.detects:
+        counts = cache.framing_counts(index.table)
+        log.info("face framing per source: %s", counts)
         if callback:
-            callback("warnings", {"warnings": [message]})
+            callback("framing", {"counts": counts, "crop": preprocess.crop})
     if errors:
         shown = "; ".join(errors[:5]) + (f"; and {len(errors) - 5} more" if len(errors) > 5 else "")
         raise FacemtError(f"{len(errors)} unreadable image(s), fix or remove them: {shown}")
@@ -416,7 +422,7 @@ def train(
     model, preprocess = create_model(
         config.backbone, tasks, config.pretrained and resume is None,
         config.pretrained_file if resume is None else None, config.image_size, config.dropout,
-        config.detect, config.crop_margin,
+        config.crop_policy,
     )
     if config.init_from and resume is None:
         initialise_from(model, config.init_from, config.backbone)

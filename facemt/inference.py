@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,8 @@ from facemt.engine import predict_images, resolve_device
 from facemt.errors import FacemtError
 from facemt.images import ImageInput, as_rgb_image
 from facemt.tasks import TASKS
-from facemt.transforms import shrink
+from facemt.faces import Face, framing
+from facemt.transforms import PreprocessConfig, face_images
 
 
 @dataclass
@@ -29,6 +31,10 @@ class Prediction:
         face: index of the face in the image (0 = largest) when faces were detected.
         box: that face's (x, y, width, height) in the original image's pixels.
         no_face: detection found no face (labels empty).
+        landmarks: the face's five points (eyes, nose tip, mouth corners) in
+            the original image's pixels.
+        score: the detector's confidence.
+        framing: ``aligned``, ``boxed`` or ``whole`` (the picture was used as is).
     """
 
     source: str | None = None
@@ -38,6 +44,17 @@ class Prediction:
     face: int | None = None
     box: tuple[int, int, int, int] | None = None
     no_face: bool = False
+    landmarks: list[list[float]] | None = None
+    score: float | None = None
+    framing: str | None = None
+
+    def set_face(self, face: Face | None, index: int | None, preprocess: PreprocessConfig) -> None:
+        """Record which face this is and how it was framed."""
+        self.framing = framing(preprocess.policy, face)
+        if face is not None:
+            self.face, self.box = index, face.box
+            self.landmarks = [[round(x, 1), round(y, 1)] for x, y in face.landmarks]
+            self.score = round(face.score, 4)
 
     @property
     def status(self) -> str:
@@ -61,9 +78,13 @@ class Prediction:
         out: dict[str, Any] = {"path": self.source, "status": self.status}
         if self.error:
             out["error"] = self.error
+        if self.framing is not None:
+            out["framing"] = self.framing
         if self.face is not None:
             out["face"] = self.face
             out["box"] = list(self.box) if self.box else None
+            out["landmarks"] = self.landmarks
+            out["score"] = self.score
         for task, label in self.labels.items():
             out[task] = {"label": label, "probabilities": self.probabilities[task]}
         return out
@@ -72,24 +93,30 @@ class Prediction:
 class Predictor:
     """A trained facemt model ready to predict.
 
+    Faces are found and framed by the run's crop policy (``preprocess.crop``:
+    ``align``, ``box`` or ``none``) unless ``crop`` overrides it, the same way
+    ``fit`` framed the training images.
+
     Args:
         run_dir: a folder written by ``facemt fit``.
         device: ``auto``, ``cpu`` or ``cuda``.
         batch_size: images per forward pass.
+        crop: override the run's crop policy (``align``, ``box`` or ``none``).
     """
 
-    def __init__(self, run_dir: str | os.PathLike, device: str = "auto", batch_size: int = 32) -> None:
+    def __init__(
+        self, run_dir: str | os.PathLike, device: str = "auto", batch_size: int = 32, crop: str | None = None
+    ) -> None:
         self.device = resolve_device(device)
         self.model, self.preprocess, self.config = load_checkpoint(run_dir, map_location=self.device)
+        if crop is not None and crop != self.preprocess.crop:
+            self.preprocess = dataclasses.replace(self.preprocess, crop=crop)
         self.run_dir = Path(run_dir)
         self.batch_size = batch_size
 
     @property
     def tasks(self) -> tuple[str, ...]:
         return self.model.tasks
-
-    def _prepare(self, image: ImageInput) -> np.ndarray:
-        return shrink(as_rgb_image(image, self.preprocess.working_side), self.preprocess)
 
     def _predictions(self, arrays: Sequence[np.ndarray], sources: Sequence[str | None]) -> list[Prediction]:
         probs = predict_images(self.model, arrays, self.preprocess, self.batch_size, self.device)
@@ -104,9 +131,22 @@ class Predictor:
             out.append(Prediction(src, labels, probabilities))
         return out
 
+    def _units(self, image: ImageInput, largest_only: bool, fallback: bool, min_face: int = 0,
+               max_faces: int | None = None) -> list[tuple[Face | None, np.ndarray]]:
+        """(face, prepared array) per face of one input, framed by the crop policy."""
+        detects = self.preprocess.policy.detects
+        picture = as_rgb_image(image, None if detects else self.preprocess.working_side)
+        return face_images(picture, self.preprocess, largest_only=largest_only, fallback=fallback,
+                           min_face=min_face, max_faces=max_faces)
+
+    @staticmethod
+    def _source(image: ImageInput) -> str | None:
+        return str(image) if isinstance(image, (str, os.PathLike)) else None
+
     def predict(self, images: ImageInput | Sequence[ImageInput]) -> Prediction | list[Prediction]:
-        """Predict every head for one image or a list of images, each taken as
-        an already-cropped face (see :meth:`predict_faces` to detect faces).
+        """Predict every head for one image or a list of images: the largest
+        face of each, framed by the run's crop policy; an image where no face
+        is found is predicted whole (its ``framing`` says ``whole``).
 
         Args:
             images: a path, PIL image or HxWx3 uint8 array, or a list of them.
@@ -119,48 +159,45 @@ class Predictor:
         """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
-        arrays = [self._prepare(im) for im in items]
-        sources = [str(im) if isinstance(im, (str, os.PathLike)) else None for im in items]
-        results = self._predictions(arrays, sources)
+        units = [self._units(im, True, True)[0] for im in items]
+        results = self._predictions([a for _, a in units], [self._source(im) for im in items])
+        for (face, _), r in zip(units, results):
+            r.set_face(face, None, self.preprocess)
         return results[0] if single else results
 
-    def _units(self, path: str | os.PathLike | ImageInput, detect: bool, fallback: bool) -> list[tuple]:
-        """(face index, box, prepared array) per face of one input; [] when no face."""
-        image = as_rgb_image(path, None if detect else self.preprocess.working_side)
-        if not detect:
-            return [(None, None, shrink(image, self.preprocess))]
-        from facemt.detect import face_crops
-
-        crops = face_crops(image, self.preprocess.crop_margin)
-        if not crops and fallback:
-            return [(None, None, shrink(image, self.preprocess))]
-        return [(i, box, shrink(crop, self.preprocess)) for i, (box, crop) in enumerate(crops)]
-
-    def predict_faces(self, image: ImageInput, fallback: bool = False) -> list[Prediction]:
-        """Detect faces in a photo and predict every head for each (largest first).
+    def predict_faces(
+        self, image: ImageInput, fallback: bool = False, min_face: int = 0, max_faces: int | None = None
+    ) -> list[Prediction]:
+        """Every face of a photo (largest first), each framed by the crop policy.
 
         Args:
             image: a path, PIL image or array.
             fallback: when no face is found, predict on the whole image instead
                 of returning an empty list.
+            min_face: ignore faces narrower than this many pixels.
+            max_faces: at most this many faces (the largest).
         """
-        units = self._units(image, True, fallback)
-        source = str(image) if isinstance(image, (str, os.PathLike)) else None
-        preds = self._predictions([a for _, _, a in units], [source] * len(units)) if units else []
-        for (face, box, _), p in zip(units, preds):
-            p.face, p.box = face, box
+        units = self._units(image, False, fallback, min_face, max_faces)
+        preds = self._predictions([a for _, a in units], [self._source(image)] * len(units)) if units else []
+        for i, ((face, _), p) in enumerate(zip(units, preds)):
+            p.set_face(face, i, self.preprocess)
         return preds
 
     def predict_files(
-        self, paths: Iterable[str | os.PathLike], detect: bool = False, fallback: bool = False
+        self,
+        paths: Iterable[str | os.PathLike],
+        fallback: bool = False,
+        min_face: int = 0,
+        max_faces: int | None = None,
     ) -> Iterator[Prediction]:
-        """Stream predictions for many files, in input order and in batches.
+        """Stream predictions for many files, in input order and in batches:
+        one per face found (framed by the crop policy; policy ``none`` gives one
+        per file), a ``no_face`` result for a file without a face.
 
         Args:
             paths: image files.
-            detect: one prediction per detected face (with its box) instead of
-                one per file; a file without a face yields one ``no_face`` result.
-            fallback: with ``detect``, predict the whole image when no face is found.
+            fallback: predict the whole image when no face is found.
+            min_face, max_faces: see :meth:`predict_faces`.
 
         An unreadable file yields a Prediction with ``error`` set instead of
         stopping the run. Memory is bounded by one batch.
@@ -179,27 +216,34 @@ class Predictor:
 
         for path in paths:
             try:
-                units = self._units(path, detect, fallback)
+                units = self._units(path, False, fallback, min_face, max_faces)
             except FacemtError as exc:
                 slots.append(Prediction(str(path), error=str(exc)))
                 units = None
             if units is not None and not units:
                 slots.append(Prediction(str(path), no_face=True))
-            for face, box, array in units or []:
-                slots.append(Prediction(str(path), face=face, box=box))
+            for i, (face, array) in enumerate(units or []):
+                pred = Prediction(str(path))
+                pred.set_face(face, i if self.preprocess.policy.detects else None, self.preprocess)
+                slots.append(pred)
                 arrays.append(array)
             if len(arrays) >= self.batch_size:
                 yield from flush()
         yield from flush()
 
 
-def load(run_dir: str | os.PathLike, device: str = "auto", batch_size: int = 32) -> Predictor:
+def load(
+    run_dir: str | os.PathLike, device: str = "auto", batch_size: int = 32, crop: str | None = None
+) -> Predictor:
     """Load a run folder written by ``facemt fit``.
+
+    Args:
+        crop: override the run's crop policy (``align``, ``box``, ``none``).
 
     Raises:
         FacemtError: the folder is not a valid facemt checkpoint.
     """
-    return Predictor(run_dir, device=device, batch_size=batch_size)
+    return Predictor(run_dir, device=device, batch_size=batch_size, crop=crop)
 
 
 __all__ = ["Prediction", "Predictor", "load"]

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from facemt.errors import FacemtError
+from facemt.faces import CropPolicy
 from facemt.tasks import TASKS, select_tasks
 from facemt.transforms import PreprocessConfig, resolve_preprocess
 
@@ -130,8 +131,7 @@ def create_model(
     pretrained_file: str | os.PathLike | None = None,
     image_size: int | None = None,
     dropout: float = 0.2,
-    detect: bool = False,
-    crop_margin: float = 0.4,
+    crop: CropPolicy | None = None,
 ) -> tuple[MultiTaskNet, PreprocessConfig]:
     """Build the multi-task network and resolve its preprocessing once.
 
@@ -141,4 +141,4 @@ def create_model(
     trunk = create_trunk(backbone, pretrained, pretrained_file)
     data_config = timm.data.resolve_model_data_config(trunk)
     model = MultiTaskNet(trunk, select_tasks(tasks), dropout=dropout)
-    return model, resolve_preprocess(data_config, image_size, detect, crop_margin)
+    return model, resolve_preprocess(data_config, image_size, crop)

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from facemt import faces
 from facemt.errors import FacemtError
+from facemt.faces import CropPolicy, Face
 
 AUGMENT_PRESETS = ("none", "light", "heavy")
 
@@ -33,10 +35,12 @@ class PreprocessConfig:
         crop_pct: fraction of the shorter side kept by the centre crop.
         interpolation: resize filter name (``bilinear`` or ``bicubic``).
         mean, std: per-channel normalisation in 0-1 units.
-        detect: crop the largest detected face before everything else
-            (``fit --detect``); prediction crops every detected face.
-        crop_margin: the face crop grows the detector's box by this fraction
-            of its size on every side, then squares it.
+        crop: the crop policy, ``align``, ``box`` or ``none``
+            (:mod:`facemt.faces`); with ``align`` the eye centres sit at
+            (0.5, ``eye_y``) and ``eye_distance`` apart, in fractions of the
+            network input's side.
+        crop_margin: ``box`` policy: the detector's box grows by this fraction
+            of its size on every side, then is squared.
     """
 
     image_size: int = 224
@@ -44,8 +48,18 @@ class PreprocessConfig:
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    detect: bool = False
+    crop: str = "none"
     crop_margin: float = 0.4
+    eye_y: float = 0.40
+    eye_distance: float = 0.30
+
+    def __post_init__(self) -> None:
+        self.policy  # validates the crop fields
+
+    @property
+    def policy(self) -> CropPolicy:
+        """The crop policy as the faces module takes it."""
+        return CropPolicy(self.crop, self.crop_margin, self.eye_y, self.eye_distance)
 
     @property
     def working_side(self) -> int:
@@ -58,6 +72,8 @@ class PreprocessConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PreprocessConfig":
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        if "crop" not in known and "detect" in data:  # format 1 stored a detect flag
+            known["crop"] = "box" if data["detect"] else "none"
         for key in ("mean", "std"):
             if key in known:
                 known[key] = tuple(float(x) for x in known[key])
@@ -65,14 +81,16 @@ class PreprocessConfig:
 
 
 def resolve_preprocess(
-    data_config: dict[str, Any], image_size: int | None = None, detect: bool = False, crop_margin: float = 0.4
+    data_config: dict[str, Any], image_size: int | None = None, crop: CropPolicy | None = None
 ) -> PreprocessConfig:
     """Build the config from timm's ``resolve_model_data_config`` output.
 
     Args:
         data_config: dict with ``input_size``, ``crop_pct``, ``interpolation``, ``mean``, ``std``.
         image_size: overrides the backbone's default input size.
+        crop: the crop policy (default: ``none``).
     """
+    crop = crop or CropPolicy("none")
     interpolation = data_config.get("interpolation", "bicubic")
     return PreprocessConfig(
         image_size=int(image_size or data_config["input_size"][-1]),
@@ -80,23 +98,22 @@ def resolve_preprocess(
         interpolation=interpolation if interpolation in _CV2_INTERPOLATION else "bicubic",
         mean=tuple(float(x) for x in data_config["mean"]),
         std=tuple(float(x) for x in data_config["std"]),
-        detect=detect,
-        crop_margin=crop_margin,
+        crop=crop.mode,
+        crop_margin=crop.margin,
+        eye_y=crop.eye_y,
+        eye_distance=crop.eye_distance,
     )
 
 
 def shrink(image: Image.Image, cfg: PreprocessConfig) -> np.ndarray:
-    """Resize an RGB image so its shorter side is ``cfg.working_side`` (never enlarges
-    beyond it, never changes the aspect ratio) and return it as HxWx3 uint8.
+    """Resize to the cached working size (see :func:`facemt.faces.shrink`)."""
+    return faces.shrink(image, cfg.working_side)
 
-    This is the decode-once step: its output is what the cache holds.
-    """
-    w, h = image.size
-    scale = cfg.working_side / min(w, h)
-    if scale < 1:
-        size = (max(1, round(w * scale)), max(1, round(h * scale)))
-        image = image.resize(size, Image.BICUBIC, reducing_gap=3.0)
-    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+
+def face_images(image: Image.Image, cfg: PreprocessConfig, **options: Any) -> list[tuple[Face | None, np.ndarray]]:
+    """The faces of a picture framed by ``cfg``'s crop policy, at the cached
+    working size: :func:`facemt.faces.extract_faces` with this config's sizes."""
+    return faces.extract_faces(image, cfg.policy, cfg.working_side, cfg.image_size, **options)
 
 
 def _finish(cfg: PreprocessConfig) -> list[A.BasicTransform]:

@@ -204,7 +204,7 @@ def test_hostile_images_are_predicted_or_rejected_one_by_one(run_dir, tmp_path, 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # bomb.png has 9 Mpx
     expected = hostile_files(tmp_path)
     predictor = facemt.load(run_dir, device="cpu", batch_size=4)
-    results = {Path(p.source).name: p for p in predictor.predict_files(sorted(tmp_path.iterdir()))}
+    results = {Path(p.source).name: p for p in predictor.predict_files(sorted(tmp_path.iterdir()), fallback=True)}
     assert results.keys() == expected.keys()
     for name, ok in expected.items():
         r = results[name]
@@ -268,7 +268,7 @@ def test_mutated_image_corpus_never_crashes_predict(run_dir, tmp_path):
             data[pos:pos] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 50)))
         (folder / f"m{i:03d}.{rng.choice(['jpg', 'png'])}").write_bytes(bytes(data))
     predictor = facemt.load(run_dir, device="cpu", batch_size=8)
-    results = list(predictor.predict_files(sorted(folder.iterdir())))
+    results = list(predictor.predict_files(sorted(folder.iterdir()), fallback=True))
     assert len(results) == 60
     for r in results:
         assert (r.error is None) == bool(r.labels)

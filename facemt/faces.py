@@ -1,0 +1,303 @@
+"""Faces: the YuNet detector (box, score, five landmarks), alignment to the
+canonical face frame, and the crop policy.
+
+This module is the one owner of how a picture becomes a face image: training
+(the decode-once cache), evaluation, prediction, cross-validation and the
+Python API all call :func:`extract_faces` with the policy stored in the run.
+
+Crop policies:
+
+- ``align``: detect, then rotate and scale the face with a similarity
+  transform so that the eye centres land on fixed points of the canonical
+  frame (:class:`CropPolicy` ``eye_y`` and ``eye_distance``): eyes level,
+  the whole face from forehead to chin inside the network input;
+- ``box``: detect, then a square crop of the detector box grown by ``margin``;
+- ``none``: the picture is already a face; it is used whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from facemt.errors import FacemtError
+
+CROP_POLICIES = ("align", "box", "none")
+#: The YuNet face detector (OpenCV Zoo, MIT licence), shipped inside the package.
+DETECTOR_FILE = "face_detection_yunet_2023mar.onnx"
+DETECTOR_SHA256 = "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4"
+
+
+@dataclass(frozen=True)
+class CropPolicy:
+    """How a picture becomes the face image the network sees.
+
+    Attributes:
+        mode: ``align``, ``box`` or ``none`` (see the module docstring).
+        margin: ``box`` only: the detector box grows by this fraction of its
+            size on every side before it is squared.
+        eye_y: ``align`` only: height of the eye centres, as a fraction of the
+            network input's side from its top.
+        eye_distance: ``align`` only: distance between the eye centres, as a
+            fraction of the network input's side.
+    """
+
+    mode: str = "align"
+    margin: float = 0.4
+    eye_y: float = 0.40
+    eye_distance: float = 0.30
+
+    def __post_init__(self) -> None:
+        if self.mode not in CROP_POLICIES:
+            raise FacemtError(f"unknown crop policy {self.mode!r}: choose from {', '.join(CROP_POLICIES)}")
+        if not 0.0 <= self.margin <= 2.0:
+            raise FacemtError(f"crop margin must be between 0 and 2 (got {self.margin})")
+        if not (0.05 <= self.eye_distance <= 0.9 and 0.05 <= self.eye_y <= 0.95):
+            raise FacemtError("eye_distance must be in [0.05, 0.9] and eye_y in [0.05, 0.95]")
+
+    @property
+    def detects(self) -> bool:
+        return self.mode != "none"
+
+
+@dataclass(frozen=True)
+class Face:
+    """One detected face.
+
+    Attributes:
+        box: (x, y, width, height) in the picture's pixels.
+        score: detector confidence in [0, 1].
+        landmarks: five (x, y) points in the picture's pixels: the eye on the
+            picture's left, the other eye, the nose tip, the mouth corner on the
+            picture's left, the other mouth corner.
+    """
+
+    box: tuple[int, int, int, int]
+    score: float
+    landmarks: tuple[tuple[float, float], ...]
+
+    @property
+    def eyes(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        return self.landmarks[0], self.landmarks[1]
+
+    def to_dict(self) -> dict:
+        return {"box": list(self.box), "score": round(self.score, 4),
+                "landmarks": [[round(x, 1), round(y, 1)] for x, y in self.landmarks]}
+
+
+def detector_path() -> Path:
+    """Path of the packaged YuNet model file."""
+    return Path(str(resources.files("facemt") / "assets" / DETECTOR_FILE))
+
+
+def check_detector_file(path: str | Path) -> None:
+    """Raise FacemtError unless ``path`` is the YuNet model with the pinned SHA-256."""
+    path = Path(path)
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise FacemtError(f"face detector model {path} cannot be read ({exc.strerror or exc}); reinstall facemt") from None
+    if digest != DETECTOR_SHA256:
+        raise FacemtError(
+            f"face detector model {path} does not match its pinned SHA-256 (got {digest[:12]}..., "
+            f"expected {DETECTOR_SHA256[:12]}...); reinstall facemt"
+        )
+
+
+class FaceDetector:
+    """YuNet (``cv2.FaceDetectorYN``). Faces come back largest first.
+
+    Args:
+        model_path: the ONNX file; the packaged one by default (its SHA-256 is
+            checked when the first detector of a process is built).
+        score_threshold: faces scoring below it are not reported.
+        max_side: pictures are scanned at most this large (results are mapped back).
+        min_side: smaller pictures are enlarged to this shorter side before
+            scanning (a 48-pixel crop is too small for the detector).
+        pad: every side is padded by this fraction (border replicated) before
+            scanning, so faces that fill a tight crop are still found.
+    """
+
+    _checked: set[str] = set()
+
+    def __init__(
+        self,
+        model_path: str | Path | None = None,
+        score_threshold: float = 0.6,
+        max_side: int = 640,
+        min_side: int = 160,
+        pad: float = 0.15,
+    ) -> None:
+        path = Path(model_path) if model_path is not None else detector_path()
+        if str(path) not in self._checked:
+            check_detector_file(path)
+            self._checked.add(str(path))
+        self.path, self.score_threshold = path, score_threshold
+        self.max_side, self.min_side, self.pad = max_side, min_side, pad
+        self._local = threading.local()  # a cv2 detector keeps state per input size: one per thread
+
+    def _net(self, size: tuple[int, int]):
+        net = getattr(self._local, "net", None)
+        if net is None:
+            try:
+                net = cv2.FaceDetectorYN.create(str(self.path), "", size, self.score_threshold, 0.3, 5000)
+            except (cv2.error, AttributeError) as exc:
+                raise FacemtError(f"OpenCV cannot run the face detector ({exc}); install opencv-python-headless>=4.8") from None
+            self._local.net = net
+        net.setInputSize(size)
+        return net
+
+    def detect(self, image: Image.Image, min_face: int = 0, max_faces: int | None = None) -> list[Face]:
+        """Detect faces in an RGB picture.
+
+        Args:
+            image: the picture.
+            min_face: faces whose box is narrower than this many pixels (in the
+                picture) are not reported.
+            max_faces: report at most this many (the largest).
+        """
+        rgb = np.asarray(image.convert("RGB"))
+        h, w = rgb.shape[:2]
+        scale = min(self.max_side / max(w, h), max(1.0, self.min_side / min(w, h)))
+        pad = int(round(self.pad * max(w, h) * scale)) if min(w, h) * scale <= 2 * self.min_side else 0
+        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+        if scale != 1.0:
+            size = (max(1, round(w * scale)), max(1, round(h * scale)))
+            bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+        if pad:
+            bgr = cv2.copyMakeBorder(bgr, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+        _, rows = self._net((bgr.shape[1], bgr.shape[0])).detect(bgr)
+        faces = []
+        for row in [] if rows is None else rows:
+            xy = (np.asarray(row[:14], dtype=np.float64).reshape(7, 2) - pad) / scale
+            x, y = xy[0]
+            bw, bh = row[2] / scale, row[3] / scale
+            if bw < min_face:
+                continue
+            box = (int(round(x)), int(round(y)), max(1, int(round(bw))), max(1, int(round(bh))))
+            faces.append(Face(box, float(row[14]), tuple((float(a), float(b)) for a, b in xy[2:])))
+        faces.sort(key=lambda f: f.box[2] * f.box[3], reverse=True)
+        return faces[:max_faces] if max_faces is not None else faces
+
+
+_DETECTOR: FaceDetector | None = None
+_DETECTOR_LOCK = threading.Lock()
+
+
+def default_detector() -> FaceDetector:
+    """One shared detector per process (built, and its file checked, on first use)."""
+    global _DETECTOR
+    with _DETECTOR_LOCK:
+        if _DETECTOR is None:
+            _DETECTOR = FaceDetector()
+        return _DETECTOR
+
+
+def alignment_matrix(face: Face, policy: CropPolicy, side: int, input_size: int) -> np.ndarray:
+    """The 2x3 similarity transform taking the picture to a ``side`` x ``side``
+    face image whose centred ``input_size`` square is the canonical frame."""
+    (lx, ly), (rx, ry) = face.eyes
+    angle = np.arctan2(ry - ly, rx - lx)
+    distance = max(np.hypot(rx - lx, ry - ly), 1e-6)
+    scale = policy.eye_distance * input_size / distance
+    cos, sin = scale * np.cos(-angle), scale * np.sin(-angle)
+    rotation = np.array([[cos, -sin], [sin, cos]])
+    eyes_mid = np.array([(lx + rx) / 2, (ly + ry) / 2])
+    target = np.array([side / 2, side / 2 + (policy.eye_y - 0.5) * input_size])
+    return np.hstack([rotation, (target - rotation @ eyes_mid)[:, None]])
+
+
+def crop_box(image: Image.Image, box: tuple[int, int, int, int], margin: float) -> Image.Image:
+    """A square crop around ``box`` grown by ``margin`` x its size on every side;
+    parts outside the image are filled by replicating the border."""
+    x, y, w, h = box
+    side = max(w, h) * (1 + 2 * margin)
+    cx, cy = x + w / 2, y + h / 2
+    left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
+    size = max(1, int(round(side)))
+    arr = np.asarray(image)
+    pad = max(0, -left, -top, left + size - arr.shape[1], top + size - arr.shape[0])
+    if pad:
+        arr = cv2.copyMakeBorder(arr, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+    crop = arr[top + pad : top + pad + size, left + pad : left + pad + size]
+    return Image.fromarray(np.ascontiguousarray(crop))
+
+
+def shrink(image: Image.Image, side: int) -> np.ndarray:
+    """Resize so the shorter side is ``side`` (never enlarging, keeping the
+    aspect ratio) and return HxWx3 uint8: what the decode-once cache holds."""
+    w, h = image.size
+    scale = side / min(w, h)
+    if scale < 1:
+        image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC, reducing_gap=3.0)
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+
+
+def face_image(image: Image.Image, face: Face | None, policy: CropPolicy, side: int, input_size: int) -> np.ndarray:
+    """One face of ``image`` framed by ``policy`` as HxWx3 uint8 (shorter side
+    ``side``); ``face=None`` uses the whole picture."""
+    if face is None:
+        return shrink(image, side)
+    if policy.mode == "box":
+        return shrink(crop_box(image, face.box, policy.margin), side)
+    matrix = alignment_matrix(face, policy, side, input_size)
+    out = cv2.warpAffine(np.asarray(image), matrix, (side, side), flags=cv2.INTER_AREA
+                         if matrix[0, 0] ** 2 + matrix[0, 1] ** 2 < 1 else cv2.INTER_CUBIC,
+                         borderMode=cv2.BORDER_REPLICATE)
+    return np.ascontiguousarray(out)
+
+
+def extract_faces(
+    image: Image.Image,
+    policy: CropPolicy,
+    side: int,
+    input_size: int,
+    *,
+    largest_only: bool = False,
+    fallback: bool = False,
+    min_face: int = 0,
+    max_faces: int | None = None,
+    detector: FaceDetector | None = None,
+) -> list[tuple[Face | None, np.ndarray]]:
+    """Every face of a picture, framed by the crop policy.
+
+    Args:
+        image: an RGB picture.
+        policy: the run's crop policy (``none``: the whole picture is one face).
+        side, input_size: the cached side and the network input side.
+        largest_only: keep only the largest face.
+        fallback: when no face is found, return the whole picture as one face
+            (``Face`` None) instead of nothing.
+        min_face, max_faces: see :meth:`FaceDetector.detect`.
+
+    Returns:
+        ``(face, HxWx3 uint8)`` pairs, largest face first; ``face`` is None when
+        the whole picture was used.
+    """
+    if not policy.detects:
+        return [(None, shrink(image, side))]
+    faces = (detector or default_detector()).detect(image, min_face, 1 if largest_only else max_faces)
+    if not faces:
+        return [(None, shrink(image, side))] if fallback else []
+    return [(f, face_image(image, f, policy, side, input_size)) for f in faces]
+
+
+def framing(policy: CropPolicy, face: Face | None) -> str:
+    """How a face image was made: ``aligned``, ``boxed`` or ``whole``."""
+    if face is None:
+        return "whole"
+    return "aligned" if policy.mode == "align" else "boxed"
+
+
+def eye_angle(points: Sequence[tuple[float, float]]) -> float:
+    """Angle of the eye line in degrees (0 = level), from the first two landmarks."""
+    (lx, ly), (rx, ry) = points[0], points[1]
+    return float(np.degrees(np.arctan2(ry - ly, rx - lx)))

@@ -1,0 +1,240 @@
+"""Face detection, landmarks, alignment, the crop policy, streaming folder prediction."""
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import facemt
+from facemt.cli import main
+from facemt.errors import FacemtError
+from facemt.faces import (CropPolicy, FaceDetector, crop_box, default_detector, detector_path, extract_faces,
+                          eye_angle)
+from facemt.synth import draw_face, make_person
+
+
+@pytest.fixture(scope="module")
+def portrait():
+    rng = np.random.default_rng(0)
+    make_person(1, "young", "male", rng)
+    person = make_person(2, "young", "female", rng)
+    return draw_face(person, "happiness", rng, (240, 300))
+
+
+def test_detector_returns_box_score_and_landmarks_in_order(portrait):
+    (face,) = default_detector().detect(portrait)
+    x, y, w, h = face.box
+    assert 60 <= x + w / 2 <= 180 and 60 <= y + h / 2 <= 220 and 60 <= w <= 240
+    assert 0.6 <= face.score <= 1.0
+    (lx, ly), (rx, ry), (nx, ny), (mlx, mly), (mrx, mry) = face.landmarks
+    assert lx < nx < rx  # the eye on the picture's left comes first
+    assert max(ly, ry) < ny < min(mly, mry)  # eyes above the nose tip, mouth below it
+    assert mlx < mrx
+
+
+def test_blank_image_has_no_face():
+    assert default_detector().detect(Image.new("RGB", (200, 200), "white")) == []
+
+
+def _aligned(image, policy=CropPolicy("align"), side=146, size=128):
+    return extract_faces(image, policy, side, size)
+
+
+def test_alignment_puts_the_eyes_level_at_the_canonical_points(portrait):
+    ((face, crop),) = _aligned(portrait)
+    assert crop.shape == (146, 146, 3)
+    (again,) = default_detector().detect(Image.fromarray(crop))
+    (lx, ly), (rx, ry) = again.eyes
+    assert abs(eye_angle(again.landmarks)) < 4
+    offset = (146 - 128) / 2  # the network sees the centred 128-pixel square
+    assert abs((lx + rx) / 2 - offset - 64) < 6
+    assert abs((ly + ry) / 2 - offset - 0.40 * 128) < 8
+    assert abs((rx - lx) - 0.30 * 128) < 8
+
+
+@pytest.mark.parametrize("angle", [30, -30])
+def test_a_rotated_face_comes_back_upright(portrait, angle):
+    canvas = Image.new("RGB", (420, 420), (120, 120, 120))
+    canvas.paste(portrait, (90, 60))
+    tilted = canvas.rotate(angle, resample=Image.BICUBIC, fillcolor=(120, 120, 120))
+    ((face, crop),) = _aligned(tilted)
+    assert abs(eye_angle(face.landmarks)) > 10  # the detector saw the tilt (drawn faces: landmarks are rough)
+    (again,) = default_detector().detect(Image.fromarray(crop))
+    assert abs(eye_angle(again.landmarks)) < 5
+
+
+def test_two_faces_give_two_aligned_crops_largest_first(portrait):
+    canvas = Image.new("RGB", (600, 320), (90, 90, 90))
+    canvas.paste(portrait, (10, 10))
+    canvas.paste(portrait.resize((200, 250)), (340, 40))
+    faces = _aligned(canvas)
+    assert len(faces) == 2
+    (first, a), (second, b) = faces
+    assert first.box[2] >= second.box[2] and first.box[0] < 300 < second.box[0]
+    assert a.shape == b.shape == (146, 146, 3)
+    assert _aligned(canvas, side=146, size=128)[0][0] == first
+    assert len(extract_faces(canvas, CropPolicy("align"), 146, 128, max_faces=1)) == 1
+    assert len(extract_faces(canvas, CropPolicy("align"), 146, 128, min_face=first.box[2] - 1)) == 1
+
+
+def test_policy_none_uses_the_picture_and_blank_images_give_no_face(portrait):
+    ((face, whole),) = extract_faces(portrait, CropPolicy("none"), 146, 128)
+    assert face is None and whole.shape[1] == 146  # shorter side shrunk to 146
+    blank = Image.new("RGB", (200, 200), "white")
+    assert extract_faces(blank, CropPolicy("align"), 146, 128) == []
+    ((face, _),) = extract_faces(blank, CropPolicy("align"), 146, 128, fallback=True)
+    assert face is None
+
+
+def test_small_tight_crops_are_found_after_enlarging(portrait):
+    (face,) = default_detector().detect(portrait)
+    tight = crop_box(portrait, face.box, 0.0).resize((48, 48))
+    assert len(default_detector().detect(tight)) == 1
+
+
+def test_a_modified_detector_file_is_refused(tmp_path):
+    bad = tmp_path / "yunet.onnx"
+    data = bytearray(detector_path().read_bytes())
+    data[1000] ^= 0xFF
+    bad.write_bytes(bytes(data))
+    with pytest.raises(FacemtError, match="SHA-256"):
+        FaceDetector(bad)
+    with pytest.raises(FacemtError, match="cannot be read"):
+        FaceDetector(tmp_path / "missing.onnx")
+
+
+def test_crop_is_square_and_padded_at_the_border():
+    image = Image.new("RGB", (100, 80), "red")
+    crop = crop_box(image, (0, 0, 40, 30), margin=0.5)
+    assert crop.size == (80, 80)
+    assert crop.getpixel((0, 0)) == (255, 0, 0)
+
+
+def test_unknown_policy_is_a_user_error():
+    with pytest.raises(FacemtError, match="crop policy"):
+        CropPolicy("squash")
+
+
+@pytest.fixture()
+def photos(portrait, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    two = Image.new("RGB", (600, 320), (90, 90, 90))
+    two.paste(portrait, (10, 10))
+    two.paste(portrait.resize((200, 250)), (340, 40))
+    two.save(folder / "two.jpg")
+    portrait.save(folder / "one.jpg")
+    Image.new("RGB", (200, 200), "white").save(folder / "blank.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
+    return folder
+
+
+def test_predict_gives_one_result_per_face_with_boxes(run_dir, photos, capsys):
+    assert main(["predict", str(run_dir), str(photos / "two.jpg"), "--json", "--device", "cpu"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["face"] for r in results] == [0, 1]
+    assert all(len(r["box"]) == 4 and r["status"] == "ok" and "expression" in r for r in results)
+    assert main(["predict", str(run_dir), str(photos / "two.jpg"), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "face 0" in out and "face 1" in out
+
+
+def test_no_face_is_reported_and_fallback_or_no_detect_predicts(run_dir, photos, capsys):
+    blank = str(photos / "blank.png")
+    assert main(["predict", str(run_dir), blank, "--json", "--device", "cpu"]) == 0
+    (r,) = json.loads(capsys.readouterr().out)
+    assert r["status"] == "no_face" and "expression" not in r
+    for flag in ("--fallback", "--no-detect"):
+        assert main(["predict", str(run_dir), blank, "--json", "--device", "cpu", flag]) == 0
+        (r,) = json.loads(capsys.readouterr().out)
+        assert r["status"] == "ok" and "expression" in r and r.get("box") is None
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_streamed_output_is_complete_and_well_formed(run_dir, photos, tmp_path, suffix, capsys):
+    for i in range(25):  # several batches, with unreadable files among them
+        target = photos / f"copy{i:02d}.jpg"
+        target.write_bytes((photos / ("broken.jpg" if i % 7 == 3 else "one.jpg")).read_bytes())
+    out = tmp_path / f"preds{suffix}"
+    code = main(["predict", str(run_dir), str(photos), "--out", str(out), "--batch-size", "4", "--device", "cpu"])
+    assert code == 1  # some files are unreadable
+    err = capsys.readouterr().err
+    assert "written to" in err and "unreadable" in err
+    text = out.read_text()
+    rows = list(csv.DictReader(io.StringIO(text))) if suffix == ".csv" else [json.loads(l) for l in text.splitlines()]
+    per_file = {}
+    for r in rows:
+        per_file.setdefault(r["path"].rsplit("/", 1)[-1], []).append(r)
+    assert len(per_file) == 29  # every input file appears
+    assert len(per_file["two.jpg"]) == 2
+    assert [r["status"] for r in per_file["blank.png"]] == ["no_face"]
+    assert sum(1 for rs in per_file.values() if rs[0]["status"] == "error") == 5
+    assert all(rs[0]["status"] == "ok" for name, rs in per_file.items() if name.startswith("copy") and int(name[4:6]) % 7 != 3)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_bad_out_suffix_is_a_user_error(run_dir, photos, tmp_path, capsys):
+    assert main(["predict", str(run_dir), str(photos), "--out", str(tmp_path / "x.txt")]) == 2
+    assert "use a .csv or .jsonl" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def portraits(tmp_path_factory):
+    data = tmp_path_factory.mktemp("portraits")
+    rng = np.random.default_rng(3)
+    for pid, (age, code) in enumerate([("young", "y"), ("old", "o")], start=1):
+        for sex, g in (("male", "m"), ("female", "f")):
+            person = make_person(pid, age, sex, rng)
+            for e, expr in zip("ah", ("anger", "happiness")):
+                pid_code = pid * 10 + (1 if g == "f" else 0)
+                draw_face(person, expr, rng, (120, 150)).save(data / f"{pid_code:03d}_{code}_{g}_{e}_a.jpg")
+    return data
+
+
+@pytest.fixture(scope="module")
+def box_run(portraits, tmp_path_factory):
+    run = tmp_path_factory.mktemp("boxrun") / "run"
+    assert main(["fit", "--data", str(portraits), "--out", str(run), "--crop", "box", "--epochs", "1",
+                 "--image-size", "32", "--device", "cpu", "--val-fraction", "0"]) == 0
+    return run
+
+
+def test_fit_stores_the_crop_policy_and_reports_framing(portraits, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["fit", "--data", str(portraits), "--out", str(run), "--epochs", "1", "--image-size", "32",
+                 "--device", "cpu", "--val-fraction", "0"]) == 0
+    assert f"faces (align) in {portraits.name}: 8 found, 0 used whole" in capsys.readouterr().err
+    pre = facemt.load(run, device="cpu").preprocess
+    assert (pre.crop, pre.eye_y, pre.eye_distance) == ("align", 0.40, 0.30)
+
+
+def test_predict_applies_the_stored_policy(box_run, portraits, capsys):
+    photo = str(sorted(portraits.iterdir())[0])
+    assert main(["predict", str(box_run), photo, "--json", "--device", "cpu"]) == 0
+    (r,) = json.loads(capsys.readouterr().out)
+    assert r["framing"] == "boxed" and len(r["landmarks"]) == 5
+    assert main(["predict", str(box_run), photo, "--json", "--device", "cpu", "--crop", "none"]) == 0
+    (r,) = json.loads(capsys.readouterr().out)
+    assert r["framing"] == "whole" and "box" not in r
+
+
+def test_api_applies_the_stored_policy(box_run, portraits):
+    photo = sorted(portraits.iterdir())[0]
+    model = facemt.load(box_run, device="cpu")
+    assert model.preprocess.crop == "box"
+    assert model.predict(photo).framing == "boxed"
+    assert model.predict(Image.open(photo)).framing == "boxed"
+    assert facemt.load(box_run, device="cpu", crop="none").predict(photo).framing == "whole"
+
+
+def test_evaluate_applies_the_stored_policy(box_run, portraits, capsys):
+    assert main(["evaluate", str(box_run), "--data", str(portraits), "--json", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["crop"] == "box" and report["framing"] == {portraits.name: {"aligned": 0, "boxed": 8, "whole": 0}}
+    assert main(["evaluate", str(box_run), "--data", str(portraits), "--json", "--device", "cpu",
+                 "--crop", "none"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["crop"] == "none"
