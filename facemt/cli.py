@@ -155,7 +155,8 @@ def _load_data(sources: Sequence[str], err: Console):
 
     index = combine([load_index(s) for s in sources])
     if index.skipped:
-        err.print(f"[yellow]skipped {len(index.skipped)} file(s) that are not FACES-named, e.g. {index.skipped[0]}[/]")
+        err.print(f"skipped {len(index.skipped)} file(s), e.g. {index.skipped[0]} (facemt check-data --json lists all)",
+                  style="yellow", markup=False, highlight=False)
     return index
 
 

@@ -8,6 +8,7 @@ class name or ``None`` when that label is unknown.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import logging
 import os
@@ -286,10 +287,98 @@ def index_jaffe(root: str | os.PathLike) -> DataIndex:
     return _index_by_name(root, "jaffe", parse_jaffe_name, "JAFFE")
 
 
+#: FER+ vote columns of Microsoft's label.csv, in file order; mapped onto the schema's class names.
+FERPLUS_VOTES = ("neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt",
+                 "unknown", "NF")
+FERPLUS_CLASSES = dict(zip(("anger", "disgust", "fear", "happiness", "neutral", "sadness"),
+                           TASKS["expression"].classes))
+FERPLUS_SPLITS = ("FER2013Train", "FER2013Valid", "FER2013Test")
+FERPLUS_POLICIES = ("majority", "clear")
+
+
+def ferplus_label(votes: Sequence[int], policy: str = "majority") -> tuple[str | None, str]:
+    """The FACES expression of one FER+ image from its ten vote counts.
+
+    ``majority``: the class with the most votes; ``clear``: that class only if
+    it holds more than half of the votes. Ties, and a winner that is surprise,
+    contempt, unknown or not-a-face (not FACES classes), give no label.
+
+    Returns:
+        (class name or None, the reason when None)
+    """
+    if policy not in FERPLUS_POLICIES:
+        raise FacemtError(f"unknown FER+ label policy {policy!r}: choose from {', '.join(FERPLUS_POLICIES)}")
+    votes = [int(v) for v in votes]
+    top = max(votes)
+    winners = [FERPLUS_VOTES[i] for i, v in enumerate(votes) if v == top]
+    if top == 0 or len(winners) > 1:
+        return None, "tied votes"
+    if winners[0] not in FERPLUS_CLASSES:
+        return None, f"{winners[0]} is not a FACES expression"
+    if policy == "clear" and top * 2 <= sum(votes):
+        return None, "no clear majority"
+    return FERPLUS_CLASSES[winners[0]], ""
+
+
+def _ferplus_split(folder: Path) -> Path | None:
+    if (folder / "label.csv").is_file():
+        return folder
+    return folder / FERPLUS_SPLITS[0] if (folder / FERPLUS_SPLITS[0] / "label.csv").is_file() else None
+
+
+def index_ferplus(root: str | os.PathLike, policy: str = "majority") -> DataIndex:
+    """Index a FER+ folder in Microsoft's layout: a split folder holding
+    ``label.csv`` (file, face box, ten vote counts) and its PNGs, or the folder
+    above ``FER2013Train|Valid|Test`` (then ``FER2013Train`` is read).
+
+    Labels: expression by :func:`ferplus_label` (``policy``); images without a
+    FACES label are skipped and counted. FER2013 has no identities: every
+    image is its own person.
+
+    Raises:
+        FacemtError: no ``label.csv``, or a malformed row (the message names it).
+    """
+    root = Path(root)
+    if not root.exists():
+        raise FacemtError(f"{root}: no such folder")
+    folder = _ferplus_split(root)
+    if folder is None:
+        raise FacemtError(f"{root}: not a FER+ folder (expected label.csv or {FERPLUS_SPLITS[0]}/label.csv)")
+    rows, skipped = [], []
+    source = "ferplus" if folder.name not in FERPLUS_SPLITS else f"ferplus-{folder.name[7:].lower()}"
+    with open(folder / "label.csv", newline="", encoding="utf-8") as f:
+        for line, rec in enumerate(csv.reader(f), start=1):
+            if not rec:
+                continue
+            try:
+                name, votes = rec[0].strip(), [int(v) for v in rec[2:12]]
+                if len(votes) != len(FERPLUS_VOTES) or min(votes) < 0 or not name:
+                    raise ValueError
+            except (ValueError, IndexError):
+                raise FacemtError(f"{folder / 'label.csv'}:{line}: expected file,box and {len(FERPLUS_VOTES)} vote counts") from None
+            label, why = ferplus_label(votes, policy)
+            if label is None:
+                skipped.append(f"{name}: {why}")
+                continue
+            rows.append({"path": str((folder / name).resolve()), "source": source,
+                         "person": f"fer:{folder.name}/{name}", "expression": label})
+    if not rows:
+        raise FacemtError(f"{folder}: no FER+ image with a FACES expression label ({len(skipped)} skipped)")
+    log.info("%s: %d images, %d skipped (%s policy)", folder, len(rows), len(skipped), policy)
+    return DataIndex(_finish_table(rows), skipped)
+
+
+def is_ferplus_test(path: str | os.PathLike) -> bool:
+    """True for Microsoft's FER2013Test folder, which is never trained on."""
+    return Path(path).name == FERPLUS_SPLITS[2] or Path(path).parent.name == FERPLUS_SPLITS[2]
+
+
 ADAPTERS: dict[str, Callable[[str], DataIndex]] = {
     "faces": index_folder,
     "utkface": index_utkface,
     "jaffe": index_jaffe,
+    "ferplus": index_ferplus,
+    "ferplus-clear": lambda root: index_ferplus(root, "clear"),
     "csv": read_manifest,
 }
 _NAME_PARSERS = {"faces": parse_faces_name, "utkface": parse_utkface_name, "jaffe": parse_jaffe_name}
@@ -334,7 +423,7 @@ def load_index(source: str | os.PathLike) -> DataIndex:
         if path.suffix.lower() == ".csv":
             adapter = "csv"
         elif path.is_dir():
-            adapter = detect_adapter(path)
+            adapter = "ferplus" if _ferplus_split(path) is not None else detect_adapter(path)
         else:
             adapter = "faces"
     if sep and name and name.lower() not in ADAPTERS and not Path(text).exists() and len(name) > 1:

@@ -584,6 +584,11 @@ def fit(
 
     from facemt.checks import check_data
 
+    from facemt.data import is_ferplus_test
+
+    if any(is_ferplus_test(Path(p).parent) for p in index.table["path"]):
+        raise FacemtError("FER2013Test is the FER+ test split and is never trained on: train on FER2013Train "
+                          "(validate on FER2013Valid) and evaluate on FER2013Test")
     train_rows, val_rows = validation_split(index.table, config.val_fraction, config.seed)
     report = check_data(index, config.tasks, val_rows, decode=False)
     if report.problems:

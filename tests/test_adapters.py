@@ -69,3 +69,65 @@ def test_sources_are_detected_and_combined_with_masked_labels(tmp_path):
     assert both.table["age_group"].notna().sum() == 2 and both.table["expression"].notna().sum() == 3
     with pytest.raises(FacemtError, match="unknown data adapter"):
         load_index(f"imdb:{tmp_path}")
+
+
+def _ferplus(root, split, rows):
+    folder = root / split
+    folder.mkdir(parents=True)
+    lines = []
+    for i, votes in enumerate(rows):
+        name = f"fer{i:07d}.png"
+        Image.new("L", (48, 48), 40 + 10 * i).save(folder / name)
+        lines.append(f'{name},"(0, 0, 48, 48)",' + ",".join(map(str, votes)))
+    (folder / "label.csv").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+# vote order: neutral, happiness, surprise, sadness, anger, disgust, fear, contempt, unknown, NF
+FER_ROWS = [
+    (4, 0, 0, 1, 3, 2, 0, 0, 0, 0),   # neutral wins -> neutrality
+    (0, 10, 0, 0, 0, 0, 0, 0, 0, 0),  # happiness
+    (0, 0, 0, 0, 6, 4, 0, 0, 0, 0),   # anger, clear majority
+    (0, 0, 0, 0, 0, 4, 3, 0, 3, 0),   # disgust, no clear majority
+    (5, 5, 0, 0, 0, 0, 0, 0, 0, 0),   # tie -> masked
+    (0, 0, 8, 0, 0, 0, 0, 2, 0, 0),   # surprise -> masked
+    (0, 0, 0, 0, 0, 0, 0, 7, 3, 0),   # contempt -> masked
+    (0, 0, 0, 0, 0, 0, 0, 0, 2, 8),   # not a face -> masked
+    (1, 0, 0, 0, 0, 0, 9, 0, 0, 0),   # fear
+]
+
+
+def test_ferplus_votes_become_faces_labels(tmp_path):
+    _ferplus(tmp_path, "FER2013Train", FER_ROWS)
+    index = load_index(str(tmp_path))  # the layout is recognised; the root reads FER2013Train
+    labels = dict(zip((p.rsplit("/", 1)[-1] for p in index.table["path"]), index.table["expression"]))
+    assert labels == {"fer0000000.png": "neutrality", "fer0000001.png": "happiness", "fer0000002.png": "anger",
+                      "fer0000003.png": "disgust", "fer0000008.png": "fear"}
+    reasons = " ".join(index.skipped)
+    assert len(index.skipped) == 4 and "tied" in reasons and "surprise" in reasons and "contempt" in reasons
+    assert "NF" in reasons
+    assert index.table["gender"].isna().all() and index.table["person"].nunique() == 5
+    clear = load_index(f"ferplus-clear:{tmp_path / 'FER2013Train'}")
+    assert sorted(p.rsplit("/", 1)[-1] for p in clear.table["path"]) == [
+        "fer0000001.png", "fer0000002.png", "fer0000008.png"]  # more than half of the votes
+
+
+def test_ferplus_bad_rows_and_folders_are_user_errors(tmp_path):
+    folder = _ferplus(tmp_path, "FER2013Valid", FER_ROWS[:2])
+    (folder / "label.csv").write_text("fer0000000.png,box,1,2\n")
+    with pytest.raises(FacemtError, match="label.csv:1"):
+        load_index(f"ferplus:{folder}")
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(FacemtError, match="not a FER\\+ folder"):
+        load_index(f"ferplus:{tmp_path / 'nothing'}")
+
+
+def test_ferplus_test_split_is_never_trained_on(tmp_path, capsys):
+    from facemt.cli import main
+
+    test = _ferplus(tmp_path, "FER2013Test", FER_ROWS)
+    code = main(["fit", "--data", f"ferplus:{test}", "--out", str(tmp_path / "run"), "--epochs", "1",
+                 "--image-size", "32", "--device", "cpu", "--crop", "none"])
+    assert code == 2 and "never trained on" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert len(load_index(f"ferplus:{test}")) == 5  # evaluating on it is fine
