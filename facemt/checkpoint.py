@@ -204,5 +204,19 @@ def load_checkpoint(
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         raise FacemtError(f"{weights}: weights do not fit the model described in config.json ({first[0] if first else exc})") from None
+    model.temperatures.update({t: float(v) for t, v in config.get("calibration", {}).get("temperature", {}).items()
+                               if t in model.temperatures})
     model.to(map_location).eval()
     return model, preprocess, config
+
+
+def update_config(run_dir: str | os.PathLike, fields: dict[str, Any]) -> dict[str, Any]:
+    """Add or replace top-level fields of a run's ``config.json`` (atomically;
+    the weights are untouched). Returns the new config.
+
+    Raises:
+        FacemtError: as :func:`read_config`.
+    """
+    config = {**read_config(run_dir), **fields}
+    atomic_write_text(Path(run_dir) / CONFIG, json.dumps(config, indent=2) + "\n")
+    return config

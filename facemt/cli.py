@@ -111,6 +111,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="fixed weights, or learned uncertainty weighting (Kendall et al. 2018) (default %(default)s)")
     p.add_argument("--balance-sources", action="store_true",
                    help="sample every --data source equally often per epoch")
+    p.add_argument("--balance-classes", action="store_true",
+                   help="logit-adjusted loss: predictions follow a class-balanced prior, not the training "
+                        "set's class frequencies")
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="default %(default)s")
     p.add_argument("--dropout", type=float, default=d.dropout, help="before the heads (default %(default)s)")
     p.add_argument("--crop", choices=CROP_POLICIES, default=d.crop,
@@ -143,7 +146,8 @@ def _train_config(args: argparse.Namespace):
         loss_weights=parse_loss_weights(args.loss_weights, tasks or TASK_NAMES),
         label_smoothing=args.label_smoothing, dropout=args.dropout, val_fraction=args.val_fraction,
         crop=args.crop, crop_margin=args.crop_margin, loss_weighting=args.loss_weighting,
-        balance_sources=args.balance_sources, init_from=args.init_from,
+        balance_sources=args.balance_sources, balance_classes=args.balance_classes,
+        init_from=args.init_from,
         pretrained=args.pretrained, pretrained_file=args.pretrained_file, device=args.device,
     )
     config.validate()

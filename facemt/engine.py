@@ -51,6 +51,7 @@ class TrainConfig:
     loss_weights: dict[str, float] = field(default_factory=dict)
     loss_weighting: str = "fixed"
     balance_sources: bool = False
+    balance_classes: bool = False
     init_from: str | None = None
     label_smoothing: float = 0.0
     dropout: float = 0.2
@@ -306,8 +307,8 @@ def predict_images(
     out: dict[str, list[np.ndarray]] = {t: [] for t in model.tasks}
     for start in range(0, len(images), batch_size):
         batch = torch.stack([transform(im) for im in images[start : start + batch_size]]).to(device)
-        for t, logits in model(batch).items():
-            out[t].append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        for t, probs in model.probabilities(batch).items():
+            out[t].append(probs.cpu().numpy())
     return {t: np.concatenate(v) if v else np.zeros((0, TASKS[t].num_classes)) for t, v in out.items()}
 
 
@@ -442,8 +443,12 @@ def train(
         val_loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False, num_workers=0,
                                 generator=torch.Generator())
 
+    priors = None
+    if config.balance_classes:  # +1: a class absent from training keeps a finite log prior
+        priors = {t: torch.bincount(torch.as_tensor(v[train_rows][v[train_rows] >= 0]),
+                                    minlength=TASKS[t].num_classes).double() + 1 for t, v in targets.items()}
     criterion = MultiTaskLoss({t: config.loss_weights.get(t, 1.0) for t in tasks}, config.label_smoothing,
-                              learned=config.loss_weighting == "uncertainty").to(device)
+                              learned=config.loss_weighting == "uncertainty", class_priors=priors).to(device)
     # Heads first: group 0's learning rate is the one logged per epoch.
     optimizer = torch.optim.AdamW(
         [{"params": list(model.heads.parameters())},

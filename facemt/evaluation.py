@@ -6,6 +6,7 @@ import json
 import logging
 import warnings
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
@@ -365,3 +366,59 @@ def cross_validate(
         "test_size": test_size, "tasks": list(tasks), "dataset": index.summary(), "images_decoded": cache.decoded,
     }
     return CVResult(pd.DataFrame(records), pd.concat(histories, ignore_index=True), confusion, settings, messages)
+
+
+def calibrate_run(
+    run_dir: str | Path | None,
+    model,
+    index,
+    rows: Sequence[int],
+    preprocess,
+    cache=None,
+    device: str = "auto",
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Fit one softmax temperature per head on labelled rows (validation data),
+    set them on ``model`` and, with ``run_dir``, store them in its config.json
+    together with the expected calibration error before and after.
+
+    Returns:
+        task -> temperature.
+    """
+    import torch
+
+    from facemt.checkpoint import update_config
+    from facemt.engine import decode_images, resolve_device
+    from facemt.losses import fit_temperature
+    from facemt.transforms import build_transform
+
+    rows = [int(i) for i in rows]
+    if not rows:
+        return dict(model.temperatures)
+    sub = DataIndex(index.table.iloc[rows].reset_index(drop=True), [])
+    images = decode_images(sub, preprocess, cache or ImageCache(), None)
+    transform = build_transform(preprocess, "none")
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    logits: dict[str, list] = {t: [] for t in model.tasks}
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([transform(im) for im in images[start:start + batch_size]]).to(dev)
+            for t, v in model(batch).items():
+                logits[t].append(v.float().cpu())
+    targets = encode_targets(sub.table, model.tasks)
+    report: dict[str, dict] = {}
+    for t in model.tasks:
+        z, y = torch.cat(logits[t]), torch.as_tensor(targets[t])
+        temperature = fit_temperature(z, y)
+        mask = (y >= 0).numpy()
+        before = expected_calibration_error(y.numpy()[mask], torch.softmax(z, 1).numpy()[mask]) if mask.any() else None
+        after = (expected_calibration_error(y.numpy()[mask], torch.softmax(z / temperature, 1).numpy()[mask])
+                 if mask.any() else None)
+        model.temperatures[t] = temperature
+        report[t] = {"temperature": temperature, "ece_before": before, "ece_after": after, "n": int(mask.sum())}
+    if run_dir is not None:
+        update_config(run_dir, {"calibration": {"temperature": {t: r["temperature"] for t, r in report.items()},
+                                                "ece": report, "rows": len(rows)}})
+    log.info("temperatures: %s", {t: round(r["temperature"], 3) for t, r in report.items()})
+    return dict(model.temperatures)

@@ -31,8 +31,8 @@ class _Graph(nn.Module):
         self.model, self.tasks, self.probabilities = model, model.tasks, probabilities
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model(image)
-        return tuple(torch.softmax(out[t], dim=1) if self.probabilities else out[t] for t in self.tasks)
+        out = self.model.probabilities(image) if self.probabilities else self.model(image)
+        return tuple(out[t] for t in self.tasks)
 
 
 def _run_exported(fmt: str, path: Path, batch: torch.Tensor, tasks: tuple[str, ...]) -> list[np.ndarray]:

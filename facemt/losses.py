@@ -53,13 +53,28 @@ class MultiTaskLoss(nn.Module):
     (homoscedastic uncertainty weighting, Kendall, Gal & Cipolla 2018): the
     head contributes ``weight * (exp(-s) * loss + s)``, so noisier heads are
     down-weighted automatically; the fixed weights still scale each head.
+
+    With ``class_priors`` (task -> class frequencies of the training labels)
+    the loss is logit-adjusted (Menon et al. 2021): ``log prior`` is added to
+    the logits inside the loss only, so the raw logits the model outputs are
+    those of a class-balanced prior. A head trained on 40 % neutral faces then
+    does not answer "neutral" for every unclear face.
     """
 
-    def __init__(self, weights: Mapping[str, float], label_smoothing: float = 0.0, learned: bool = False) -> None:
+    def __init__(
+        self,
+        weights: Mapping[str, float],
+        label_smoothing: float = 0.0,
+        learned: bool = False,
+        class_priors: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
         super().__init__()
         self.weights = dict(weights)
         self.label_smoothing = label_smoothing
         self.log_vars = nn.ParameterDict({t: nn.Parameter(torch.zeros(())) for t in self.weights}) if learned else None
+        self.adjusted = tuple(class_priors or ())
+        for task, prior in (class_priors or {}).items():
+            self.register_buffer(f"log_prior_{task}", torch.log(prior / prior.sum()).float(), persistent=False)
 
     def forward(
         self, logits: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]
@@ -70,6 +85,8 @@ class MultiTaskLoss(nn.Module):
         total = None
         for task, weight in self.weights.items():
             out, target = logits[task], targets[task]
+            if task in self.adjusted:
+                out = out + getattr(self, f"log_prior_{task}")
             labelled = target != MISSING
             if labelled.any():
                 loss = F.cross_entropy(out[labelled], target[labelled], label_smoothing=self.label_smoothing)
@@ -82,3 +99,28 @@ class MultiTaskLoss(nn.Module):
             total = weight * loss if total is None else total + weight * loss
         assert total is not None
         return total, per_task
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, steps: int = 200) -> float:
+    """The softmax temperature that minimises the negative log-likelihood of
+    ``targets`` (temperature scaling, Guo et al. 2017); 1.0 without labels.
+
+    Args:
+        logits: N x C raw logits of one head.
+        targets: N class indices (``MISSING`` rows are ignored).
+    """
+    labelled = targets != MISSING
+    if not labelled.any():
+        return 1.0
+    logits, targets = logits[labelled].detach().double(), targets[labelled]
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.1, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), targets)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return float(log_t.detach().exp().clamp(0.05, 20.0))

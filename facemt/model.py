@@ -45,10 +45,17 @@ class MultiTaskNet(nn.Module):
         self.heads = nn.ModuleDict(
             {t: nn.Linear(trunk.num_features, TASKS[t].num_classes) for t in self.tasks}
         )
+        #: per-head softmax temperature fitted on validation data (1 = uncalibrated);
+        #: stored in config.json, applied by :meth:`probabilities` only.
+        self.temperatures: dict[str, float] = {t: 1.0 for t in self.tasks}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         features = self.dropout(self.trunk(x))
         return {t: head(features) for t, head in self.heads.items()}
+
+    def probabilities(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Calibrated class probabilities per head: softmax(logits / temperature)."""
+        return {t: torch.softmax(v.float() / self.temperatures.get(t, 1.0), dim=1) for t, v in self(x).items()}
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

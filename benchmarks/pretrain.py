@@ -1,0 +1,125 @@
+"""The recipe of facemt's built-in base model: one three-head network trained on
+FER+ (expression) and UTKFace (age group, gender) from ImageNet weights.
+
+    python benchmarks/pretrain.py --data-root ../shared/data \
+        --weights ../shared/weights/mobilenetv2_100_imagenet.safetensors --out runs/base
+
+- Expression: FER+ FER2013Train, majority vote onto the six FACES classes
+  (ties, surprise, contempt, unknown and not-a-face are left out);
+  FER2013Valid validates; FER2013Test is never trained on.
+- Age group and gender: UTKFace adults, except a fixed held-out list written
+  to ``benchmarks/utk_holdout.txt`` (benchmark B's test faces and its training
+  draws for seeds 0-4, and benchmark C's test faces, which are also the base
+  model's UTKFace test set); 10 % of the rest validates.
+- JAFFE is not used, so JAFFE benchmarks stay honest tests of the base.
+- Faces aligned (crop policy ``align``), logit-adjusted loss (class-balanced
+  predictions), heavy augmentation; the epoch with the best mean validation
+  accuracy is kept; a temperature per head is fitted on the validation rows.
+
+Then ``facemt.base.ship(RUN)`` writes the fp16 copy into ``facemt/base/``.
+Nothing here is a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from accuracy import FIXED_SPLIT_SEED, utk_all_adults, utk_regime  # noqa: E402
+
+from facemt.data import DataIndex, ImageCache, combine, index_ferplus, index_utkface  # noqa: E402
+from facemt.engine import TrainConfig, train  # noqa: E402
+from facemt.evaluation import calibrate_run  # noqa: E402
+
+HOLDOUT = Path(__file__).resolve().parent / "utk_holdout.txt"
+
+
+def utk_holdout(utk: DataIndex, seeds: int = 5) -> list[int]:
+    """Rows of benchmark B (test faces, training draws of seeds 0..seeds-1) and C (test faces)."""
+    rows: set[int] = set()
+    for seed in range(seeds):
+        b_train, b_test = utk_regime(utk, seed)
+        rows |= set(b_train) | set(b_test)
+    rows |= set(utk_all_adults(utk)[1])
+    return sorted(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--weights", required=True, help="ImageNet weights of --backbone (.safetensors)")
+    p.add_argument("--backbone", default="mobilenetv2_100")
+    p.add_argument("--out", default="runs/base")
+    p.add_argument("--epochs", type=int, default=7)
+    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--limit", type=int, default=0, help="rows per source, for a quick trial (0 = all)")
+    args = p.parse_args(argv)
+    root = Path(args.data_root)
+    started = time.perf_counter()
+    fer_train = index_ferplus(root / "ferplus" / "FER2013Train")
+    fer_valid = index_ferplus(root / "ferplus" / "FER2013Valid")
+    utk = index_utkface(root / "utkface")
+    held = utk_holdout(utk)
+    HOLDOUT.write_text("# UTKFace files the base model never trains on (benchmarks B and C)\n"
+                       + "".join(Path(utk.table["path"].iloc[i]).name + "\n" for i in held))
+    rest = np.setdiff1d(np.arange(len(utk)), held)
+    rng = np.random.default_rng(FIXED_SPLIT_SEED)
+    rng.shuffle(rest)
+    utk_val, utk_train = np.sort(rest[: len(rest) // 10]), np.sort(rest[len(rest) // 10:])
+    parts = [fer_train, fer_valid, utk]
+    index = combine(parts)
+    offsets = np.cumsum([0] + [len(x) for x in parts])
+    train_rows = list(range(offsets[0], offsets[1])) + [int(offsets[2] + i) for i in utk_train]
+    val_rows = list(range(offsets[1], offsets[2])) + [int(offsets[2] + i) for i in utk_val]
+    if args.limit:
+        pick = np.random.default_rng(0)
+        train_rows = sorted(pick.choice(train_rows, args.limit, replace=False).tolist())
+        val_rows = sorted(pick.choice(val_rows, args.limit // 4, replace=False).tolist())
+    config = TrainConfig(
+        backbone=args.backbone, pretrained_file=args.weights, epochs=args.epochs, image_size=args.image_size,
+        batch_size=args.batch_size, lr=args.lr, augment="heavy", crop="align", balance_classes=True,
+        tasks=("age_group", "gender", "expression"), warmup_epochs=0.5, device=args.device, seed=0,
+    )
+    extra = {
+        "sources": [f"ferplus:{root / 'ferplus' / 'FER2013Train'}", f"ferplus:{root / 'ferplus' / 'FER2013Valid'}",
+                    f"utkface:{root / 'utkface'}"],
+        "recipe": "benchmarks/pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "dataset": index.summary(),
+        "split": {"train_images": len(train_rows), "val_images": len(val_rows),
+                  "utk_held_out": len(held), "utk_held_out_list": "benchmarks/utk_holdout.txt"},
+    }
+    print(f"train {len(train_rows)} images, validate {len(val_rows)}, UTKFace held out {len(held)}", flush=True)
+    epoch_started = [time.perf_counter()]
+
+    def progress(event: str, info: dict) -> None:
+        if event == "framing":
+            print(f"framing: {info['counts']}", flush=True)
+        elif event == "epoch_start":
+            epoch_started[0] = time.perf_counter()
+        elif event == "epoch_end":
+            row = info["row"]
+            accs = " ".join(f"{k[4:-4]}={v:.3f}" for k, v in row.items() if k.startswith("val_") and k.endswith("_acc"))
+            print(f"epoch {info['epoch']}/{info['epochs']} {time.perf_counter() - epoch_started[0]:.0f} s "
+                  f"train loss {sum(v for k, v in row.items() if k.startswith('train_') and k.endswith('_loss')):.3f} "
+                  f"val {accs}", flush=True)
+
+    cache = ImageCache()
+    result = train(index, config, train_rows, val_rows, out_dir=args.out, cache=cache, callback=progress, extra=extra)
+    temperatures = calibrate_run(args.out, result.model, index, val_rows, result.preprocess, cache, device=args.device)
+    wall = time.perf_counter() - started
+    print(json.dumps({"best_epoch": result.best_epoch, "temperatures": temperatures, "wall_s": round(wall)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
