@@ -19,6 +19,13 @@ Benchmarks (see issue "Real faces"):
      single-task models of A and B with the same seed. JAFFE's gender label (all
      female) is dropped in D, so the gender head learns from UTKFace alone.
   E  The old protocol: random 70/30 split on JAFFE (identity leaks), next to A.
+  Z  Zero-shot: the initial model itself (--init base), no training: JAFFE
+     expression on A's test folds, age group and gender on B's test set, and
+     per-class recall on all of JAFFE.
+
+--init imagenet starts every model from --weights (ImageNet); --init base from
+facemt's built-in base model (or --init RUN from a run folder). --summarize
+CSV... merges the CSVs of several runs (e.g. run in parallel) into one section.
 
 Every model is trained for a fixed number of epochs: no test image selects an epoch.
 Writes a CSV of every model (--csv) and appends a Markdown section to --results.
@@ -38,9 +45,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from facemt.checkpoint import base_dir, load_checkpoint
 from facemt.data import DataIndex, ImageCache, combine, index_jaffe, index_utkface
 from facemt.engine import TrainConfig, predict_images, train
 from facemt.evaluation import evaluate_predictions, make_folds, paired_interval
+from facemt.tasks import TASKS
 
 UTK_TEST_PER_CELL = 100
 UTK_TRAIN_PER_CELL = 12
@@ -59,7 +68,7 @@ def train_and_score(index: DataIndex, config: TrainConfig, train_rows, tests: di
     scores = {}
     for rows, heads in by_rows.items():
         images = cache.load([index.table["path"].iloc[i] for i in rows], result.preprocess)[0]
-        probs = predict_images(result.model, images, result.preprocess, 64)
+        probs = predict_images(result.model, images, result.preprocess, 64, next(result.model.parameters()).device)
         metrics = evaluate_predictions(index.table.iloc[list(rows)], probs)
         scores.update({h: metrics[h]["accuracy"] for h in heads})
     return {h: scores[h] for h in result.tasks}, time.perf_counter() - t
@@ -135,6 +144,29 @@ def joint(jaffe: DataIndex, utk: DataIndex, config: TrainConfig, seeds: int, cac
     return rows
 
 
+def zero_shot(model_dir: str, jaffe: DataIndex, utk: DataIndex, seeds: int, cache: ImageCache,
+              cells: tuple[int, int], device: str) -> tuple[list[dict], dict[str, float]]:
+    """Benchmark Z: the model as it is on A's test folds and B's test set; and
+    its per-class expression recall on all of JAFFE."""
+    model, pre, _ = load_checkpoint(model_dir, map_location=device)
+    images = cache.load(list(jaffe.table["path"]), pre)[0]
+    probs = predict_images(model, images, pre, 64, device)
+    classes = TASKS["expression"].classes
+    predicted = np.asarray(classes)[probs["expression"].argmax(1)]
+    truth = jaffe.table["expression"].to_numpy()
+    rows = []
+    for seed, fold, _, test in jaffe_subject_splits(jaffe, seeds):
+        acc = float((predicted[test] == truth[test]).mean())
+        rows += records("Z", "zero-shot", seed, fold, {"expression": acc}, {"expression": len(test)}, 0.0)
+    u_test = utk_regime(utk, 0, *cells)[1]
+    u_images = cache.load([utk.table["path"].iloc[i] for i in u_test], pre)[0]
+    metrics = evaluate_predictions(utk.table.iloc[u_test], predict_images(model, u_images, pre, 64, device))
+    rows += records("Z", "zero-shot", 0, 0, {h: metrics[h]["accuracy"] for h in ("age_group", "gender")},
+                    {"age_group": len(u_test), "gender": len(u_test)}, 0.0)
+    recall = {c: float((predicted[truth == c] == c).mean()) for c in classes}
+    return rows, recall
+
+
 def joint_pairs(frame: pd.DataFrame) -> pd.DataFrame:
     """D minus single-task per head. Expression pairs per (seed, fold) with A;
     age group and gender: D averaged over the folds of a seed, paired with B's
@@ -154,7 +186,7 @@ def joint_pairs(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def markdown(frame: pd.DataFrame, title: str, command: str) -> list[str]:
+def markdown(frame: pd.DataFrame, title: str, command: str, recall: dict[str, float] | None = None) -> list[str]:
     summary = frame.groupby(["benchmark", "model", "head"], sort=False).agg(
         mean=("accuracy", "mean"), std=("accuracy", "std"), count=("accuracy", "size"),
         seconds=("seconds", "mean")).reset_index()
@@ -164,7 +196,10 @@ def markdown(frame: pd.DataFrame, title: str, command: str) -> list[str]:
     for r in summary.itertuples():
         spread = "" if r.count < 2 else f" ± {100 * r.std:.1f}"
         lines.append(f"| {r.benchmark} | {r.model} | {r.head} | {100 * r.mean:.1f}{spread} | {r.count} | {r.seconds:.0f} |")
-    if (frame["benchmark"] == "D").any():
+    if recall:
+        lines += ["", "Z zero-shot expression recall per class on all of JAFFE: "
+                  + ", ".join(f"{c} {100 * r:.0f} %" for c, r in recall.items())]
+    if (frame["benchmark"] == "D").any() and (frame["benchmark"] == "A").any():
         lines += ["", "D joint minus single-task (paired, 95 % t-interval):", "",
                   "| head | joint % | single-task % | difference (points) | 95 % interval | pairs |",
                   "|---|---|---|---|---|---|"]
@@ -177,15 +212,20 @@ def markdown(frame: pd.DataFrame, title: str, command: str) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-root", required=True, help="folder holding jaffe/ and utkface/")
-    p.add_argument("--weights", required=True, help="ImageNet weights for --backbone (.safetensors)")
+    p.add_argument("--weights", help="ImageNet weights for --backbone (.safetensors), for --init imagenet")
     p.add_argument("--backbone", default="mobilenetv2_100")
+    p.add_argument("--init", default="imagenet", help="imagenet (--weights), base (the built-in model) or a run folder")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--d-alone", action="store_true", help="run D without also running A and B (pair later "
+                   "with --summarize)")
+    p.add_argument("--summarize", nargs="+", metavar="CSV", help="merge these CSVs into one section and exit")
     p.add_argument("--only", default="A,B,C,D,E", help="comma-separated benchmarks (D needs A and B: they are added)")
     p.add_argument("--seeds", type=int, default=3, help="seeds for A, D, E (default %(default)s)")
     p.add_argument("--seeds-b", type=int, default=5, help="seeds for B (default %(default)s)")
     p.add_argument("--seeds-c", type=int, default=1, help="seeds for C (default %(default)s)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--epochs-c", type=int, default=6, help="epochs for C, which has ~2,900 training faces")
-    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--image-size", type=int, help="default 128, or the initial model's with --init base/RUN")
     p.add_argument("--augment", default="light")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--backbone-lr-scale", type=float, default=1.0)
@@ -193,7 +233,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--loss-weighting", choices=("fixed", "uncertainty"), default="fixed")
     p.add_argument("--balance-sources", action="store_true")
-    p.add_argument("--crop", choices=("align", "box", "none"), default="none",
+    p.add_argument("--crop", choices=("align", "box", "none"), default="align",
                    help="crop policy (facemt fit --crop)")
     p.add_argument("--crop-margin", type=float, default=0.4)
     p.add_argument("--utk-train-per-cell", type=int, default=UTK_TRAIN_PER_CELL, help="B training faces per cell")
@@ -203,20 +243,40 @@ def main(argv=None) -> int:
     p.add_argument("--csv", default="benchmarks/accuracy.csv")
     p.add_argument("--results", default="benchmarks/RESULTS.md")
     args = p.parse_args(argv)
+    command = shlex.join(["python", "benchmarks/accuracy.py", *(argv if argv is not None else sys.argv[1:])])
+    if args.summarize:
+        frame = pd.concat([pd.read_csv(c) for c in args.summarize], ignore_index=True)
+        frame.to_csv(args.csv, index=False)
+        lines = markdown(frame, args.title or "merged", command)
+        with open(args.results, "a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return 0
     root = Path(args.data_root)
+    init = None if args.init == "imagenet" else str(base_dir()) if args.init == "base" else args.init
+    if init is None and not args.weights:
+        p.error("--init imagenet needs --weights")
+    backbone = load_checkpoint(init)[2]["backbone"] if init else args.backbone
     config = TrainConfig(
-        backbone=args.backbone, pretrained_file=args.weights, epochs=args.epochs, image_size=args.image_size,
+        backbone=backbone, pretrained_file=None if init else args.weights, init_from=init,
+        epochs=args.epochs, image_size=args.image_size or (None if init else 128),
         augment=args.augment, lr=args.lr, backbone_lr_scale=args.backbone_lr_scale,
         label_smoothing=args.label_smoothing, batch_size=args.batch_size, loss_weighting=args.loss_weighting,
-        balance_sources=args.balance_sources, crop=args.crop, crop_margin=args.crop_margin, device="cpu")
+        balance_sources=args.balance_sources, crop=args.crop, crop_margin=args.crop_margin, device=args.device)
     wanted = set(args.only.split(","))
-    if "D" in wanted:
+    if "D" in wanted and not args.d_alone:
         wanted |= {"A", "B"}
     cells = (args.utk_train_per_cell, args.utk_test_per_cell)
     rows, started = [], time.perf_counter()
     cache = ImageCache()
-    jaffe = index_jaffe(root / "jaffe") if wanted & {"A", "D", "E"} else None
-    utk = index_utkface(root / "utkface") if wanted & {"B", "C", "D"} else None
+    jaffe = index_jaffe(root / "jaffe") if wanted & {"A", "D", "E", "Z"} else None
+    utk = index_utkface(root / "utkface") if wanted & {"B", "C", "D", "Z"} else None
+    recall = None
+    if "Z" in wanted:
+        if not init:
+            p.error("Z (zero-shot) needs --init base or a run folder")
+        z_rows, recall = zero_shot(init, jaffe, utk, args.seeds, cache, cells, args.device)
+        rows += z_rows
     if "A" in wanted:
         rows += run_models(jaffe, config, jaffe_subject_splits(jaffe, args.seeds), "A", cache,
                            [("single", ("expression",))])
@@ -240,10 +300,9 @@ def main(argv=None) -> int:
     frame.to_csv(args.csv, index=False)
     wall = time.perf_counter() - started
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    command = shlex.join(["python", "benchmarks/accuracy.py", *(argv if argv is not None else sys.argv[1:])])
     title = f"{args.title + ': ' if args.title else ''}{', '.join(sorted(wanted))} at commit {commit} " \
             f"({wall:.0f} s on this machine)"
-    lines = markdown(frame, title, command)
+    lines = markdown(frame, title, command, recall)
     with open(args.results, "a", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

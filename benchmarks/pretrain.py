@@ -35,8 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import FIXED_SPLIT_SEED, utk_all_adults, utk_regime  # noqa: E402
 
 from facemt.data import DataIndex, ImageCache, combine, index_ferplus, index_utkface  # noqa: E402
-from facemt.engine import TrainConfig, train  # noqa: E402
-from facemt.evaluation import calibrate_run  # noqa: E402
+from facemt.engine import TrainConfig, calibrate_run, train  # noqa: E402
 
 HOLDOUT = Path(__file__).resolve().parent / "utk_holdout.txt"
 

@@ -220,3 +220,46 @@ def update_config(run_dir: str | os.PathLike, fields: dict[str, Any]) -> dict[st
     config = {**read_config(run_dir), **fields}
     atomic_write_text(Path(run_dir) / CONFIG, json.dumps(config, indent=2) + "\n")
     return config
+
+
+#: The name that stands for the model shipped inside the package.
+BASE_NAME = "base"
+
+
+def base_dir() -> Path:
+    """The built-in base model's folder inside the installed package."""
+    from importlib import resources
+
+    return Path(str(resources.files("facemt") / "base"))
+
+
+def resolve_run(model: str | os.PathLike | None) -> Path:
+    """The run folder a model name stands for: ``None`` or ``"base"`` is the
+    built-in base model (unless a folder named ``base`` holding a run is in the
+    way: a path wins), anything else is a run folder written by ``facemt fit``.
+
+    Raises:
+        FacemtError: the built-in model is missing from this installation.
+    """
+    if model is not None and (str(model) != BASE_NAME or (Path(model) / CONFIG).is_file()):
+        return Path(model)
+    folder = base_dir()
+    if not (folder / CONFIG).is_file():
+        raise FacemtError(f"the built-in base model is missing from this installation ({folder}); "
+                          "reinstall facemt or name a run folder")
+    return folder
+
+
+def copy_half(run_dir: str | os.PathLike, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
+    """Copy a run with its weights stored as float16 (half the size; loading
+    casts them back to float32). ``config.json`` is copied with the new SHA-256."""
+    config = read_config(run_dir)
+    model, _, _ = load_checkpoint(run_dir)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.half() if v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in model.state_dict().items()}
+    atomic_write(out_dir / WEIGHTS, lambda tmp: save_file(state, tmp, metadata={"format": FORMAT}))
+    config = {**config, **(extra or {}), "weights_sha256": sha256_file(out_dir / WEIGHTS), "weights_dtype": "float16"}
+    atomic_write_text(out_dir / CONFIG, json.dumps(config, indent=2) + "\n")
+    return out_dir

@@ -95,7 +95,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", action="append", metavar="DIR|CSV",
                    help="folder of FACES-named images or a CSV manifest (repeatable; required)")
     p.add_argument("--tasks", help=f"comma-separated heads to train (default: every labelled one of {','.join(TASK_NAMES)})")
-    p.add_argument("--backbone", default=d.backbone, help="timm model name (default %(default)s)")
+    p.add_argument("--backbone", default=d.backbone,
+                   help="timm model name (default %(default)s, the base model's; another starts from "
+                        "--pretrained-file/--pretrained or random weights)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="default %(default)s")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
@@ -103,7 +105,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="backbone learning rate = --lr x this; heads get --lr (default %(default)s)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default %(default)s)")
     p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="default %(default)s")
-    p.add_argument("--image-size", type=int, default=d.image_size, help="network input side in pixels (default %(default)s)")
+    p.add_argument("--image-size", type=int, default=d.image_size,
+                   help="network input side in pixels (default: the initial model's, 112 for the base model; else 128)")
     p.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
     p.add_argument("--augment", choices=AUGMENT_PRESETS, default=d.augment, help="default %(default)s")
     p.add_argument("--loss-weights", metavar="TASK=W,...", help="e.g. expression=2,gender=1 (default 1 each)")
@@ -125,10 +128,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help="held-out share, split by person when persons are known (default %(default)s)")
     w = p.add_mutually_exclusive_group()
+    w.add_argument("--init-from", metavar="RUN|base", default=d.init_from,
+                   help="start from a facemt model: backbone and every head whose classes match (default: the "
+                        "built-in face-trained base model, when --backbone is its backbone)")
     w.add_argument("--pretrained", action="store_true", help="ImageNet weights from the timm model hub (needs network)")
-    w.add_argument("--pretrained-file", metavar="PATH", help="ImageNet weights from a local .safetensors/.pth file")
-    w.add_argument("--no-pretrained", action="store_true", help="random initialisation (the default)")
-    w.add_argument("--init-from", metavar="RUN", help="start from a previous facemt run: backbone and matching heads")
+    w.add_argument("--pretrained-file", metavar="PATH", help="backbone weights from a local .safetensors/.pth file")
+    w.add_argument("--no-pretrained", action="store_true", help="random initialisation")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
 
 
@@ -147,7 +152,7 @@ def _train_config(args: argparse.Namespace):
         label_smoothing=args.label_smoothing, dropout=args.dropout, val_fraction=args.val_fraction,
         crop=args.crop, crop_margin=args.crop_margin, loss_weighting=args.loss_weighting,
         balance_sources=args.balance_sources, balance_classes=args.balance_classes,
-        init_from=args.init_from,
+        init_from=None if (args.no_pretrained or args.pretrained or args.pretrained_file) else args.init_from,
         pretrained=args.pretrained, pretrained_file=args.pretrained_file, device=args.device,
     )
     config.validate()
@@ -323,7 +328,8 @@ def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
         fmt = suffix[1:]
     else:
         fmt = "json" if args.json else "csv" if args.csv else "table"
-    predictor = load(args.run, device=args.device, batch_size=args.batch_size, crop=_crop_override(args))
+    _split_predict_inputs(args)
+    predictor = load(args.model, device=args.device, batch_size=args.batch_size, crop=_crop_override(args))
     files = iter_image_files(args.inputs)
     if not files:
         raise FacemtError("no image files found in the given inputs")
@@ -450,7 +456,7 @@ def cmd_evaluate(args: argparse.Namespace, out: Console, err: Console) -> int:
     from facemt.evaluation import evaluate_predictions
     from facemt.inference import load
 
-    predictor = load(args.run, device=args.device, batch_size=args.batch_size, crop=_crop_override(args))
+    predictor = load(_model(args), device=args.device, batch_size=args.batch_size, crop=_crop_override(args))
     index = _load_data(args.data, err)
     cache = ImageCache()
     with _Progress(err) as progress:
@@ -458,10 +464,10 @@ def cmd_evaluate(args: argparse.Namespace, out: Console, err: Console) -> int:
     probs = predict_images(predictor.model, images, predictor.preprocess, args.batch_size, predictor.device)
     metrics = evaluate_predictions(index.table, probs)
     if args.json:
-        print(json.dumps({"run": str(args.run), "images": len(index), "crop": predictor.preprocess.crop,
+        print(json.dumps({"model": str(predictor.run_dir), "images": len(index), "crop": predictor.preprocess.crop,
                           "framing": cache.framing_counts(index.table), "metrics": metrics}, indent=2))
         return EXIT_OK
-    out.print(_metrics_table(f"{args.run} on {len(index)} images", metrics))
+    out.print(_metrics_table(f"{predictor.run_dir} on {len(index)} images", metrics))
     for head, m in metrics.items():
         if not m["n"]:
             continue
@@ -535,12 +541,39 @@ def cmd_cv(args: argparse.Namespace, out: Console, err: Console) -> int:
 def cmd_export(args: argparse.Namespace, out: Console, err: Console) -> int:
     from facemt.export import export
 
-    info = export(args.run, args.format, args.out, probabilities=not args.logits, check=not args.no_check)
+    from facemt.checkpoint import base_dir, resolve_run
+
+    run = resolve_run(_model(args))
+    if run == base_dir() and not args.out:
+        raise FacemtError("exporting the built-in base model needs --out FILE (its folder is inside the package)")
+    info = export(run, args.format, args.out, probabilities=not args.logits, check=not args.no_check)
     msg = f"wrote {info['path']} (outputs {', '.join(info['outputs'])}: {info['output_kind']})"
     if "max_abs_diff" in info:
         msg += f"; max |difference| vs PyTorch {info['max_abs_diff']:.2e}"
     out.print(msg, markup=False, highlight=False)
     return EXIT_OK
+
+
+def _add_model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="RUN|base",
+                   help="a run folder written by 'facemt fit', or 'base' (the default): the built-in base model")
+
+
+def _model(args: argparse.Namespace) -> str | None:
+    """The model a command reads: --model, or the legacy positional run folder."""
+    run = getattr(args, "run", None)
+    if run is not None and args.model is not None and run != args.model:
+        raise FacemtError(f"two models given: {run} and --model {args.model}")
+    return args.model or run
+
+
+def _split_predict_inputs(args: argparse.Namespace) -> None:
+    """``facemt predict RUN IMAGE...`` (the older form): a leading run folder is the model."""
+    first = Path(args.inputs[0])
+    if len(args.inputs) > 1 and (first / "config.json").is_file():
+        if args.model is not None:
+            raise FacemtError(f"two models given: {first} and --model {args.model}")
+        args.model, args.inputs = str(first), args.inputs[1:]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -572,8 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="predict all heads for images or folders", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", help="run folder written by 'facemt fit'")
-    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE|DIR",
+                   help="image files or folders (a run folder given first is taken as --model)")
+    _add_model_arg(p)
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print JSON (one object per face or image)")
     fmt.add_argument("--csv", action="store_true", help="print CSV (one row per face or image)")
@@ -600,7 +634,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="metrics of a trained model on labelled images", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", help="run folder written by 'facemt fit'")
+    p.add_argument("run", nargs="?", help=argparse.SUPPRESS)
+    _add_model_arg(p)
     p.add_argument("--data", action="append", required=True, metavar="DIR|CSV", help="labelled images (repeatable)")
     p.add_argument("--crop", choices=CROP_POLICIES,
                    help="override the run's crop policy (default: the one it was trained with)")
@@ -611,7 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export a run to ONNX or TorchScript", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", help="run folder written by 'facemt fit'")
+    p.add_argument("run", nargs="?", help=argparse.SUPPRESS)
+    _add_model_arg(p)
     p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx", help="default %(default)s")
     p.add_argument("--out", help="output file (default RUN/model.onnx or RUN/model.torchscript.pt)")
     p.add_argument("--logits", action="store_true", help="output raw logits instead of probabilities")

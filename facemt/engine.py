@@ -16,16 +16,19 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from facemt.checkpoint import atomic_write_text, save_checkpoint
+from facemt.checkpoint import (BASE_NAME, atomic_write_text, base_dir, load_checkpoint, read_config, save_checkpoint,
+                               update_config)
 from facemt.data import DataIndex, FaceDataset, ImageCache, encode_targets
 from facemt.errors import FacemtError
 from facemt.faces import CropPolicy
-from facemt.losses import MISSING, MultiTaskLoss
+from facemt.losses import MISSING, MultiTaskLoss, expected_calibration_error, fit_temperature
 from facemt.model import DEFAULT_BACKBONE, MultiTaskNet, check_backbone, create_model
 from facemt.tasks import TASKS, select_tasks
 from facemt.transforms import AUGMENT_PRESETS, PreprocessConfig, build_transform
 
 log = logging.getLogger(__name__)
+#: Input side when neither the configuration nor the initialising model names one.
+DEFAULT_IMAGE_SIZE = 128
 
 Callback = Callable[[str, dict[str, Any]], None]
 
@@ -45,14 +48,14 @@ class TrainConfig:
     backbone_lr_scale: float = 1.0
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
-    image_size: int | None = 128
+    image_size: int | None = None
     seed: int = 0
     augment: str = "heavy"
     loss_weights: dict[str, float] = field(default_factory=dict)
     loss_weighting: str = "fixed"
     balance_sources: bool = False
     balance_classes: bool = False
-    init_from: str | None = None
+    init_from: str | None = "base"
     label_smoothing: float = 0.0
     dropout: float = 0.2
     val_fraction: float = 0.2
@@ -81,11 +84,26 @@ class TrainConfig:
         check_backbone(self.backbone)
         if self.loss_weighting not in ("fixed", "uncertainty"):
             raise FacemtError("--loss-weighting must be fixed or uncertainty")
-        if self.init_from and (self.pretrained or self.pretrained_file):
-            raise FacemtError("--init-from already gives the backbone its weights: drop --pretrained/--pretrained-file")
+        if self.init_from not in (None, BASE_NAME) and (self.pretrained or self.pretrained_file):
+            raise FacemtError("init_from already gives the backbone its weights: drop pretrained/pretrained_file")
         CropPolicy(self.crop, self.crop_margin)  # raises on a bad policy or margin
         if self.pretrained and self.pretrained_file:
             raise FacemtError("give either --pretrained or --pretrained-file, not both")
+
+    def initial_weights(self) -> str | None:
+        """The run whose weights start training (the built-in base model's folder
+        for ``init_from="base"`` when the backbone is the base's), or None when
+        the backbone starts from ``pretrained``/``pretrained_file`` or at random."""
+        if self.pretrained or self.pretrained_file or not self.init_from:
+            return None
+        if self.init_from != BASE_NAME or (Path(self.init_from) / "config.json").is_file():
+            return self.init_from
+        try:
+            base = read_config(base_dir())
+        except FacemtError:
+            log.warning("the built-in base model is missing: %s starts from random weights", self.backbone)
+            return None
+        return str(base_dir()) if base["backbone"] == self.backbone else None
 
     @property
     def crop_policy(self) -> CropPolicy:
@@ -232,11 +250,9 @@ def initialise_from(model: MultiTaskNet, run_dir: str | Path, backbone: str) -> 
     Raises:
         FacemtError: the run is unreadable or has another backbone.
     """
-    from facemt.checkpoint import load_checkpoint
-
     source, _, config = load_checkpoint(run_dir)
     if config["backbone"] != backbone:
-        raise FacemtError(f"--init-from {run_dir}: its backbone is {config['backbone']}, this run's is {backbone}")
+        raise FacemtError(f"init_from {run_dir}: its backbone is {config['backbone']}, this run's is {backbone}")
     model.trunk.load_state_dict(source.trunk.state_dict())
     copied = []
     for task, head in model.heads.items():
@@ -420,13 +436,15 @@ def train(
     tasks = resolve_tasks(index, config.tasks)
     device = resolve_device(config.device)
     seed_everything(config.seed)
+    init = config.initial_weights()
+    image_size = config.image_size or (read_config(init)["preprocess"]["image_size"] if init else DEFAULT_IMAGE_SIZE)
     model, preprocess = create_model(
         config.backbone, tasks, config.pretrained and resume is None,
-        config.pretrained_file if resume is None else None, config.image_size, config.dropout,
+        config.pretrained_file if resume is None else None, image_size, config.dropout,
         config.crop_policy,
     )
-    if config.init_from and resume is None:
-        initialise_from(model, config.init_from, config.backbone)
+    if init and resume is None:
+        initialise_from(model, init, config.backbone)
     model.to(device)
     images = decode_images(index, preprocess, cache, callback)
     targets = encode_targets(index.table, tasks)
@@ -613,5 +631,57 @@ def fit(
             "subject_disjoint": bool(index.table["person"].notna().all()),
         },
     }
-    return train(index, config, train_rows, val_rows, out_dir, cache, callback, extra,
-                 should_stop=should_stop, resume=resume)
+    cache = cache or ImageCache()
+    result = train(index, config, train_rows, val_rows, out_dir, cache, callback, extra,
+                   should_stop=should_stop, resume=resume)
+    calibrate_run(out_dir, result.model, index, val_rows, result.preprocess, cache, config.device)
+    return result
+
+
+def calibrate_run(
+    run_dir: str | Path | None,
+    model: MultiTaskNet,
+    index: DataIndex,
+    rows: Sequence[int],
+    preprocess: PreprocessConfig,
+    cache: ImageCache | None = None,
+    device: str = "auto",
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Fit one softmax temperature per head on labelled rows (validation data),
+    set them on ``model`` and, with ``run_dir``, store them in its config.json
+    together with the expected calibration error before and after.
+
+    Returns:
+        task -> temperature.
+    """
+    rows = [int(i) for i in rows]
+    if not rows:
+        return dict(model.temperatures)
+    sub = DataIndex(index.table.iloc[rows].reset_index(drop=True), [])
+    images = decode_images(sub, preprocess, cache or ImageCache(), None)
+    transform = build_transform(preprocess, "none")
+    dev = resolve_device(device)
+    model.to(dev).eval()
+    logits: dict[str, list] = {t: [] for t in model.tasks}
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([transform(im) for im in images[start:start + batch_size]]).to(dev)
+            for t, v in model(batch).items():
+                logits[t].append(v.float().cpu())
+    targets = encode_targets(sub.table, model.tasks)
+    report: dict[str, dict] = {}
+    for t in model.tasks:
+        z, y = torch.cat(logits[t]), torch.as_tensor(targets[t])
+        temperature = fit_temperature(z, y)
+        mask = (y >= 0).numpy()
+        before = expected_calibration_error(y.numpy()[mask], torch.softmax(z, 1).numpy()[mask]) if mask.any() else None
+        after = (expected_calibration_error(y.numpy()[mask], torch.softmax(z / temperature, 1).numpy()[mask])
+                 if mask.any() else None)
+        model.temperatures[t] = temperature
+        report[t] = {"temperature": temperature, "ece_before": before, "ece_after": after, "n": int(mask.sum())}
+    if run_dir is not None:
+        update_config(run_dir, {"calibration": {"temperature": {t: r["temperature"] for t, r in report.items()},
+                                                "ece": report, "rows": len(rows)}})
+    log.info("temperatures: %s", {t: round(r["temperature"], 3) for t, r in report.items()})
+    return dict(model.temperatures)

@@ -6,7 +6,6 @@ import json
 import logging
 import warnings
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
@@ -15,6 +14,7 @@ from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 from facemt.data import DataIndex, ImageCache, encode_targets
 from facemt.errors import FacemtError
+from facemt.losses import expected_calibration_error
 from facemt.tasks import TASK_NAMES, TASKS
 
 if TYPE_CHECKING:
@@ -75,21 +75,6 @@ def validation_split(table: pd.DataFrame, fraction: float, seed: int) -> tuple[n
 
 
 # ----------------------------------------------------------------- metrics
-
-def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = 10) -> float:
-    """ECE: the confidence-weighted gap between confidence and accuracy over equal-width bins."""
-    if len(y_true) == 0:
-        return float("nan")
-    confidence = probs.max(1)
-    correct = probs.argmax(1) == y_true
-    edges = np.linspace(0, 1, bins + 1)
-    ece = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        in_bin = (confidence > lo) & (confidence <= hi)
-        if in_bin.any():
-            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(ece)
-
 
 def head_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict:
     """Accuracy, balanced accuracy, macro-F1, per-class precision/recall, confusion
@@ -367,58 +352,3 @@ def cross_validate(
     }
     return CVResult(pd.DataFrame(records), pd.concat(histories, ignore_index=True), confusion, settings, messages)
 
-
-def calibrate_run(
-    run_dir: str | Path | None,
-    model,
-    index,
-    rows: Sequence[int],
-    preprocess,
-    cache=None,
-    device: str = "auto",
-    batch_size: int = 64,
-) -> dict[str, float]:
-    """Fit one softmax temperature per head on labelled rows (validation data),
-    set them on ``model`` and, with ``run_dir``, store them in its config.json
-    together with the expected calibration error before and after.
-
-    Returns:
-        task -> temperature.
-    """
-    import torch
-
-    from facemt.checkpoint import update_config
-    from facemt.engine import decode_images, resolve_device
-    from facemt.losses import fit_temperature
-    from facemt.transforms import build_transform
-
-    rows = [int(i) for i in rows]
-    if not rows:
-        return dict(model.temperatures)
-    sub = DataIndex(index.table.iloc[rows].reset_index(drop=True), [])
-    images = decode_images(sub, preprocess, cache or ImageCache(), None)
-    transform = build_transform(preprocess, "none")
-    dev = resolve_device(device)
-    model.to(dev).eval()
-    logits: dict[str, list] = {t: [] for t in model.tasks}
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            batch = torch.stack([transform(im) for im in images[start:start + batch_size]]).to(dev)
-            for t, v in model(batch).items():
-                logits[t].append(v.float().cpu())
-    targets = encode_targets(sub.table, model.tasks)
-    report: dict[str, dict] = {}
-    for t in model.tasks:
-        z, y = torch.cat(logits[t]), torch.as_tensor(targets[t])
-        temperature = fit_temperature(z, y)
-        mask = (y >= 0).numpy()
-        before = expected_calibration_error(y.numpy()[mask], torch.softmax(z, 1).numpy()[mask]) if mask.any() else None
-        after = (expected_calibration_error(y.numpy()[mask], torch.softmax(z / temperature, 1).numpy()[mask])
-                 if mask.any() else None)
-        model.temperatures[t] = temperature
-        report[t] = {"temperature": temperature, "ece_before": before, "ece_after": after, "n": int(mask.sum())}
-    if run_dir is not None:
-        update_config(run_dir, {"calibration": {"temperature": {t: r["temperature"] for t, r in report.items()},
-                                                "ece": report, "rows": len(rows)}})
-    log.info("temperatures: %s", {t: round(r["temperature"], 3) for t, r in report.items()})
-    return dict(model.temperatures)

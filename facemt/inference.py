@@ -10,7 +10,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from facemt.checkpoint import load_checkpoint
+from facemt.checkpoint import load_checkpoint, resolve_run
 from facemt.engine import predict_images, resolve_device
 from facemt.errors import FacemtError
 from facemt.images import ImageInput, as_rgb_image
@@ -98,16 +98,19 @@ class Predictor:
     ``fit`` framed the training images.
 
     Args:
-        run_dir: a folder written by ``facemt fit``.
+        run_dir: a folder written by ``facemt fit``; None or ``"base"`` is the
+            built-in base model.
         device: ``auto``, ``cpu`` or ``cuda``.
         batch_size: images per forward pass.
         crop: override the run's crop policy (``align``, ``box`` or ``none``).
     """
 
     def __init__(
-        self, run_dir: str | os.PathLike, device: str = "auto", batch_size: int = 32, crop: str | None = None
+        self, run_dir: str | os.PathLike | None = None, device: str = "auto", batch_size: int = 32,
+        crop: str | None = None,
     ) -> None:
         self.device = resolve_device(device)
+        run_dir = resolve_run(run_dir)
         self.model, self.preprocess, self.config = load_checkpoint(run_dir, map_location=self.device)
         if crop is not None and crop != self.preprocess.crop:
             self.preprocess = dataclasses.replace(self.preprocess, crop=crop)
@@ -162,7 +165,7 @@ class Predictor:
         units = [self._units(im, True, True)[0] for im in items]
         results = self._predictions([a for _, a in units], [self._source(im) for im in items])
         for (face, _), r in zip(units, results):
-            r.set_face(face, None, self.preprocess)
+            r.set_face(face, 0, self.preprocess)
         return results[0] if single else results
 
     def predict_faces(
@@ -233,9 +236,10 @@ class Predictor:
 
 
 def load(
-    run_dir: str | os.PathLike, device: str = "auto", batch_size: int = 32, crop: str | None = None
+    run_dir: str | os.PathLike | None = None, device: str = "auto", batch_size: int = 32, crop: str | None = None
 ) -> Predictor:
-    """Load a run folder written by ``facemt fit``.
+    """Load a run folder written by ``facemt fit``, or with no argument (or
+    ``"base"``) the built-in base model shipped with facemt.
 
     Args:
         crop: override the run's crop policy (``align``, ``box``, ``none``).

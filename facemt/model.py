@@ -21,7 +21,8 @@ from facemt.transforms import PreprocessConfig, resolve_preprocess
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BACKBONE = "resnet18"
+#: The built-in base model's backbone: fine-tuning starts from it by default.
+DEFAULT_BACKBONE = "mobilenetv2_100"
 PRETRAINED_HELP = (
     "use --pretrained-file PATH (a local .safetensors/.pth of the backbone), "
     "--no-pretrained (random init), or --pretrained with network access to the model hub"

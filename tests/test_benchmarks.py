@@ -115,6 +115,25 @@ def test_benchmark_script_runs_every_benchmark(bench, data_root, weights, tmp_pa
     assert pairs.loc["expression", "diff"] == pytest.approx((d - a).mean())
 
 
+def test_zero_shot_and_summarize(bench, data_root, run_dir, tmp_path):
+    csv, md = tmp_path / "z.csv", tmp_path / "RESULTS.md"
+    argv = ["--data-root", str(data_root), "--init", str(run_dir), "--only", "Z,A", "--seeds", "1", "--epochs", "1",
+            "--batch-size", "8", "--utk-train-per-cell", "2", "--utk-test-per-cell", "3", "--csv", str(csv),
+            "--results", str(md)]
+    assert bench.main(argv) == 0
+    frame = pd.read_csv(csv)
+    z = frame[frame["benchmark"] == "Z"]
+    assert set(z["head"]) == {"expression", "age_group", "gender"} and len(z) == 5 + 2
+    assert set(z.loc[z["head"] == "age_group", "n_test"]) == {18}
+    a = frame[frame["benchmark"] == "A"]
+    assert len(a) == 5 and (a["seconds"] > 0).all()  # fine-tuned from the run, one per fold
+    assert "zero-shot expression recall per class on all of JAFFE" in md.read_text()
+    merged = tmp_path / "merged.csv"
+    assert bench.main(["--data-root", str(data_root), "--summarize", str(csv), str(csv), "--csv", str(merged),
+                       "--results", str(md), "--title", "merged twice"]) == 0
+    assert len(pd.read_csv(merged)) == 2 * len(frame) and "### merged twice" in md.read_text()
+
+
 def test_jaffe_folds_hold_out_two_women(bench, data_root):
     jaffe = index_jaffe(data_root / "jaffe")
     splits = bench.jaffe_subject_splits(jaffe, 1)

@@ -13,7 +13,8 @@ from conftest import TINY_FIT
 def test_fit_writes_a_self_describing_run(run_dir):
     assert {p.name for p in run_dir.iterdir()} == {"model.safetensors", "config.json", "history.csv"}
     cfg = read_config(run_dir)
-    assert cfg["backbone"] == "resnet18"
+    assert cfg["backbone"] == "mobilenetv2_100" and cfg["train"]["init_from"] == "base"  # the built-in model
+    assert set(cfg["calibration"]["temperature"]) == set(cfg["tasks"])  # fitted on the validation persons
     assert list(cfg["tasks"]) == ["age_group", "gender", "expression"]
     assert cfg["train"]["epochs"] == 2 and cfg["preprocess"]["image_size"] == 32
     assert cfg["dataset"]["images"] == 72 and cfg["dataset"]["persons"] == 6
@@ -64,7 +65,7 @@ def test_predict_table(run_dir, faces_dir, capsys):
 @pytest.mark.parametrize(
     "argv,match",
     [
-        (["predict", "/nonexistent/run", "x.jpg"], "no such run folder"),
+        (["predict", "--model", "/nonexistent/run", "x.jpg"], "no such run folder"),
         (["fit", "--data", "/nonexistent/faces", "--out", "OUT"], "no such folder"),
         (["fit", "--data", "FACES", "--out", "OUT", "--tasks", "race"], "unknown task"),
         (["fit", "--data", "FACES", "--out", "OUT", "--epochs", "0"], "--epochs"),

@@ -38,15 +38,15 @@ def test_source_weights_balance_sources():
 
 def test_init_from_copies_backbone_and_matching_heads(run_dir):
     torch.manual_seed(1)
-    model, _ = create_model("resnet18", ("expression",), image_size=32)
-    copied = initialise_from(model, run_dir, "resnet18")
+    model, _ = create_model("mobilenetv2_100", ("expression",), image_size=32)
+    copied = initialise_from(model, run_dir, "mobilenetv2_100")
     source = facemt.load(run_dir, device="cpu").model
     assert copied == ["expression"]
-    assert torch.equal(model.trunk.conv1.weight, source.trunk.conv1.weight)
+    assert torch.equal(model.trunk.conv_stem.weight, source.trunk.conv_stem.weight)
     assert torch.equal(model.heads["expression"].weight, source.heads["expression"].weight)
-    other, _ = create_model("mobilenetv2_100", ("expression",), image_size=32)
-    with pytest.raises(FacemtError, match="backbone is resnet18"):
-        initialise_from(other, run_dir, "mobilenetv2_100")
+    other, _ = create_model("resnet18", ("expression",), image_size=32)
+    with pytest.raises(FacemtError, match="backbone is mobilenetv2_100"):
+        initialise_from(other, run_dir, "resnet18")
 
 
 def test_fit_with_init_from_uncertainty_and_balancing(run_dir, faces_dir, tmp_path):
