@@ -122,7 +122,7 @@ def utk_all_adults(index: DataIndex, test_fraction: float = 0.2) -> tuple[list[i
 
 
 def jaffe_subject_splits(jaffe: DataIndex, seeds: int):
-    return [(s, k, tr, te) for s in range(seeds)
+    return [(s, k, tr, te) for s in (range(seeds) if isinstance(seeds, int) else seeds)
             for k, (tr, te) in enumerate(make_folds(jaffe.table, "subject", 5, s))]
 
 
@@ -221,6 +221,7 @@ def main(argv=None) -> int:
     p.add_argument("--summarize", nargs="+", metavar="CSV", help="merge these CSVs into one section and exit")
     p.add_argument("--only", default="A,B,C,D,E", help="comma-separated benchmarks (D needs A and B: they are added)")
     p.add_argument("--seeds", type=int, default=3, help="seeds for A, D, E (default %(default)s)")
+    p.add_argument("--first-seed", type=int, default=0, help="seeds start here (A, B, D, E), to split a run")
     p.add_argument("--seeds-b", type=int, default=5, help="seeds for B (default %(default)s)")
     p.add_argument("--seeds-c", type=int, default=1, help="seeds for C (default %(default)s)")
     p.add_argument("--epochs", type=int, default=30)
@@ -267,6 +268,7 @@ def main(argv=None) -> int:
     if "D" in wanted and not args.d_alone:
         wanted |= {"A", "B"}
     cells = (args.utk_train_per_cell, args.utk_test_per_cell)
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     rows, started = [], time.perf_counter()
     cache = ImageCache()
     jaffe = index_jaffe(root / "jaffe") if wanted & {"A", "D", "E", "Z"} else None
@@ -278,19 +280,19 @@ def main(argv=None) -> int:
         z_rows, recall = zero_shot(init, jaffe, utk, args.seeds, cache, cells, args.device)
         rows += z_rows
     if "A" in wanted:
-        rows += run_models(jaffe, config, jaffe_subject_splits(jaffe, args.seeds), "A", cache,
+        rows += run_models(jaffe, config, jaffe_subject_splits(jaffe, seeds), "A", cache,
                            [("single", ("expression",))])
     if "E" in wanted:
-        splits = [(s, 0, tr, te) for s in range(args.seeds)
+        splits = [(s, 0, tr, te) for s in seeds
                   for tr, te in make_folds(jaffe.table, "random", 5, s, test_size=0.3)]
         rows += run_models(jaffe, config, splits, "E", cache, [("single", ("expression",))])
     if "B" in wanted:
         models = [m for m in (("single", ("age_group",)), ("single", ("gender",)), ("multitask", ("age_group", "gender")))
                   if m[0] in args.b_models.split(",") or "D" in wanted]
-        rows += run_models(utk, config, [(s, 0, *utk_regime(utk, s, *cells)) for s in range(args.seeds_b)], "B", cache,
+        rows += run_models(utk, config, [(s, 0, *utk_regime(utk, s, *cells)) for s in range(args.first_seed, args.first_seed + args.seeds_b)], "B", cache,
                            models)
     if "D" in wanted:
-        rows += joint(jaffe, utk, config, args.seeds, cache, cells)
+        rows += joint(jaffe, utk, config, seeds, cache, cells)
     if "C" in wanted:
         tr, te = utk_all_adults(utk)
         rows += run_models(utk, replace(config, epochs=args.epochs_c),

@@ -134,6 +134,20 @@ def test_zero_shot_and_summarize(bench, data_root, run_dir, tmp_path):
     assert len(pd.read_csv(merged)) == 2 * len(frame) and "### merged twice" in md.read_text()
 
 
+def test_split_runs_merge_into_the_same_pairs(bench, data_root, weights, tmp_path):
+    common = ["--data-root", str(data_root), "--weights", str(weights), "--epochs", "1", "--image-size", "32",
+              "--batch-size", "8", "--utk-train-per-cell", "2", "--utk-test-per-cell", "3", "--crop", "none",
+              "--seeds", "1", "--seeds-b", "1", "--first-seed", "1", "--results", str(tmp_path / "R.md")]
+    assert bench.main([*common, "--only", "D", "--d-alone", "--csv", str(tmp_path / "d.csv")]) == 0
+    d = pd.read_csv(tmp_path / "d.csv")
+    assert set(d["benchmark"]) == {"D"} and set(d["seed"]) == {1} and len(d) == 15
+    assert bench.main([*common, "--only", "A,B", "--csv", str(tmp_path / "ab.csv")]) == 0
+    assert set(pd.read_csv(tmp_path / "ab.csv")["seed"]) == {1}
+    assert bench.main(["--data-root", str(data_root), "--summarize", str(tmp_path / "d.csv"), str(tmp_path / "ab.csv"),
+                       "--csv", str(tmp_path / "all.csv"), "--results", str(tmp_path / "R.md")]) == 0
+    assert "D joint minus single-task" in (tmp_path / "R.md").read_text()
+
+
 def test_jaffe_folds_hold_out_two_women(bench, data_root):
     jaffe = index_jaffe(data_root / "jaffe")
     splits = bench.jaffe_subject_splits(jaffe, 1)
