@@ -93,7 +93,9 @@ def head_metrics(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str]) 
         "n": int(len(y)),
         "accuracy": float(accuracy_score(y, pred)),
         "balanced_accuracy": float(recall[present].mean()),
-        "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        # Over the classes present in the test labels: a class the test set lacks has no F1 to average.
+        "macro_f1": float(f1_score(y, pred, labels=[i for i in labels if present[i]], average="macro",
+                                   zero_division=0)),
         "ece": expected_calibration_error(y, p),
         "per_class": {
             c: {"precision": float(precision[i]), "recall": float(recall[i]), "support": int(support[i])}

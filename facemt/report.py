@@ -177,7 +177,9 @@ def render_markdown(result: CVResult, title: str = "facemt cross-validation repo
         ["balanced_accuracy", "macro_f1", "ece"]].mean().reset_index()
     out += [_markdown_table(["split", "head", "balanced accuracy", "macro-F1", "ECE"],
                             [[r.protocol, r.head, _fmt(r.balanced_accuracy), _fmt(r.macro_f1), f"{r.ece:.3f}"]
-                             for r in mt.itertuples()]), ""]
+                             for r in mt.itertuples()]), "",
+            "Macro-F1 averages over the classes present in each test fold's labels; balanced accuracy is the "
+            "mean recall over those classes.", ""]
     out += ["## Plots", "", "![multi-task vs single-task](comparison.png)", ""]
     for protocol in dict.fromkeys(summary["protocol"]):
         out += [f"![learning curves, {protocol}](learning_curves_{protocol}.png)", "",

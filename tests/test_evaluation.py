@@ -141,3 +141,12 @@ def test_evaluate_cli_json(run_dir, faces_dir, capsys):
         assert sum(map(sum, m["confusion"])) == 72
     assert main(["evaluate", str(run_dir), "--data", str(faces_dir), "--device", "cpu"]) == 0
     assert "confusion" in capsys.readouterr().out
+
+
+def test_macro_f1_averages_over_the_classes_in_the_test_labels():
+    classes = ("anger", "disgust", "fear", "happiness", "neutrality", "sadness")
+    y = np.array([3] * 30 + [4] * 30)  # a two-expression test set, predicted perfectly but for one face
+    probs = np.eye(6)[np.r_[y[:-1], 3]]
+    m = head_metrics(y, probs, classes)
+    assert m["accuracy"] == pytest.approx(59 / 60)
+    assert m["macro_f1"] > 0.95  # not diluted by the four classes the test set does not hold
