@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from facemt.data import index_ferplus, index_jaffe, index_utkface
+from facemt.data import index_jaffe, index_utkface
 from facemt.faces import FaceDetector
 from facemt.images import decode_file
 

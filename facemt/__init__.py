@@ -1,16 +1,30 @@
-"""facemt: age group, gender and facial expression from one multi-task network."""
+"""facemt: age group, gender and facial expression from one multi-task network.
 
-__version__ = "0.1.0"
+``facemt.load()`` returns the built-in base model; ``facemt.load(RUN)`` a run
+written by ``facemt fit``. Heavy modules (torch, timm) are imported on first
+use of these names, so ``import facemt`` and ``facemt --help`` stay fast.
+"""
 
-from facemt.errors import FacemtError  # noqa: E402
-from facemt.inference import Prediction, Predictor, load  # noqa: E402
-from facemt.tasks import TASK_NAMES, TASKS  # noqa: E402
+from __future__ import annotations
+
+from typing import Any
+
+from facemt.errors import FacemtError
+from facemt.tasks import TASK_NAMES, TASKS
+
+__version__ = "0.2.0"
+
+_LAZY = {"load": "facemt.inference", "Predictor": "facemt.inference", "Prediction": "facemt.inference",
+         "cross_validate": "facemt.evaluation", "TrainConfig": "facemt.config"}
 
 
-def cross_validate(*args, **kwargs):
-    """See :func:`facemt.evaluation.cross_validate` (imported lazily: it pulls in scikit-learn)."""
-    from facemt.evaluation import cross_validate as _cv
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
 
-    return _cv(*args, **kwargs)
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'facemt' has no attribute {name!r}")
 
-__all__ = ["FacemtError", "Prediction", "Predictor", "TASKS", "TASK_NAMES", "__version__", "cross_validate", "load"]
+
+__all__ = ["FacemtError", "Prediction", "Predictor", "TASKS", "TASK_NAMES", "TrainConfig", "__version__",
+           "cross_validate", "load"]

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from facemt import __version__
+from facemt.config import BASE_NAME
 from facemt.errors import FacemtError
 from facemt.model import MultiTaskNet, create_trunk
 from facemt.tasks import check_schema, schema_dict
@@ -222,8 +223,6 @@ def update_config(run_dir: str | os.PathLike, fields: dict[str, Any]) -> dict[st
     return config
 
 
-#: The name that stands for the model shipped inside the package.
-BASE_NAME = "base"
 
 
 def base_dir() -> Path:

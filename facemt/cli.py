@@ -19,7 +19,7 @@ from rich.table import Table
 
 from facemt import __version__
 from facemt.errors import FacemtError
-from facemt.faces import CROP_POLICIES
+from facemt.config import AUGMENT_PRESETS, CROP_POLICIES, LOSS_WEIGHTINGS, TrainConfig
 from facemt.tasks import TASK_NAMES, TASKS
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -88,9 +88,6 @@ class _Progress:
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from facemt.engine import TrainConfig
-    from facemt.transforms import AUGMENT_PRESETS
-
     d = TrainConfig()
     p.add_argument("--data", action="append", metavar="DIR|CSV",
                    help="folder of FACES-named images or a CSV manifest (repeatable; required)")
@@ -110,7 +107,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
     p.add_argument("--augment", choices=AUGMENT_PRESETS, default=d.augment, help="default %(default)s")
     p.add_argument("--loss-weights", metavar="TASK=W,...", help="e.g. expression=2,gender=1 (default 1 each)")
-    p.add_argument("--loss-weighting", choices=("fixed", "uncertainty"), default=d.loss_weighting,
+    p.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default=d.loss_weighting,
                    help="fixed weights, or learned uncertainty weighting (Kendall et al. 2018) (default %(default)s)")
     p.add_argument("--balance-sources", action="store_true",
                    help="sample every --data source equally often per epoch")
@@ -137,8 +134,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
 
 
-def _train_config(args: argparse.Namespace):
-    from facemt.engine import TrainConfig
+def _train_config(args: argparse.Namespace) -> TrainConfig:
     from facemt.losses import parse_loss_weights
     from facemt.tasks import select_tasks
 
@@ -217,7 +213,7 @@ class _StopFlag:
 
 def cmd_fit(args: argparse.Namespace, out: Console, err: Console) -> int:
     from facemt.checkpoint import CONFIG
-    from facemt.engine import TrainConfig, TrainingInterrupted, fit, load_resume
+    from facemt.engine import TrainingInterrupted, fit, load_resume
 
     if args.resume:
         run = Path(args.resume)

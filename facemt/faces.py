@@ -28,9 +28,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from facemt.config import CROP_POLICIES
 from facemt.errors import FacemtError
 
-CROP_POLICIES = ("align", "box", "none")
 #: The YuNet face detector (OpenCV Zoo, MIT licence), shipped inside the package.
 DETECTOR_FILE = "face_detection_yunet_2023mar.onnx"
 DETECTOR_SHA256 = "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4"

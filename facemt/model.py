@@ -14,6 +14,7 @@ import timm
 import torch
 from torch import nn
 
+from facemt.config import DEFAULT_BACKBONE
 from facemt.errors import FacemtError
 from facemt.faces import CropPolicy
 from facemt.tasks import TASKS, select_tasks
@@ -21,8 +22,6 @@ from facemt.transforms import PreprocessConfig, resolve_preprocess
 
 log = logging.getLogger(__name__)
 
-#: The built-in base model's backbone: fine-tuning starts from it by default.
-DEFAULT_BACKBONE = "mobilenetv2_100"
 PRETRAINED_HELP = (
     "use --pretrained-file PATH (a local .safetensors/.pth of the backbone), "
     "--no-pretrained (random init), or --pretrained with network access to the model hub"

@@ -18,10 +18,10 @@ import torch
 from PIL import Image
 
 from facemt import faces
+from facemt.config import AUGMENT_PRESETS
 from facemt.errors import FacemtError
 from facemt.faces import CropPolicy, Face
 
-AUGMENT_PRESETS = ("none", "light", "heavy")
 
 _CV2_INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}
 

@@ -128,3 +128,18 @@ def test_synth_names_follow_faces(tmp_path):
 def test_help_shows_examples(capsys):
     assert main(["fit", "--help"]) == 0
     assert "facemt fit --data" in capsys.readouterr().out
+
+
+def test_help_imports_no_heavy_module():
+    code = ("import sys, contextlib, io\n"
+            "from facemt.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    for argv in (['--help'], ['fit', '--help'], ['predict', '--help'], ['cv', '--help']):\n"
+            "        assert main(argv) == 0\n"
+            "heavy = [m for m in ('torch', 'timm', 'pandas', 'albumentations', 'cv2', 'sklearn') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -1,0 +1,150 @@
+"""Measure a base model (the built-in one by default) on data it never trained on:
+FER+ FER2013Test (six FACES expressions, majority vote), the UTKFace held-out
+faces of benchmark C (age group, gender; per race and per gender), calibration
+(ECE with and without the stored temperatures) and network speed.
+
+    python benchmarks/base_model.py --data-root ../shared/data [--model base] [--json out.json]
+
+Prints Markdown (the tables of MODEL_CARD.md) and appends it to --results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from accuracy import utk_all_adults  # noqa: E402
+
+from facemt.checkpoint import load_checkpoint, resolve_run  # noqa: E402
+from facemt.data import ImageCache, encode_targets, index_ferplus, index_utkface  # noqa: E402
+from facemt.engine import decode_images  # noqa: E402
+from facemt.evaluation import head_metrics  # noqa: E402
+from facemt.losses import expected_calibration_error  # noqa: E402
+from facemt.tasks import TASKS  # noqa: E402
+from facemt.transforms import build_transform  # noqa: E402
+
+RACES = ("white", "black", "asian", "indian", "others")
+
+
+def logits_of(model, images, pre, batch_size: int = 64) -> dict[str, np.ndarray]:
+    transform = build_transform(pre, "none")
+    out: dict[str, list] = {t: [] for t in model.tasks}
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            batch = torch.stack([transform(im) for im in images[start:start + batch_size]])
+            for t, v in model(batch).items():
+                out[t].append(v.float().numpy())
+    return {t: np.concatenate(v) for t, v in out.items()}
+
+
+def softmax(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    e = np.exp((z - z.max(1, keepdims=True)) / temperature)
+    return e / e.sum(1, keepdims=True)
+
+
+def speed(model, size: int, batch: int = 32, repeats: int = 10) -> float:
+    x = torch.randn(batch, 3, size, size)
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t)
+    return batch / float(np.median(times))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--model", default="base")
+    p.add_argument("--json", help="also write the numbers here")
+    p.add_argument("--results", default="benchmarks/RESULTS.md")
+    args = p.parse_args(argv)
+    root = Path(args.data_root)
+    run = resolve_run(args.model)
+    model, pre, config = load_checkpoint(run)
+    cache = ImageCache()
+    out: dict = {"model": str(run), "temperatures": dict(model.temperatures)}
+
+    fer = index_ferplus(root / "ferplus" / "FER2013Test")
+    z = logits_of(model, decode_images(fer, pre, cache, None), pre)["expression"]
+    y = encode_targets(fer.table, ["expression"])["expression"]
+    t = model.temperatures["expression"]
+    m = head_metrics(y, softmax(z, t), TASKS["expression"].classes)
+    m["ece_uncalibrated"] = expected_calibration_error(y, softmax(z))
+    m["framing"] = cache.framing_counts(fer.table)
+    out["ferplus_test"] = m
+
+    utk = index_utkface(root / "utkface")
+    test = utk_all_adults(utk)[1]
+    sub = type(utk)(utk.table.iloc[test].reset_index(drop=True), [])
+    logits = logits_of(model, decode_images(sub, pre, cache, None), pre)
+    targets = encode_targets(sub.table, ["age_group", "gender"])
+    races = np.array([RACES[int(Path(p).name.split("_")[2])] for p in sub.table["path"]])
+    out["utkface_heldout"] = {}
+    for head in ("age_group", "gender"):
+        probs = softmax(logits[head], model.temperatures[head])
+        hm = head_metrics(targets[head], probs, TASKS[head].classes)
+        hm["ece_uncalibrated"] = expected_calibration_error(targets[head], softmax(logits[head]))
+        pred = probs.argmax(1)
+        hm["by_race"] = {r: {"n": int((races == r).sum()), "accuracy": float((pred[races == r] == targets[head][races == r]).mean())}
+                         for r in RACES if (races == r).any()}
+        hm["by_gender"] = {g: {"n": int((sub.table["gender"] == g).sum()),
+                               "accuracy": float((pred[(sub.table["gender"] == g).to_numpy()]
+                                                  == targets[head][(sub.table["gender"] == g).to_numpy()]).mean())}
+                           for g in TASKS["gender"].classes}
+        out["utkface_heldout"][head] = hm
+    torch.set_num_threads(2)
+    out["faces_per_second_batch32"] = speed(model, pre.image_size)
+    out["image_size"] = pre.image_size
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    f = out["ferplus_test"]
+    lines = [f"\n### Base model `{Path(run).name}` on held-out data, at commit {commit}\n", "```",
+             "python benchmarks/base_model.py " + " ".join(argv if argv is not None else sys.argv[1:]), "```", "",
+             f"FER+ FER2013Test, six FACES expressions (majority vote), {f['n']} faces: accuracy "
+             f"**{100 * f['accuracy']:.1f} %**, balanced accuracy {100 * f['balanced_accuracy']:.1f} %, "
+             f"macro-F1 {100 * f['macro_f1']:.1f} %, ECE {f['ece_uncalibrated']:.3f} uncalibrated / "
+             f"{f['ece']:.3f} with temperature {t:.2f}.", "",
+             "| class | recall % | precision % | test faces |", "|---|---|---|---|"]
+    for c, pc in f["per_class"].items():
+        lines.append(f"| {c} | {100 * pc['recall']:.1f} | {100 * pc['precision']:.1f} | {pc['support']} |")
+    lines += ["", "Confusion (rows true, columns predicted; " + ", ".join(f["classes"]) + "):", "", "```"]
+    lines += [f"{c[:10]:>10} " + " ".join(f"{v:5d}" for v in row) for c, row in zip(f["classes"], f["confusion"])]
+    lines += ["```", ""]
+    for head, hm in out["utkface_heldout"].items():
+        lines.append(f"UTKFace held-out (benchmark C's test faces), {head}, {hm['n']} faces: accuracy "
+                     f"**{100 * hm['accuracy']:.1f} %**, balanced {100 * hm['balanced_accuracy']:.1f} %, ECE "
+                     f"{hm['ece_uncalibrated']:.3f} uncalibrated / {hm['ece']:.3f} with temperature "
+                     f"{model.temperatures[head]:.2f}.")
+    lines += ["", "| group | faces | age group % | gender % |", "|---|---|---|---|"]
+    ag, ge = out["utkface_heldout"]["age_group"], out["utkface_heldout"]["gender"]
+    for r in ag["by_race"]:
+        lines.append(f"| race: {r} | {ag['by_race'][r]['n']} | {100 * ag['by_race'][r]['accuracy']:.1f} | "
+                     f"{100 * ge['by_race'][r]['accuracy']:.1f} |")
+    for g in ag["by_gender"]:
+        lines.append(f"| gender: {g} | {ag['by_gender'][g]['n']} | {100 * ag['by_gender'][g]['accuracy']:.1f} | "
+                     f"{100 * ge['by_gender'][g]['accuracy']:.1f} |")
+    lines += ["", f"Network speed: {out['faces_per_second_batch32']:.0f} faces/s at batch 32, "
+              f"{pre.image_size} px, 2 CPU threads (median of 10 after 3 warm-up batches; no decoding or detection)."]
+    with open(args.results, "a", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
