@@ -116,13 +116,20 @@ def check_data(
         except OSError:
             pass  # reported as unreadable below
     val = set(int(i) for i in val_rows) if val_rows is not None else set()
+    crossing = []
     for rows_ in hashes.values():
         if len(rows_) > 1:
             group = [t["path"].iloc[i] for i in rows_]
             report.duplicates.append(group)
-            sides = {i in val for i in rows_}
-            cross = " (in both training and validation)" if val and len(sides) == 2 else ""
-            report.warnings.append(f"identical files{cross}: {', '.join(group)}")
+            if val and len({i in val for i in rows_}) == 2:
+                crossing.append(group)
+    # One summary line, not one per group: large web sets hold hundreds of duplicates.
+    for groups, what in ((report.duplicates, "identical files"),
+                         (crossing, "identical files in both training and validation")):
+        if groups:
+            shown = "; ".join(", ".join(g) for g in groups[:3])
+            more = f"; and {len(groups) - 3} more groups" if len(groups) > 3 else ""
+            report.warnings.append(f"{len(groups)} groups of {what}: {shown}{more} (check-data --json lists all)")
     if decode:
         _, errors = (cache or ImageCache()).load(list(t["path"]), PreprocessConfig(image_size=64), progress)
         report.unreadable = errors

@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -40,6 +41,13 @@ EPILOG = """examples:
 """
 
 
+def _timing(started: float, done: int, total: int) -> str:
+    """`` (elapsed 12 s, eta 40 s)`` for log lines written without a terminal."""
+    elapsed = time.monotonic() - started
+    eta = f", eta {elapsed / done * (total - done):.0f} s" if done else ""
+    return f" (elapsed {elapsed:.0f} s{eta})"
+
+
 class _Progress:
     """Turns the engine's callback events into rich progress bars on stderr."""
 
@@ -52,6 +60,7 @@ class _Progress:
         )
         self.decode_task = None
         self.train_task = None
+        self.started = time.monotonic()
 
     def __enter__(self) -> "_Progress":
         self.progress.__enter__()
@@ -80,6 +89,9 @@ class _Progress:
         elif event == "epoch_end":
             row = info["row"]
             parts = [f"epoch {info['epoch']:>3}/{info['epochs']}"]
+            if not self.console.is_terminal:
+                done = info["epoch"] - info.get("first_epoch", 1) + 1
+                parts.append(_timing(self.started, done, info["epochs"] - info.get("first_epoch", 1) + 1).strip())
             for split in ("train", "val"):
                 accs = [f"{t}={row[f'{split}_{t}_acc']:.2f}" for t in TASK_NAMES if f"{split}_{t}_acc" in row]
                 if accs:
@@ -336,6 +348,7 @@ def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
         default_detector()  # fail now, not per file, if the detector model is damaged
     sink = _Sink(fmt, out_path, predictor.tasks)
     counts = {"ok": 0, "no_face": 0, "error": 0}
+    started = time.monotonic()
     files_done, finished = 0, False
     try:
         with Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -353,6 +366,9 @@ def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
                     files_done += 1
                     last = p.source
                     progress.update(task, completed=files_done)
+                    if out_path is not None and not err.is_terminal and files_done % 500 == 0:
+                        err.print(f"predicted {files_done}/{len(files)} files{_timing(started, files_done, len(files))}",
+                                  markup=False, highlight=False)
         finished = True
     finally:
         sink.close(finished)
@@ -494,6 +510,9 @@ class _CVProgress(_Progress):
             if self.train_task is None:
                 self.train_task = p.add_task("cv", total=info["runs"] * info["epochs"])
             p.update(self.train_task, description=f"model {info['run']}/{info['runs']} {info['label']}")
+            if not self.console.is_terminal:  # a log file or CI: no bar is drawn, so say where the run is
+                self.console.print(f"cv model {info['run']}/{info['runs']} {info['label']}{_timing(self.started, info['run'] - 1, info['runs'])}",
+                                   markup=False, highlight=False)
         elif event == "epoch_end":
             p.update(self.train_task, advance=1)
 

@@ -471,7 +471,8 @@ def train(
         if out_dir is not None:
             atomic_write_text(Path(out_dir) / "history.csv", pd.DataFrame(rows).to_csv(index=False))
         if callback:
-            callback("epoch_end", {"epoch": epoch, "epochs": config.epochs, "row": row, "best_epoch": best_epoch})
+            callback("epoch_end", {"epoch": epoch, "epochs": config.epochs, "row": row, "best_epoch": best_epoch,
+                                   "first_epoch": first_epoch})
 
     if out_dir is not None:
         for name in (RESUME_STATE, RESUME_WEIGHTS):
@@ -521,10 +522,11 @@ def fit(
     report = check_data(index, config.tasks, val_rows, decode=False)
     if report.problems:
         raise FacemtError("; ".join(report.problems))
-    for warning in report.warnings:
-        log.warning(warning)
     if callback and report.warnings:
-        callback("warnings", {"warnings": report.warnings})
+        callback("warnings", {"warnings": report.warnings})  # the caller shows them: each once
+    else:
+        for warning in report.warnings:
+            log.warning(warning)
     val_persons = sorted({p for p in index.table["person"].iloc[val_rows] if p is not None})
     extra = {
         "sources": [str(s) for s in sources],

@@ -143,3 +143,10 @@ def test_help_imports_no_heavy_module():
 
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_without_a_terminal_fit_logs_each_epoch_with_timing(faces_dir, tmp_path, capsys):
+    assert main(["fit", "--data", str(faces_dir), "--out", str(tmp_path / "r"), *TINY_FIT]) == 0
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("epoch")]
+    assert any("epoch   1/2" in l and "elapsed" in l and "eta" in l for l in lines)
+    assert any("epoch   2/2" in l for l in lines)
