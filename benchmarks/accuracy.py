@@ -48,7 +48,8 @@ import pandas as pd
 from facemt.checkpoint import base_dir, load_checkpoint
 from facemt.data import DataIndex, ImageCache, combine, index_jaffe, index_utkface
 from facemt.engine import TrainConfig, predict_images, train
-from facemt.evaluation import evaluate_predictions, make_folds, paired_interval
+from facemt.evaluation import evaluate_predictions, paired_interval
+from facemt.splits import make_folds
 from facemt.tasks import TASKS
 
 UTK_TEST_PER_CELL = 100

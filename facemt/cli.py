@@ -164,6 +164,9 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         pretrained=args.pretrained, pretrained_file=args.pretrained_file, device=args.device,
     )
     config.validate()
+    from facemt.model import check_backbone
+
+    check_backbone(config.backbone)
     return config
 
 
@@ -423,7 +426,7 @@ def _metrics_table(title: str, metrics: dict[str, dict]) -> Table:
 
 def cmd_check_data(args: argparse.Namespace, out: Console, err: Console) -> int:
     from facemt.checks import check_data
-    from facemt.evaluation import validation_split
+    from facemt.splits import validation_split
 
     index = _load_data(args.data, err)
     _, val_rows = validation_split(index.table, args.val_fraction, args.seed)

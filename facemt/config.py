@@ -1,8 +1,8 @@
 """Run configuration and the names of its choices: plain dataclasses and
 constants, importable without torch (the CLI builds its options from them).
 
-Heavy checks (the backbone name, the crop policy, the initial weights) import
-what they need only when called.
+Checks that need heavy modules (is the backbone a timm model, where do the
+initial weights come from) live with the code that uses them.
 """
 
 from __future__ import annotations
@@ -10,13 +10,9 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from facemt.errors import FacemtError
-
-if TYPE_CHECKING:
-    from facemt.faces import CropPolicy
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +25,38 @@ BASE_NAME = "base"
 CROP_POLICIES = ("align", "box", "none")
 AUGMENT_PRESETS = ("none", "light", "heavy")
 LOSS_WEIGHTINGS = ("fixed", "uncertainty")
+
+
+@dataclass(frozen=True)
+class CropPolicy:
+    """How a picture becomes the face image the network sees.
+
+    Attributes:
+        mode: ``align``, ``box`` or ``none`` (see the module docstring).
+        margin: ``box`` only: the detector box grows by this fraction of its
+            size on every side before it is squared.
+        eye_y: ``align`` only: height of the eye centres, as a fraction of the
+            network input's side from its top.
+        eye_distance: ``align`` only: distance between the eye centres, as a
+            fraction of the network input's side.
+    """
+
+    mode: str = "align"
+    margin: float = 0.4
+    eye_y: float = 0.40
+    eye_distance: float = 0.30
+
+    def __post_init__(self) -> None:
+        if self.mode not in CROP_POLICIES:
+            raise FacemtError(f"unknown crop policy {self.mode!r}: choose from {', '.join(CROP_POLICIES)}")
+        if not 0.0 <= self.margin <= 2.0:
+            raise FacemtError(f"crop margin must be between 0 and 2 (got {self.margin})")
+        if not (0.05 <= self.eye_distance <= 0.9 and 0.05 <= self.eye_y <= 0.95):
+            raise FacemtError("eye_distance must be in [0.05, 0.9] and eye_y in [0.05, 0.95]")
+
+    @property
+    def detects(self) -> bool:
+        return self.mode != "none"
 
 
 @dataclass
@@ -79,9 +107,6 @@ class TrainConfig:
             raise FacemtError("--val-fraction must be in [0, 1)")
         if self.augment not in AUGMENT_PRESETS:
             raise FacemtError(f"--augment must be one of {', '.join(AUGMENT_PRESETS)}")
-        from facemt.model import check_backbone  # timm: only when a config is checked
-
-        check_backbone(self.backbone)
         if self.loss_weighting not in LOSS_WEIGHTINGS:
             raise FacemtError("--loss-weighting must be fixed or uncertainty")
         if self.init_from not in (None, BASE_NAME) and (self.pretrained or self.pretrained_file):
@@ -90,27 +115,8 @@ class TrainConfig:
         if self.pretrained and self.pretrained_file:
             raise FacemtError("give either --pretrained or --pretrained-file, not both")
 
-    def initial_weights(self) -> str | None:
-        """The run whose weights start training (the built-in base model's folder
-        for ``init_from="base"`` when the backbone is the base's), or None when
-        the backbone starts from ``pretrained``/``pretrained_file`` or at random."""
-        from facemt.checkpoint import base_dir, read_config
-
-        if self.pretrained or self.pretrained_file or not self.init_from:
-            return None
-        if self.init_from != BASE_NAME or (Path(self.init_from) / "config.json").is_file():
-            return self.init_from
-        try:
-            base = read_config(base_dir())
-        except FacemtError:
-            log.warning("the built-in base model is missing: %s starts from random weights", self.backbone)
-            return None
-        return str(base_dir()) if base["backbone"] == self.backbone else None
-
     @property
-    def crop_policy(self) -> "CropPolicy":
-        from facemt.faces import CropPolicy
-
+    def crop_policy(self) -> CropPolicy:
         return CropPolicy(self.crop, self.crop_margin)
 
     def to_dict(self) -> dict[str, Any]:

@@ -16,10 +16,14 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from facemt.checkpoint import atomic_write_text, load_checkpoint, read_config, save_checkpoint, update_config
-from facemt.data import DataIndex, FaceDataset, ImageCache, encode_targets
-from facemt.config import DEFAULT_IMAGE_SIZE, TrainConfig
+from facemt.checkpoint import (atomic_write_text, base_dir, load_checkpoint, read_config, save_checkpoint,
+                               update_config)
+from facemt.checks import check_data
+from facemt.data import DataIndex, FaceDataset, ImageCache, encode_targets, is_ferplus_test
+from facemt.splits import validation_split
+from facemt.config import BASE_NAME, DEFAULT_IMAGE_SIZE, TrainConfig
 from facemt.errors import FacemtError
+from facemt.inference import predict_images, resolve_device
 from facemt.losses import MISSING, MultiTaskLoss, expected_calibration_error, fit_temperature
 from facemt.model import MultiTaskNet, create_model
 from facemt.tasks import TASKS, select_tasks
@@ -58,14 +62,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def initial_weights(config: TrainConfig) -> str | None:
+    """The run whose weights start training (the built-in base model's folder
+    for ``init_from="base"`` when the backbone is the base's), or None when
+    the backbone starts from ``pretrained``/``pretrained_file`` or at random."""
+    if config.pretrained or config.pretrained_file or not config.init_from:
+        return None
+    if config.init_from != BASE_NAME or (Path(config.init_from) / "config.json").is_file():
+        return config.init_from
     try:
-        return torch.device(name)
-    except RuntimeError:
-        raise FacemtError(f"unknown device {name!r} (use auto, cpu or cuda)") from None
+        base = read_config(base_dir())
+    except FacemtError:
+        log.warning("the built-in base model is missing: %s starts from random weights", config.backbone)
+        return None
+    return str(base_dir()) if base["backbone"] == config.backbone else None
 
 
 def resolve_tasks(index: DataIndex, wanted: Sequence[str] | None) -> tuple[str, ...]:
@@ -214,24 +224,6 @@ def evaluate_loader(model: MultiTaskNet, loader: DataLoader, criterion: MultiTas
     return meter.row("val")
 
 
-@torch.no_grad()
-def predict_images(
-    model: MultiTaskNet,
-    images: Sequence[np.ndarray],
-    preprocess: PreprocessConfig,
-    batch_size: int = 64,
-    device: torch.device | str = "cpu",
-) -> dict[str, np.ndarray]:
-    """Class probabilities per head for cached images (N x classes arrays)."""
-    model.eval()
-    transform = build_transform(preprocess, "none")
-    out: dict[str, list[np.ndarray]] = {t: [] for t in model.tasks}
-    for start in range(0, len(images), batch_size):
-        batch = torch.stack([transform(im) for im in images[start : start + batch_size]]).to(device)
-        for t, probs in model.probabilities(batch).items():
-            out[t].append(probs.cpu().numpy())
-    return {t: np.concatenate(v) if v else np.zeros((0, TASKS[t].num_classes)) for t, v in out.items()}
-
 
 class TrainingInterrupted(FacemtError):
     """Training stopped on request (SIGINT / SIGTERM); a resumable state was saved."""
@@ -341,7 +333,7 @@ def train(
     tasks = resolve_tasks(index, config.tasks)
     device = resolve_device(config.device)
     seed_everything(config.seed)
-    init = config.initial_weights()
+    init = initial_weights(config)
     image_size = config.image_size or (read_config(init)["preprocess"]["image_size"] if init else DEFAULT_IMAGE_SIZE)
     model, preprocess = create_model(
         config.backbone, tasks, config.pretrained and resume is None,
@@ -509,12 +501,6 @@ def fit(
     The checkpoint records the dataset summary, the data sources and which
     persons validated. See :func:`train` for the other arguments and errors.
     """
-    from facemt.evaluation import validation_split
-
-    from facemt.checks import check_data
-
-    from facemt.data import is_ferplus_test
-
     if any(is_ferplus_test(Path(p).parent) for p in index.table["path"]):
         raise FacemtError("FER2013Test is the FER+ test split and is never trained on: train on FER2013Train "
                           "(validate on FER2013Valid) and evaluate on FER2013Test")
@@ -592,3 +578,7 @@ def calibrate_run(
                                                 "ece": report, "rows": len(rows)}})
     log.info("temperatures: %s", {t: round(r["temperature"], 3) for t, r in report.items()})
     return dict(model.temperatures)
+
+
+__all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted", "calibrate_run", "decode_images", "fit",
+           "initial_weights", "load_resume", "predict_images", "resolve_device", "train"]

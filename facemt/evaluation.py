@@ -4,74 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 from facemt.data import DataIndex, ImageCache, encode_targets
+from facemt.splits import make_folds
 from facemt.errors import FacemtError
 from facemt.losses import expected_calibration_error
-from facemt.tasks import TASK_NAMES, TASKS
+from facemt.tasks import TASKS
 
 if TYPE_CHECKING:
     from facemt.engine import TrainConfig
 
 log = logging.getLogger(__name__)
-
-
-def person_groups(table: pd.DataFrame) -> np.ndarray:
-    """Group label per row: the person where known, else the row itself (its own group)."""
-    return np.array(
-        [f"person:{p}" if p is not None else f"row:{i}" for i, p in enumerate(table["person"])], dtype=object
-    )
-
-
-def stratify_key(table: pd.DataFrame, tasks: Sequence[str] = TASK_NAMES) -> np.ndarray:
-    """One string per row joining the row's labels, to stratify splits on."""
-    parts = [table[t].fillna("?").astype(str) if t in table else pd.Series("?", index=table.index) for t in tasks]
-    key = parts[0]
-    for p in parts[1:]:
-        key = key + "|" + p
-    return key.to_numpy()
-
-
-def subject_folds(
-    table: pd.DataFrame, n_splits: int, seed: int, tasks: Sequence[str] = ("age_group", "gender")
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``n_splits`` (train, test) row-position pairs in which no person is on both sides.
-
-    Rows without a person are their own group. Folds are stratified on the
-    person-constant labels (age group and gender by default) so that each test
-    fold sees a mix of them where the data allows.
-    """
-    groups = person_groups(table)
-    n_groups = len(set(groups))
-    n_splits = max(2, min(n_splits, n_groups))
-    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        try:
-            folds = list(splitter.split(np.zeros(len(table)), stratify_key(table, tasks), groups))
-        except ValueError:  # every label combination rarer than n_splits: group only
-            folds = list(GroupKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(
-                np.zeros(len(table)), groups=groups))
-    for train_idx, test_idx in folds:
-        assert not set(groups[train_idx]) & set(groups[test_idx]), "a person is on both sides of a split"
-    return folds
-
-
-def validation_split(table: pd.DataFrame, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out about ``fraction`` of the rows for validation, subject-disjoint
-    when persons are known. ``fraction=0`` gives no validation rows."""
-    everything = np.arange(len(table))
-    if fraction <= 0 or len(set(person_groups(table))) < 2:
-        return everything, everything[:0]
-    train_idx, val_idx = subject_folds(table, int(round(1 / fraction)), seed)[0]
-    return np.sort(train_idx), np.sort(val_idx)
 
 
 # ----------------------------------------------------------------- metrics
@@ -119,60 +67,6 @@ RANDOM_SPLIT_WARNING = (
     "random split with known persons: the same person appears in training and test, so age group "
     "and gender accuracy measure person recognition (identity leak); use --split subject for honest numbers"
 )
-
-
-def random_folds(
-    table: pd.DataFrame, n_splits: int, seed: int, test_size: float | None = None
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Stratified random (train, test) splits ignoring persons: ``n_splits`` folds,
-    or one split with ``test_size`` of the rows held out (the original 70/30 protocol)."""
-    from sklearn.model_selection import StratifiedKFold, train_test_split
-
-    key = stratify_key(table)
-    counts = pd.Series(key).value_counts()
-    # Classes too rare to stratify on are merged into one bucket.
-    key = np.where(pd.Series(key).map(counts).to_numpy() >= max(2, n_splits), key, "rare")
-    rows = np.arange(len(table))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        if test_size:
-            try:
-                train, test = train_test_split(rows, test_size=test_size, random_state=seed, stratify=key)
-            except ValueError:
-                train, test = train_test_split(rows, test_size=test_size, random_state=seed)
-            return [(np.sort(train), np.sort(test))]
-        splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-        return list(splitter.split(rows, key))
-
-
-def make_folds(
-    table: pd.DataFrame, split: str, n_splits: int, seed: int, test_size: float | None = None
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Folds for one protocol: ``subject`` (grouped by person; leave-one-person-out
-    when there are no more persons than folds) or ``random``."""
-    if split == "random":
-        return random_folds(table, n_splits, seed, test_size)
-    if split != "subject":
-        raise FacemtError(f"unknown split {split!r}: choose subject, random or both")
-    groups = person_groups(table)
-    if table["person"].isna().any():
-        log.warning("%d rows have no person: each counts as its own person", int(table["person"].isna().sum()))
-    n_groups = len(set(groups))
-    if n_groups < 2:
-        raise FacemtError("subject-disjoint evaluation needs at least two persons")
-    if test_size:
-        n_splits = max(2, int(round(1 / test_size)))
-        return subject_folds(table, n_splits, seed)[:1]
-    if n_groups <= n_splits:
-        from sklearn.model_selection import LeaveOneGroupOut
-
-        folds = list(LeaveOneGroupOut().split(np.zeros(len(table)), groups=groups))
-    else:
-        folds = subject_folds(table, n_splits, seed)
-    for train, test in folds:
-        if set(groups[train]) & set(groups[test]):
-            raise AssertionError("a person is on both sides of a split")
-    return folds
 
 
 def paired_interval(diff: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:

@@ -28,44 +28,12 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from facemt.config import CROP_POLICIES
+from facemt.config import CropPolicy
 from facemt.errors import FacemtError
 
 #: The YuNet face detector (OpenCV Zoo, MIT licence), shipped inside the package.
 DETECTOR_FILE = "face_detection_yunet_2023mar.onnx"
 DETECTOR_SHA256 = "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4"
-
-
-@dataclass(frozen=True)
-class CropPolicy:
-    """How a picture becomes the face image the network sees.
-
-    Attributes:
-        mode: ``align``, ``box`` or ``none`` (see the module docstring).
-        margin: ``box`` only: the detector box grows by this fraction of its
-            size on every side before it is squared.
-        eye_y: ``align`` only: height of the eye centres, as a fraction of the
-            network input's side from its top.
-        eye_distance: ``align`` only: distance between the eye centres, as a
-            fraction of the network input's side.
-    """
-
-    mode: str = "align"
-    margin: float = 0.4
-    eye_y: float = 0.40
-    eye_distance: float = 0.30
-
-    def __post_init__(self) -> None:
-        if self.mode not in CROP_POLICIES:
-            raise FacemtError(f"unknown crop policy {self.mode!r}: choose from {', '.join(CROP_POLICIES)}")
-        if not 0.0 <= self.margin <= 2.0:
-            raise FacemtError(f"crop margin must be between 0 and 2 (got {self.margin})")
-        if not (0.05 <= self.eye_distance <= 0.9 and 0.05 <= self.eye_y <= 0.95):
-            raise FacemtError("eye_distance must be in [0.05, 0.9] and eye_y in [0.05, 0.95]")
-
-    @property
-    def detects(self) -> bool:
-        return self.mode != "none"
 
 
 @dataclass(frozen=True)

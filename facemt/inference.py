@@ -9,14 +9,45 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
+import torch
 
 from facemt.checkpoint import load_checkpoint, resolve_run
-from facemt.engine import predict_images, resolve_device
 from facemt.errors import FacemtError
 from facemt.images import ImageInput, as_rgb_image
 from facemt.tasks import TASKS
 from facemt.faces import Face, framing
-from facemt.transforms import PreprocessConfig, face_images
+from facemt.model import MultiTaskNet
+from facemt.transforms import PreprocessConfig, build_transform, face_images
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise FacemtError(f"unknown device {name!r} (use auto, cpu or cuda)") from None
+
+
+
+@torch.no_grad()
+def predict_images(
+    model: MultiTaskNet,
+    images: Sequence[np.ndarray],
+    preprocess: PreprocessConfig,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+) -> dict[str, np.ndarray]:
+    """Class probabilities per head for cached images (N x classes arrays)."""
+    model.eval()
+    transform = build_transform(preprocess, "none")
+    out: dict[str, list[np.ndarray]] = {t: [] for t in model.tasks}
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack([transform(im) for im in images[start : start + batch_size]]).to(device)
+        for t, probs in model.probabilities(batch).items():
+            out[t].append(probs.cpu().numpy())
+    return {t: np.concatenate(v) if v else np.zeros((0, TASKS[t].num_classes)) for t, v in out.items()}
 
 
 @dataclass

@@ -9,7 +9,8 @@ from facemt import FacemtError
 from facemt.cli import main
 from facemt.data import index_folder
 from facemt.engine import TrainConfig
-from facemt.evaluation import RANDOM_SPLIT_WARNING, expected_calibration_error, head_metrics, make_folds
+from facemt.evaluation import RANDOM_SPLIT_WARNING, expected_calibration_error, head_metrics
+from facemt.splits import make_folds
 
 TINY = TrainConfig(epochs=1, image_size=32, batch_size=16, augment="light", device="cpu")
 

@@ -1,0 +1,49 @@
+"""Ship a trained base run into the package: a float16 copy of the weights in
+``facemt/base/`` (half the size), checked against the float32 run on real
+validation faces (largest probability difference per head must stay <= 1e-3).
+
+    python benchmarks/ship_base.py runs/base --data-root ../shared/data [--out facemt/base]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from facemt.checkpoint import copy_half, load_checkpoint, update_config
+from facemt.data import ImageCache, index_ferplus
+from facemt.engine import decode_images, predict_images
+
+TOLERANCE = 1e-3
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run")
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "facemt" / "base"))
+    p.add_argument("--images", type=int, default=512, help="FER2013Valid faces compared")
+    args = p.parse_args(argv)
+    copy_half(args.run, args.out)
+    full, pre, _ = load_checkpoint(args.run)
+    half, _, _ = load_checkpoint(args.out)
+    index = index_ferplus(Path(args.data_root) / "ferplus" / "FER2013Valid")
+    index.table = index.table.iloc[: args.images]
+    images = decode_images(index, pre, ImageCache(), None)
+    a, b = predict_images(full, images, pre), predict_images(half, images, pre)
+    diff = {t: float(np.abs(a[t] - b[t]).max()) for t in a}
+    agree = {t: float((a[t].argmax(1) == b[t].argmax(1)).mean()) for t in a}
+    print(f"float16 vs float32 on {len(images)} FER2013Valid faces: max |probability difference| {diff}, "
+          f"top-1 agreement {agree}")
+    if max(diff.values()) > TOLERANCE:
+        print(f"difference above {TOLERANCE}: not shipped as float16", file=sys.stderr)
+        return 1
+    update_config(args.out, {"float16_check": {"images": len(images), "max_abs_diff": diff, "top1_agreement": agree}})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

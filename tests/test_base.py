@@ -1,0 +1,71 @@
+"""The built-in base model: shipped in the package, loaded offline, used when no model is named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import matplotlib.cbook
+import pytest
+
+import facemt
+from facemt.checkpoint import base_dir, read_config
+from facemt.cli import main
+from facemt.errors import FacemtError
+
+PHOTO = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)  # public domain
+
+
+@pytest.fixture(scope="module")
+def base():
+    return facemt.load(device="cpu")
+
+
+def test_the_base_model_is_in_the_package_with_its_card(base):
+    assert base.run_dir == base_dir()
+    assert (base_dir() / "MODEL_CARD.md").is_file()
+    assert base.tasks == ("age_group", "gender", "expression")
+    config = read_config(base_dir())
+    assert config["preprocess"]["crop"] == "align" and config["weights_dtype"] == "float16"
+    assert set(config["calibration"]["temperature"]) == set(base.tasks)
+    assert facemt.load("base", device="cpu").run_dir == base_dir()
+
+
+def test_the_base_model_sha256_is_checked(tmp_path):
+    copy = tmp_path / "base"
+    shutil.copytree(base_dir(), copy)
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-100] ^= 0xFF
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(FacemtError, match="SHA-256"):
+        facemt.load(copy, device="cpu")
+
+
+def test_the_real_photo_gives_one_aligned_face_with_all_labels(base):
+    result = base.predict(PHOTO)
+    assert result.framing == "aligned" and result.face == 0 and len(result.landmarks) == 5
+    assert result.gender in ("male", "female") and result.age_group and result.expression
+    for task, probs in result.probabilities.items():
+        assert sum(probs.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_predict_without_a_model_uses_the_base_model(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["predict", PHOTO, "--json", "--device", "cpu"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["status"] == "ok" and row["framing"] == "aligned"
+    assert {"age_group", "gender", "expression"} <= set(row)
+
+
+def test_export_of_the_base_model_needs_an_out_file(capsys):
+    assert main(["export", "--model", "base"]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_fit_starts_from_the_base_model_by_default(faces_dir, tmp_path):
+    run = tmp_path / "ft"
+    assert main(["fit", "--data", str(faces_dir), "--out", str(run), "--epochs", "1", "--batch-size", "16",
+                 "--device", "cpu", "--crop", "none"]) == 0
+    config = read_config(run)
+    assert config["train"]["init_from"] == "base" and config["backbone"] == read_config(base_dir())["backbone"]
+    assert config["preprocess"]["image_size"] == read_config(base_dir())["preprocess"]["image_size"]

@@ -1,0 +1,51 @@
+"""The package's layering: a module imports only modules on its own floor or
+below (function-level imports included), so there are no cycles."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "facemt"
+
+#: Ground floor first; STYLE.md explains the order.
+FLOORS = [
+    {"__init__", "errors", "config", "tasks"},
+    {"images", "faces", "synth"},
+    {"transforms", "losses", "model", "data"},
+    {"checkpoint", "checks", "splits"},
+    {"inference"},
+    {"engine"},
+    {"evaluation", "export"},
+    {"report"},
+    {"cli", "__main__"},
+]
+FLOOR = {name: i for i, names in enumerate(FLOORS) for name in names}
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "facemt":
+            parts = node.module.split(".")
+            if len(parts) > 1:
+                found.add(parts[1])
+            else:
+                found |= {a.name for a in node.names if (PACKAGE / f"{a.name}.py").exists()} or {"__init__"}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("facemt.")}
+    return found
+
+
+def test_every_module_has_a_floor():
+    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    assert modules <= set(FLOOR), modules - set(FLOOR)
+
+
+def test_no_module_imports_one_above_it():
+    upward = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        for target in _imports(path):
+            if target != path.stem and FLOOR[target] > FLOOR[path.stem]:
+                upward.append(f"{path.stem} (floor {FLOOR[path.stem]}) imports {target} (floor {FLOOR[target]})")
+    assert not upward, upward
