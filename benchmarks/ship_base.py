@@ -1,6 +1,6 @@
-"""Ship a trained base run into the package: a float16 copy of the weights in
-``facemt/base/`` (half the size), checked against the float32 run on real
-validation faces (largest probability difference per head must stay <= 1e-3).
+"""Ship a trained base run into the package (``facemt/base/``): a float16 copy
+of the weights (half the size) if its probabilities stay within 1e-3 of the
+float32 run's on real validation faces, else the float32 weights as they are.
 
     python benchmarks/ship_base.py runs/base --data-root ../shared/data [--out facemt/base]
 """
@@ -8,6 +8,7 @@ validation faces (largest probability difference per head must stay <= 1e-3).
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -38,10 +39,15 @@ def main(argv=None) -> int:
     agree = {t: float((a[t].argmax(1) == b[t].argmax(1)).mean()) for t in a}
     print(f"float16 vs float32 on {len(images)} FER2013Valid faces: max |probability difference| {diff}, "
           f"top-1 agreement {agree}")
+    check = {"images": len(images), "max_abs_diff": diff, "top1_agreement": agree, "tolerance": TOLERANCE}
     if max(diff.values()) > TOLERANCE:
-        print(f"difference above {TOLERANCE}: not shipped as float16", file=sys.stderr)
-        return 1
-    update_config(args.out, {"float16_check": {"images": len(images), "max_abs_diff": diff, "top1_agreement": agree}})
+        print(f"difference above {TOLERANCE}: shipping the float32 weights")
+        shutil.copyfile(Path(args.run) / "model.safetensors", Path(args.out) / "model.safetensors")
+        shutil.copyfile(Path(args.run) / "config.json", Path(args.out) / "config.json")
+        check["shipped"] = "float32"
+    else:
+        check["shipped"] = "float16"
+    update_config(args.out, {"float16_check": check})
     return 0
 
 
