@@ -111,7 +111,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
     p.add_argument("--backbone-lr-scale", type=float, default=d.backbone_lr_scale,
-                   help="backbone learning rate = --lr x this; heads get --lr (default %(default)s)")
+                   help="backbone learning rate = --lr x this; heads get --lr (default: 0.1 when starting from "
+                        "the base model or --init-from RUN, else 1)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default %(default)s)")
     p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="default %(default)s")
     p.add_argument("--image-size", type=int, default=d.image_size,

@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -21,7 +21,7 @@ from facemt.checkpoint import (atomic_write_text, base_dir, load_checkpoint, rea
 from facemt.checks import check_data
 from facemt.data import DataIndex, FaceDataset, ImageCache, encode_targets, is_ferplus_test
 from facemt.splits import validation_split
-from facemt.config import BASE_NAME, DEFAULT_IMAGE_SIZE, TrainConfig
+from facemt.config import BASE_NAME, DEFAULT_IMAGE_SIZE, FINE_TUNE_BACKBONE_LR_SCALE, TrainConfig
 from facemt.errors import FacemtError
 from facemt.inference import predict_images, resolve_device
 from facemt.losses import MISSING, MultiTaskLoss, expected_calibration_error, fit_temperature
@@ -334,6 +334,8 @@ def train(
     device = resolve_device(config.device)
     seed_everything(config.seed)
     init = initial_weights(config)
+    if config.backbone_lr_scale is None:  # recorded resolved, so the checkpoint says what was used
+        config = replace(config, backbone_lr_scale=FINE_TUNE_BACKBONE_LR_SCALE if init else 1.0)
     image_size = config.image_size or (read_config(init)["preprocess"]["image_size"] if init else DEFAULT_IMAGE_SIZE)
     model, preprocess = create_model(
         config.backbone, tasks, config.pretrained and resume is None,
