@@ -101,50 +101,54 @@ class _Progress:
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
-    p.add_argument("--data", action="append", metavar="DIR|CSV",
+    dat = p.add_argument_group("data and faces")
+    mod = p.add_argument_group("model and initial weights")
+    opt = p.add_argument_group("optimisation")
+    aug = p.add_argument_group("augmentation")
+    dat.add_argument("--data", action="append", metavar="DIR|CSV",
                    help="folder of FACES-named images or a CSV manifest (repeatable; required)")
-    p.add_argument("--tasks", help=f"comma-separated heads to train (default: every labelled one of {','.join(TASK_NAMES)})")
-    p.add_argument("--backbone", default=d.backbone,
+    dat.add_argument("--tasks", help=f"comma-separated heads to train (default: every labelled one of {','.join(TASK_NAMES)})")
+    mod.add_argument("--backbone", default=d.backbone,
                    help="timm model name (default %(default)s, the base model's; another starts from "
                         "--pretrained-file/--pretrained or random weights)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="default %(default)s")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
-    p.add_argument("--backbone-lr-scale", type=float, default=d.backbone_lr_scale,
+    opt.add_argument("--epochs", type=int, default=d.epochs, help="default %(default)s")
+    opt.add_argument("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
+    opt.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
+    opt.add_argument("--backbone-lr-scale", type=float, default=d.backbone_lr_scale,
                    help="backbone learning rate = --lr x this; heads get --lr (default: 0.1 when starting from "
                         "the base model or --init-from RUN, else 1)")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default %(default)s)")
-    p.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="default %(default)s")
-    p.add_argument("--image-size", type=int, default=d.image_size,
+    opt.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default %(default)s)")
+    opt.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="default %(default)s")
+    mod.add_argument("--image-size", type=int, default=d.image_size,
                    help="network input side in pixels (default: the initial model's, 112 for the base model; else 128)")
-    p.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
-    p.add_argument("--augment", choices=AUGMENT_PRESETS, default=d.augment, help="default %(default)s")
-    p.add_argument("--loss-weights", metavar="TASK=W,...", help="e.g. expression=2,gender=1 (default 1 each)")
-    p.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default=d.loss_weighting,
+    opt.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
+    aug.add_argument("--augment", choices=AUGMENT_PRESETS, default=d.augment, help="default %(default)s")
+    opt.add_argument("--loss-weights", metavar="TASK=W,...", help="e.g. expression=2,gender=1 (default 1 each)")
+    opt.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default=d.loss_weighting,
                    help="fixed weights, or learned uncertainty weighting (Kendall et al. 2018) (default %(default)s)")
-    p.add_argument("--balance-sources", action="store_true",
+    dat.add_argument("--balance-sources", action="store_true",
                    help="sample every --data source equally often per epoch")
-    p.add_argument("--balance-classes", action="store_true",
+    opt.add_argument("--balance-classes", action="store_true",
                    help="logit-adjusted loss: predictions follow a class-balanced prior, not the training "
                         "set's class frequencies")
-    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="default %(default)s")
-    p.add_argument("--dropout", type=float, default=d.dropout, help="before the heads (default %(default)s)")
-    p.add_argument("--crop", choices=CROP_POLICIES, default=d.crop,
+    opt.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="default %(default)s")
+    mod.add_argument("--dropout", type=float, default=d.dropout, help="before the heads (default %(default)s)")
+    dat.add_argument("--crop", choices=CROP_POLICIES, default=d.crop,
                    help="how each image becomes a face: align (detect, eyes level at fixed points), box (detect, "
                         "square box with --crop-margin) or none (images are already faces); stored in the run and "
                         "used again by predict and evaluate (default %(default)s)")
-    p.add_argument("--crop-margin", type=float, default=d.crop_margin,
+    dat.add_argument("--crop-margin", type=float, default=d.crop_margin,
                    help="--crop box: margin as a fraction of the face box, each side (default %(default)s)")
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction,
+    dat.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help="held-out share, split by person when persons are known (default %(default)s)")
-    w = p.add_mutually_exclusive_group()
+    w = mod.add_mutually_exclusive_group()
     w.add_argument("--init-from", metavar="RUN|base", default=d.init_from,
                    help="start from a facemt model: backbone and every head whose classes match (default: the "
                         "built-in face-trained base model, when --backbone is its backbone)")
     w.add_argument("--pretrained", action="store_true", help="ImageNet weights from the timm model hub (needs network)")
     w.add_argument("--pretrained-file", metavar="PATH", help="backbone weights from a local .safetensors/.pth file")
     w.add_argument("--no-pretrained", action="store_true", help="random initialisation")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
+    opt.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
 
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
@@ -255,6 +259,10 @@ def cmd_fit(args: argparse.Namespace, out: Console, err: Console) -> int:
     except TrainingInterrupted as exc:
         err.print(f"{exc}; state saved. Resume with: facemt fit --resume {run}", markup=False, highlight=False)
         return EXIT_INTERRUPTED
+    if args.json:
+        print(json.dumps({"run": str(run), "tasks": list(result.tasks), "best_epoch": result.best_epoch,
+                          "metrics": result.metrics, "temperatures": dict(result.model.temperatures)}, indent=2))
+        return EXIT_OK
     table = Table(title=f"best epoch {result.best_epoch} (saved to {run})")
     table.add_column("head")
     table.add_column("train acc", justify="right")
@@ -540,6 +548,10 @@ def cmd_cv(args: argparse.Namespace, out: Console, err: Console) -> int:
         err.print(f"warning: {warning}", style="yellow", markup=False)
     write_report(result, report_dir)
     summary = result.summary()
+    if args.json:
+        print(json.dumps({"report": str(report_dir / "report.md"), "summary": json.loads(summary.to_json(orient="records"))},
+                         indent=2))
+        return EXIT_OK
     table = Table(title="test accuracy % (mean ± std over folds x seeds)")
     for col in ("split", "head", "multi-task", "single-task", "multi − single [95% CI]", "majority"):
         table.add_column(col, justify="left" if col in ("split", "head") else "right")
@@ -620,6 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
     p.add_argument("--resume", metavar="RUN", help="continue a run interrupted with Ctrl-C / SIGTERM "
                    "(its data and settings are read from RUN)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (best epoch, metrics, temperatures)")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("predict", help="predict all heads for images or folders", epilog=EPILOG,
@@ -686,6 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also train one single-task model per head on the same folds (default on)")
     p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
+    p.add_argument("--json", action="store_true", help="print the summary table as JSON")
     p.set_defaults(func=cmd_cv)
     return parser
 

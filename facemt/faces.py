@@ -115,6 +115,7 @@ class FaceDetector:
     def _net(self, size: tuple[int, int]):
         net = getattr(self._local, "net", None)
         if net is None:
+            _quiet_opencv()
             try:
                 net = cv2.FaceDetectorYN.create(str(self.path), "", size, self.score_threshold, 0.3, 5000)
             except (cv2.error, AttributeError) as exc:
@@ -154,6 +155,14 @@ class FaceDetector:
             faces.append(Face(box, float(row[14]), tuple((float(a), float(b)) for a, b in xy[2:])))
         faces.sort(key=lambda f: f.box[2] * f.box[3], reverse=True)
         return faces[:max_faces] if max_faces is not None else faces
+
+
+def _quiet_opencv() -> None:
+    """OpenCV 5 logs a warning per detector about its DNN targets; facemt reports errors itself."""
+    try:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    except AttributeError:  # builds without the logging module
+        pass
 
 
 _DETECTOR: FaceDetector | None = None

@@ -150,3 +150,10 @@ def test_without_a_terminal_fit_logs_each_epoch_with_timing(faces_dir, tmp_path,
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("epoch")]
     assert any("epoch   1/2" in l and "elapsed" in l and "eta" in l for l in lines)
     assert any("epoch   2/2" in l for l in lines)
+
+
+def test_fit_json_summary(faces_dir, tmp_path, capsys):
+    assert main(["fit", "--data", str(faces_dir), "--out", str(tmp_path / "r"), *TINY_FIT, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["best_epoch"] in (1, 2) and set(out["temperatures"]) == set(out["tasks"])
+    assert 0 <= out["metrics"]["val_gender_acc"] <= 1

@@ -123,6 +123,10 @@ def test_cv_cli_writes_a_consistent_report(faces_dir, tmp_path, capsys):
         assert recomputed == pytest.approx(row["multitask_mean"])
     assert "Warning" in report
     assert main(argv) == 2  # refuses to overwrite a report
+    capsys.readouterr()
+    assert main([*argv, "--overwrite", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    assert {(r["protocol"], r["head"]) for r in summary} == {(r["protocol"], r["head"]) for r in results["summary"]}
 
 
 def test_cv_rejects_bad_settings(faces_dir):
