@@ -337,7 +337,7 @@ class _Sink:
 
 
 def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from facemt.data import iter_image_files
+    from facemt.images import iter_image_files
     from facemt.inference import load
 
     out_path = Path(args.out) if args.out else None

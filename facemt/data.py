@@ -16,7 +16,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -572,14 +572,3 @@ class FaceDataset(Dataset):
             "image": self.transform(self.images[i], seed=item_seed),
             "targets": {t: torch.tensor(v[i]) for t, v in self.targets.items()},
         }
-
-
-def iter_image_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders (recursively, image extensions only) into a sorted list."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out.extend(sorted(q for q in p.rglob("*") if q.is_file() and is_image_file(q)))
-        else:
-            out.append(p)
-    return out

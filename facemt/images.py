@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Union
+from typing import Iterable, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -115,3 +115,14 @@ def as_rgb_image(image: ImageInput, min_side: int | None = None) -> Image.Image:
         check_shape((arr.shape[1], arr.shape[0]))
         return to_rgb(Image.fromarray(arr))
     raise FacemtError(f"cannot read an image from a {type(image).__name__}")
+
+
+def iter_image_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand files and folders (recursively, image extensions only) into a sorted list."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(q for q in p.rglob("*") if q.is_file() and is_image_file(q)))
+        else:
+            out.append(p)
+    return out
