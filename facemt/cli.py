@@ -151,6 +151,16 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     opt.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
 
 
+def _as_options(message: str) -> str:
+    """Spell TrainConfig field names in a message as the CLI options that set them."""
+    import dataclasses
+    import re
+
+    for name in sorted((f.name for f in dataclasses.fields(TrainConfig)), key=len, reverse=True):
+        message = re.sub(rf"(?<![\w-]){name}(?!\w)", "--" + name.replace("_", "-"), message)
+    return message
+
+
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     from facemt.losses import parse_loss_weights
     from facemt.tasks import select_tasks
@@ -168,7 +178,10 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         init_from=None if (args.no_pretrained or args.pretrained or args.pretrained_file) else args.init_from,
         pretrained=args.pretrained, pretrained_file=args.pretrained_file, device=args.device,
     )
-    config.validate()
+    try:
+        config.validate()
+    except FacemtError as exc:  # the library names fields; here they are options
+        raise FacemtError(_as_options(str(exc))) from None
     from facemt.model import check_backbone
 
     check_backbone(config.backbone)

@@ -98,28 +98,29 @@ class TrainConfig:
     device: str = "auto"
 
     def validate(self) -> None:
-        """Raise FacemtError on values that cannot train."""
+        """Raise FacemtError on values that cannot train; the message names the
+        field (the CLI shows the matching ``--option``)."""
         if self.epochs < 1:
-            raise FacemtError("--epochs must be at least 1")
+            raise FacemtError("epochs must be at least 1")
         if self.batch_size < 1:
-            raise FacemtError("--batch-size must be at least 1")
+            raise FacemtError("batch_size must be at least 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise FacemtError("--lr must be a positive number")
+            raise FacemtError("lr must be a positive number")
         if self.backbone_lr_scale is not None and not 0.0 < self.backbone_lr_scale <= 10.0:
-            raise FacemtError("--backbone-lr-scale must be in (0, 10]")
+            raise FacemtError("backbone_lr_scale must be in (0, 10]")
         if self.image_size is not None and not 16 <= self.image_size <= 1024:
-            raise FacemtError("--image-size must be between 16 and 1024")
+            raise FacemtError("image_size must be between 16 and 1024")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise FacemtError("--val-fraction must be in [0, 1)")
+            raise FacemtError("val_fraction must be in [0, 1)")
         if self.augment not in AUGMENT_PRESETS:
-            raise FacemtError(f"--augment must be one of {', '.join(AUGMENT_PRESETS)}")
+            raise FacemtError(f"augment must be one of {', '.join(AUGMENT_PRESETS)}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:
-            raise FacemtError("--loss-weighting must be fixed or uncertainty")
+            raise FacemtError("loss_weighting must be fixed or uncertainty")
         if self.init_from not in (None, BASE_NAME) and (self.pretrained or self.pretrained_file):
             raise FacemtError("init_from already gives the backbone its weights: drop pretrained/pretrained_file")
         self.crop_policy  # raises on a bad policy or margin
         if self.pretrained and self.pretrained_file:
-            raise FacemtError("give either --pretrained or --pretrained-file, not both")
+            raise FacemtError("give either pretrained or pretrained_file, not both")
 
     @property
     def crop_policy(self) -> CropPolicy:

@@ -176,6 +176,6 @@ def test_backbone_lr_scale_slows_only_the_backbone(faces_dir):
     slow_trunk, slow_heads = change(1e-3)
     assert slow_trunk < full_trunk / 50
     assert slow_heads > full_heads / 5
-    with pytest.raises(FacemtError, match="backbone-lr-scale"):
+    with pytest.raises(FacemtError, match="backbone_lr_scale"):  # the library names the field
         TrainConfig(backbone_lr_scale=0).validate()
     assert cli_main(["fit", "--data", str(faces_dir), "--out", "/nonexistent/x", "--backbone-lr-scale", "-1"]) == 2

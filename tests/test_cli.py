@@ -157,3 +157,13 @@ def test_fit_json_summary(faces_dir, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["best_epoch"] in (1, 2) and set(out["temperatures"]) == set(out["tasks"])
     assert 0 <= out["metrics"]["val_gender_acc"] <= 1
+
+
+def test_library_errors_name_fields_and_the_cli_names_options(faces_dir, tmp_path, capsys):
+    from facemt.config import TrainConfig
+    from facemt.errors import FacemtError
+
+    with pytest.raises(FacemtError, match=r"^backbone_lr_scale must be"):
+        TrainConfig(backbone_lr_scale=0).validate()
+    assert main(["fit", "--data", str(faces_dir), "--out", str(tmp_path / "o"), "--backbone-lr-scale", "0"]) == 2
+    assert "error: --backbone-lr-scale must be" in capsys.readouterr().err
