@@ -8,13 +8,11 @@ unpickled. Every file is written to a temporary name and renamed into place.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -23,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from facemt import __version__
 from facemt.config import BASE_NAME
 from facemt.errors import FacemtError
+from facemt.files import atomic_write, atomic_write_text, finish_file, make_temp, sha256_file
 from facemt.model import MultiTaskNet, create_trunk
 from facemt.tasks import check_schema, schema_dict
 from facemt.transforms import PreprocessConfig
@@ -32,55 +31,6 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 PREVIOUS_WEIGHTS = ".model.previous.safetensors"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def make_temp(path: Path) -> str:
-    """A temporary file beside ``path`` with the permissions a new file would get
-    (mkstemp's own are owner-only)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_umask())
-    os.close(fd)
-    return tmp
-
-
-def _finish_file(tmp: str) -> None:
-    # Writers may recreate the file with their own mode (safetensors uses 0600).
-    os.chmod(tmp, 0o666 & ~_umask())
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` and rename the result onto ``path`` only if it succeeded."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp(path)
-    try:
-        write(tmp)
-        _finish_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically."""
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_checkpoint(
@@ -111,7 +61,7 @@ def save_checkpoint(
     tmp = make_temp(weights)
     try:
         save_file(state, tmp, metadata={"format": FORMAT})
-        _finish_file(tmp)
+        finish_file(tmp)
         config = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

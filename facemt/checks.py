@@ -9,7 +9,8 @@ from typing import Callable, Sequence
 
 import pandas as pd
 
-from facemt.data import DataIndex, ImageCache, content_hash
+from facemt.data import DataIndex, ImageCache
+from facemt.files import sha256_file
 from facemt.tasks import TASK_NAMES, TASKS
 from facemt.transforms import PreprocessConfig
 
@@ -112,7 +113,7 @@ def check_data(
     hashes: dict[str, list[int]] = defaultdict(list)
     for i, path in enumerate(t["path"]):
         try:
-            hashes[content_hash(path)].append(i)
+            hashes[sha256_file(path)].append(i)
         except OSError:
             pass  # reported as unreadable below
     val = set(int(i) for i in val_rows) if val_rows is not None else set()

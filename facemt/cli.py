@@ -315,7 +315,7 @@ class _Sink:
         self.header = [h for h in _csv_header() if h.split("_p_")[0] not in set(TASK_NAMES) - set(tasks)]
         self.tmp = None
         if path is not None:
-            from facemt.checkpoint import make_temp
+            from facemt.files import make_temp
 
             path.parent.mkdir(parents=True, exist_ok=True)
             self.tmp = make_temp(path)
@@ -450,7 +450,10 @@ def cmd_check_data(args: argparse.Namespace, out: Console, err: Console) -> int:
     from facemt.checks import check_data
     from facemt.splits import validation_split
 
-    index = _load_data(args.data, err)
+    sources = [*args.sources, *(args.data or [])]
+    if not sources:
+        raise FacemtError("check-data needs --data DIR|CSV")
+    index = _load_data(sources, err)
     _, val_rows = validation_split(index.table, args.val_fraction, args.seed)
     tasks = None
     if args.tasks:
@@ -670,7 +673,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-data", help="validate a data set before training", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data", nargs="+", metavar="DIR|CSV", help="folders of FACES-named images or CSV manifests")
+    p.add_argument("sources", nargs="*", metavar="DIR|CSV", help=argparse.SUPPRESS)
+    p.add_argument("--data", action="append", metavar="DIR|CSV",
+                   help="labelled images (repeatable; the older positional form also works)")
     p.add_argument("--tasks", help="heads you intend to train (default: every labelled one)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="validation share used by fit (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed used by fit (default %(default)s)")

@@ -9,7 +9,6 @@ class name or ``None`` when that label is unknown.
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 import os
 import re
@@ -530,15 +529,6 @@ class ImageCache:
                 if progress:
                     progress(done, len(paths))
         return results, errors
-
-
-def content_hash(path: str) -> str:
-    """SHA-256 of a file's bytes (used to find exact duplicates)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class FaceDataset(Dataset):

@@ -16,13 +16,14 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from facemt.checkpoint import (atomic_write_text, base_dir, load_checkpoint, read_config, save_checkpoint,
+from facemt.checkpoint import (base_dir, load_checkpoint, read_config, save_checkpoint,
                                update_config)
 from facemt.checks import check_data
 from facemt.data import DataIndex, FaceDataset, ImageCache, encode_targets, is_ferplus_test
 from facemt.splits import validation_split
 from facemt.config import BASE_NAME, DEFAULT_IMAGE_SIZE, FINE_TUNE_BACKBONE_LR_SCALE, TrainConfig
 from facemt.errors import FacemtError
+from facemt.files import atomic_write, atomic_write_text, sha256_file
 from facemt.inference import predict_images, resolve_device
 from facemt.losses import MISSING, MultiTaskLoss, expected_calibration_error, fit_temperature
 from facemt.model import MultiTaskNet, create_model
@@ -237,8 +238,6 @@ RESUME_FORMAT = "facemt-resume"
 def _save_resume(out_dir: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    from facemt.checkpoint import atomic_write, sha256_file
-
     atomic_write(out_dir / RESUME_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": RESUME_FORMAT}))
     state = {**state, "format": RESUME_FORMAT, "format_version": 1, "weights_sha256": sha256_file(out_dir / RESUME_WEIGHTS)}
     atomic_write_text(out_dir / RESUME_STATE, json.dumps(state, indent=1) + "\n")
@@ -251,8 +250,6 @@ def load_resume(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Te
         FacemtError: nothing to resume, or the files are corrupt.
     """
     from safetensors.torch import load_file
-
-    from facemt.checkpoint import sha256_file
 
     run_dir = Path(run_dir)
     path = run_dir / RESUME_STATE

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from facemt.checkpoint import atomic_write, atomic_write_text, load_checkpoint
+from facemt.checkpoint import load_checkpoint
+from facemt.files import atomic_write, atomic_write_text
 from facemt.errors import FacemtError
 from facemt.tasks import schema_dict
 

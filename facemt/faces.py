@@ -17,7 +17,6 @@ Crop policies:
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from dataclasses import dataclass
 from importlib import resources
@@ -30,6 +29,7 @@ from PIL import Image
 
 from facemt.config import CropPolicy
 from facemt.errors import FacemtError
+from facemt.files import sha256_file
 
 #: The YuNet face detector (OpenCV Zoo, MIT licence), shipped inside the package.
 DETECTOR_FILE = "face_detection_yunet_2023mar.onnx"
@@ -70,7 +70,7 @@ def check_detector_file(path: str | Path) -> None:
     """Raise FacemtError unless ``path`` is the YuNet model with the pinned SHA-256."""
     path = Path(path)
     try:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = sha256_file(path)
     except OSError as exc:
         raise FacemtError(f"face detector model {path} cannot be read ({exc.strerror or exc}); reinstall facemt") from None
     if digest != DETECTOR_SHA256:

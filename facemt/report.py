@@ -14,7 +14,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from facemt.checkpoint import atomic_write, atomic_write_text  # noqa: E402
+from facemt.files import atomic_write, atomic_write_text  # noqa: E402
 from facemt.evaluation import CVResult  # noqa: E402
 from facemt.tasks import TASKS  # noqa: E402
 

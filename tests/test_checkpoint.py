@@ -52,7 +52,7 @@ def test_truncated_weights_with_matching_hash_are_rejected(saved):
     run, _ = saved
     (run / WEIGHTS).write_bytes((run / WEIGHTS).read_bytes()[:1000])
     cfg = json.loads((run / CONFIG).read_text())
-    from facemt.checkpoint import sha256_file
+    from facemt.files import sha256_file
 
     cfg["weights_sha256"] = sha256_file(run / WEIGHTS)
     (run / CONFIG).write_text(json.dumps(cfg))

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "facemt"
 
 #: Ground floor first; STYLE.md explains the order.
 FLOORS = [
-    {"__init__", "errors", "config", "tasks"},
+    {"__init__", "errors", "config", "tasks", "files"},
     {"images", "faces", "synth"},
     {"transforms", "losses", "model", "data"},
     {"checkpoint", "checks", "splits"},

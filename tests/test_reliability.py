@@ -146,6 +146,9 @@ def test_check_data_reports_duplicates_missing_and_unreadable(faces_dir, tmp_pat
     (data / "998_o_f_h_a.jpg").unlink()
     assert main(["check-data", str(data)]) == 0
     assert "data OK" in capsys.readouterr().out
+    assert main(["check-data", "--data", str(data)]) == 0  # the grammar every other command uses
+    assert "data OK" in capsys.readouterr().out
+    assert main(["check-data"]) == 2
 
 
 def test_fit_stops_when_a_requested_head_has_one_class(tmp_path, faces_dir, capsys):
