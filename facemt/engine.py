@@ -384,8 +384,8 @@ def train(
         state, tensors = resume
         if state["train_rows"] != train_rows or state["val_rows"] != val_rows:
             raise FacemtError("cannot resume: the data or its split differs from the interrupted run")
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
-        criterion.load_state_dict({k[10:]: v for k, v in tensors.items() if k.startswith("criterion/")})
+        model.load_state_dict(_unprefix(tensors, "model/"))
+        criterion.load_state_dict(_unprefix(tensors, "criterion/"))
         _restore_optimizer(optimizer, tensors, state["optimizer_param_groups"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(tensors["rng/torch"])
@@ -393,7 +393,7 @@ def train(
         best_score = state["best_score"] if state["best_score"] is not None else -math.inf
         best_epoch = state["best_epoch"]
         if best_epoch:
-            best_state = {k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("best/")}
+            best_state = {k: v.to(device) for k, v in _unprefix(tensors, "best/").items()}
         first_epoch, skip, meter_state = state["epoch"], state["step"], state["meter"]
 
     def save_resume(epoch: int, step: int, meter: _Meter) -> None:
@@ -426,21 +426,14 @@ def train(
         batches = _epoch_batches(len(train_set), config.batch_size, config.seed, epoch, skip, sample_weights)
         # Its own generator: a loader without one draws from the global RNG that dropout uses.
         loader = DataLoader(train_set, batch_sampler=batches, num_workers=0, generator=torch.Generator())
-        for step, batch in enumerate(loader, start=skip + 1):
-            batch_targets = {t: v.to(device) for t, v in batch["targets"].items()}
-            logits = model(batch["image"].to(device))
-            loss, losses = criterion(logits, batch_targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            meter.add({t: v.detach() for t, v in logits.items()}, batch_targets, {t: v.detach() for t, v in losses.items()})
-            if callback:
-                callback("step", {"epoch": epoch, "step": step, "steps": steps_per_epoch, "loss": loss.item()})
-            if should_stop is not None and should_stop():
-                if out_dir is not None:
-                    save_resume(epoch, step, meter)
-                raise TrainingInterrupted(f"training interrupted at epoch {epoch}, step {step}/{steps_per_epoch}")
+        stopped_at = train_one_epoch(model, loader, criterion, optimizer, scheduler, meter, device, first_step=skip + 1,
+                                     on_step=(lambda step, loss: callback("step", {
+                                         "epoch": epoch, "step": step, "steps": steps_per_epoch, "loss": loss}))
+                                     if callback else None, should_stop=should_stop)
+        if stopped_at is not None:
+            if out_dir is not None:
+                save_resume(epoch, stopped_at, meter)
+            raise TrainingInterrupted(f"training interrupted at epoch {epoch}, step {stopped_at}/{steps_per_epoch}")
         skip = 0
         row: dict[str, float] = {"epoch": epoch, "lr": lr, **meter.row("train")}
         if criterion.log_vars is not None:
@@ -473,6 +466,46 @@ def train(
     model.eval()
     history = pd.DataFrame(rows)
     return TrainResult(model, preprocess, history, best_epoch, _clean(rows[best_epoch - 1]), tasks)
+
+
+def _unprefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of a resume file saved under ``prefix`` (``model/``, ``best/``...), without it."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def train_one_epoch(
+    model: MultiTaskNet,
+    loader: DataLoader,
+    criterion: MultiTaskLoss,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    meter: _Meter,
+    device: torch.device,
+    first_step: int = 1,
+    on_step: Callable[[int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> int | None:
+    """One pass over ``loader``: forward, masked loss, backward, optimizer and
+    scheduler step per batch, per-head loss and accuracy summed into ``meter``.
+
+    Returns:
+        None after the last batch, or the step after which ``should_stop`` asked to stop.
+    """
+    model.train()
+    for step, batch in enumerate(loader, start=first_step):
+        targets = {t: v.to(device) for t, v in batch["targets"].items()}
+        logits = model(batch["image"].to(device))
+        loss, losses = criterion(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        meter.add({t: v.detach() for t, v in logits.items()}, targets, {t: v.detach() for t, v in losses.items()})
+        if on_step is not None:
+            on_step(step, loss.item())
+        if should_stop is not None and should_stop():
+            return step
+    return None
 
 
 def _epoch_start_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, epoch: int, steps_per_epoch: int) -> float:
@@ -580,4 +613,4 @@ def calibrate_run(
 
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted", "calibrate_run", "decode_images", "fit",
-           "initial_weights", "load_resume", "predict_images", "resolve_device", "train"]
+           "initial_weights", "load_resume", "predict_images", "resolve_device", "train", "train_one_epoch"]
