@@ -187,6 +187,13 @@ def joint_pairs(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def publish(lines: list[str], results: str | Path) -> None:
+    """Append a Markdown section to the results file and print it (every benchmark script ends so)."""
+    with open(results, "a", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def markdown(frame: pd.DataFrame, title: str, command: str, recall: dict[str, float] | None = None) -> list[str]:
     summary = frame.groupby(["benchmark", "model", "head"], sort=False).agg(
         mean=("accuracy", "mean"), std=("accuracy", "std"), count=("accuracy", "size"),
@@ -249,10 +256,7 @@ def main(argv=None) -> int:
     if args.summarize:
         frame = pd.concat([pd.read_csv(c) for c in args.summarize], ignore_index=True)
         frame.to_csv(args.csv, index=False)
-        lines = markdown(frame, args.title or "merged", command)
-        with open(args.results, "a", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-        print("\n".join(lines))
+        publish(markdown(frame, args.title or "merged", command), args.results)
         return 0
     root = Path(args.data_root)
     init = None if args.init == "imagenet" else str(base_dir()) if args.init == "base" else args.init
@@ -305,10 +309,7 @@ def main(argv=None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     title = f"{args.title + ': ' if args.title else ''}{', '.join(sorted(wanted))} at commit {commit} " \
             f"({wall:.0f} s on this machine)"
-    lines = markdown(frame, title, command, recall)
-    with open(args.results, "a", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    publish(markdown(frame, title, command, recall), args.results)
     return 0
 
 

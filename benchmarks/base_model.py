@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy import utk_all_adults  # noqa: E402
+from accuracy import publish, utk_all_adults  # noqa: E402
 
 from facemt.checkpoint import load_checkpoint, resolve_run  # noqa: E402
 from facemt.data import ImageCache, encode_targets, index_ferplus, index_utkface  # noqa: E402
@@ -138,11 +138,9 @@ def main(argv=None) -> int:
                      f"{100 * ge['by_gender'][g]['accuracy']:.1f} |")
     lines += ["", f"Network speed: {out['faces_per_second_batch32']:.0f} faces/s at batch 32, "
               f"{pre.image_size} px, 2 CPU threads (median of 10 after 3 warm-up batches; no decoding or detection)."]
-    with open(args.results, "a", encoding="utf-8") as fh:
-        fh.write("\n".join(lines) + "\n")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
-    print("\n".join(lines))
+    publish(lines, args.results)
     return 0
 
 

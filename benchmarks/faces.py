@@ -22,9 +22,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from facemt.data import index_jaffe, index_utkface
-from facemt.faces import FaceDetector
-from facemt.images import decode_file
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from accuracy import publish  # noqa: E402
+
+from facemt.data import index_jaffe, index_utkface  # noqa: E402
+from facemt.faces import FaceDetector  # noqa: E402
+from facemt.images import decode_file  # noqa: E402
 
 
 class Haar:
@@ -103,9 +107,7 @@ def main(argv=None) -> int:
               "(1 thread, mean of 20):", "", "| detector | 48 px | 200 px | 640 px | 1600 px |", "|---|---|---|---|---|"]
     for name, t in speed.items():
         lines.append(f"| {name} | " + " | ".join(f"{t[s]:.1f} ms" for s in (48, 200, 640, 1600)) + " |")
-    with open(args.results, "a", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    publish(lines, args.results)
     return 0
 
 

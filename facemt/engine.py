@@ -416,7 +416,6 @@ def train(
         if callback:
             callback("epoch_start", {"epoch": epoch, "epochs": config.epochs, "steps": steps_per_epoch,
                                      "first_epoch": first_epoch, "skip": skip})
-        model.train()
         meter = _Meter(tasks)
         if meter_state is not None:
             meter.loss, meter.correct, meter.count = (dict(meter_state[k]) for k in ("loss", "correct", "count"))
