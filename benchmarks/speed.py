@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from facemt.data import FaceDataset, ImageCache, index_folder
-from facemt.engine import _epoch_batches
+from facemt.engine import Meter, epoch_batches, train_one_epoch
 from facemt.model import create_model
 from facemt.images import decode_file
 from facemt.losses import MultiTaskLoss
@@ -99,23 +99,32 @@ class DecodeEveryEpoch(FaceDataset):
             self.images[i] = None
 
 
+class _Timed:
+    """Iterates a loader and adds up the time spent waiting for its batches."""
+
+    def __init__(self, loader) -> None:
+        self.loader, self.wait = loader, 0.0
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            self.wait += time.perf_counter() - t
+            yield batch
+
+
 def train_epoch(model, dataset, batch_size: int, criterion, optimizer) -> tuple[float, float]:
-    """One epoch; returns (total seconds, seconds spent waiting for batches)."""
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=_epoch_batches(len(dataset), batch_size, 0, 1),
-                                         generator=torch.Generator())
-    model.train()
-    wait = 0.0
+    """One epoch of facemt's own ``train_one_epoch``; returns (total seconds, seconds spent waiting for batches)."""
+    loader = _Timed(torch.utils.data.DataLoader(dataset, batch_sampler=epoch_batches(len(dataset), batch_size, 0, 1),
+                                                generator=torch.Generator()))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     start = time.perf_counter()
-    t = time.perf_counter()
-    for batch in loader:
-        wait += time.perf_counter() - t
-        logits = model(batch["image"])
-        loss, _ = criterion(logits, batch["targets"])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        t = time.perf_counter()
-    return time.perf_counter() - start, wait
+    train_one_epoch(model, loader, criterion, optimizer, scheduler, Meter(model.tasks), torch.device("cpu"))
+    return time.perf_counter() - start, loader.wait
 
 
 def training_rows(backbones: list[str], image_size: int, epochs: int) -> list[dict]:

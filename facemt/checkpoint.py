@@ -9,7 +9,9 @@ unpickled. Every file is written to a temporary name and renamed into place.
 from __future__ import annotations
 
 import json
+import math
 import os
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -212,3 +214,128 @@ def copy_half(run_dir: str | os.PathLike, out_dir: str | os.PathLike, extra: dic
     config = {**config, **(extra or {}), "weights_sha256": sha256_file(out_dir / WEIGHTS), "weights_dtype": "float16"}
     atomic_write_text(out_dir / CONFIG, json.dumps(config, indent=2) + "\n")
     return out_dir
+
+
+RESUME_WEIGHTS = "resume.safetensors"
+RESUME_STATE = "resume.json"
+RESUME_FORMAT = "facemt-resume"
+
+
+@dataclass
+class ResumeState:
+    """Everything an interrupted training run needs to continue exactly.
+
+    Steps count global batches of the epoch's (seed, epoch) batch order, so a
+    state saved by N processes resumes with any other number. The run folder
+    holds it as ``resume.json`` (the fields below except the tensors) and
+    ``resume.safetensors`` (model, best model, loss, optimizer and RNG tensors).
+
+    Attributes:
+        config: the run's ``TrainConfig.to_dict()``.
+        epoch, step: the epoch being trained and the last finished step in it.
+        history: the finished epochs' rows.
+        best_score, best_epoch: the best validation score so far and its epoch (0: none).
+        meter: the interrupted epoch's running sums (``loss``, ``correct``, ``count`` per head).
+        scheduler: the learning-rate scheduler's state dict.
+        optimizer_groups: the optimizer's param groups; ``optimizer`` its per-parameter tensors.
+        train_rows, val_rows: the rows of the data index trained and validated on.
+        extra: the checkpoint fields of the run (sources, dataset summary, split).
+        model, best, criterion: state dicts (``best`` empty when no epoch finished).
+        rng: the torch CPU RNG state of the process that saved.
+    """
+
+    config: dict[str, Any]
+    epoch: int
+    step: int
+    history: list[dict[str, Any]]
+    best_score: float | None
+    best_epoch: int
+    meter: dict[str, dict[str, float]]
+    scheduler: dict[str, Any]
+    optimizer_groups: list[dict[str, Any]]
+    train_rows: list[int]
+    val_rows: list[int]
+    extra: dict[str, Any]
+    model: dict[str, torch.Tensor] = field(repr=False)
+    best: dict[str, torch.Tensor] = field(repr=False)
+    criterion: dict[str, torch.Tensor] = field(repr=False)
+    optimizer: dict[int, dict[str, torch.Tensor]] = field(repr=False)
+    rng: torch.Tensor = field(repr=False)
+
+    _PREFIXES = ("model", "best", "criterion")
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The flat tensor dict stored in ``resume.safetensors``."""
+        out = {f"{prefix}/{k}": v.detach().cpu().contiguous()
+               for prefix in self._PREFIXES for k, v in getattr(self, prefix).items()}
+        out.update({f"optim/{idx}/{name}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
+                    for idx, st in self.optimizer.items() for name, v in st.items()})
+        out["rng/torch"] = self.rng
+        return out
+
+    def fields(self) -> dict[str, Any]:
+        """The JSON part stored in ``resume.json``."""
+        best = self.best_score if self.best_score is not None and math.isfinite(self.best_score) else None
+        return {"config": self.config, "epoch": self.epoch, "step": self.step, "history": self.history,
+                "best_score": best, "best_epoch": self.best_epoch, "meter": self.meter,
+                "scheduler": self.scheduler, "optimizer_param_groups": self.optimizer_groups,
+                "train_rows": self.train_rows, "val_rows": self.val_rows, "extra": self.extra}
+
+    @classmethod
+    def from_files(cls, fields: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "ResumeState":
+        """Rebuild from the two stored parts (inverse of :meth:`fields` and :meth:`tensors`)."""
+        parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in cls._PREFIXES}
+        optimizer: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            prefix, _, name = key.partition("/")
+            if prefix in parts:
+                parts[prefix][name] = value
+            elif prefix == "optim":
+                idx, _, param = name.partition("/")
+                optimizer.setdefault(int(idx), {})[param] = value
+        return cls(
+            config=fields["config"], epoch=int(fields["epoch"]), step=int(fields["step"]), history=fields["history"],
+            best_score=fields["best_score"], best_epoch=int(fields["best_epoch"]), meter=fields["meter"],
+            scheduler=fields["scheduler"], optimizer_groups=fields["optimizer_param_groups"],
+            train_rows=[int(i) for i in fields["train_rows"]], val_rows=[int(i) for i in fields["val_rows"]],
+            extra=fields.get("extra") or {}, model=parts["model"], best=parts["best"], criterion=parts["criterion"],
+            optimizer=optimizer, rng=tensors["rng/torch"],
+        )
+
+
+def save_resume(run_dir: str | os.PathLike, state: ResumeState) -> None:
+    """Write ``state`` into ``run_dir`` (weights first, then the JSON that names their SHA-256)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tensors = state.tensors()
+    atomic_write(run_dir / RESUME_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": RESUME_FORMAT}))
+    fields = {**state.fields(), "format": RESUME_FORMAT, "format_version": 1,
+              "weights_sha256": sha256_file(run_dir / RESUME_WEIGHTS)}
+    atomic_write_text(run_dir / RESUME_STATE, json.dumps(fields, indent=1) + "\n")
+
+
+def load_resume(run_dir: str | os.PathLike) -> ResumeState:
+    """Read the resumable state that an interrupted ``fit`` left in ``run_dir``.
+
+    Raises:
+        FacemtError: nothing to resume, or the files are corrupt.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / RESUME_STATE
+    if not path.is_file():
+        raise FacemtError(f"{run_dir}: nothing to resume (no {RESUME_STATE}; the run finished or never started)")
+    try:
+        fields = json.loads(path.read_text(encoding="utf-8"))
+        if fields.get("format") != RESUME_FORMAT or fields.get("format_version") != 1:
+            raise ValueError("not a facemt resume file")
+        if sha256_file(run_dir / RESUME_WEIGHTS) != fields["weights_sha256"]:
+            raise ValueError(f"{RESUME_WEIGHTS} does not match its SHA-256")
+        return ResumeState.from_files(fields, load_file(str(run_dir / RESUME_WEIGHTS)))
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        raise FacemtError(f"{path}: cannot resume ({exc})") from None
+
+
+def discard_resume(run_dir: str | os.PathLike) -> None:
+    """Remove a run's resume files (the run finished)."""
+    for name in (RESUME_STATE, RESUME_WEIGHTS):
+        (Path(run_dir) / name).unlink(missing_ok=True)

@@ -99,56 +99,67 @@ class _Progress:
             p.console.print("  ".join(parts))
 
 
+_TRAIN_GROUPS = {"data": "data and faces", "model": "model and initial weights", "optim": "optimisation",
+                 "augment": "augmentation"}
+
+#: The training flags: (help group, TrainConfig field, argparse keywords). The flag is the field's name with
+#: dashes and its default the field's default, so a new training option is one field plus one line here.
+#: (The initial-weights choice below is one mutually exclusive group and written out.)
+_TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
+    ("data", "tasks", {"default": None, "help": f"comma-separated heads to train (default: every labelled one of "
+                                                f"{','.join(TASK_NAMES)})"}),
+    ("data", "balance_sources", {"action": "store_true", "help": "sample every --data source equally often per epoch"}),
+    ("data", "crop", {"choices": CROP_POLICIES,
+                      "help": "how each image becomes a face: align (detect, eyes level at fixed points), box (detect, "
+                              "square box with --crop-margin) or none (images are already faces); stored in the run "
+                              "and used again by predict and evaluate (default %(default)s)"}),
+    ("data", "crop_margin", {"type": float, "help": "--crop box: margin as a fraction of the face box, each side "
+                                                    "(default %(default)s)"}),
+    ("data", "val_fraction", {"type": float, "help": "held-out share, split by person when persons are known "
+                                                     "(default %(default)s)"}),
+    ("model", "backbone", {"help": "timm model name (default %(default)s, the base model's; another starts from "
+                                   "--pretrained-file/--pretrained or random weights)"}),
+    ("model", "image_size", {"type": int, "help": "network input side in pixels (default: the initial model's, 112 "
+                                                  "for the base model; else 128)"}),
+    ("model", "dropout", {"type": float, "help": "before the heads (default %(default)s)"}),
+    ("optim", "epochs", {"type": int, "help": "default %(default)s"}),
+    ("optim", "batch_size", {"type": int, "help": "global batch: split across processes under torchrun "
+                                                  "(default %(default)s)"}),
+    ("optim", "lr", {"type": float, "help": "peak learning rate (default %(default)s)"}),
+    ("optim", "backbone_lr_scale", {"type": float, "help": "backbone learning rate = --lr x this; heads get --lr "
+                                                           "(default: 0.1 when starting from the base model or "
+                                                           "--init-from RUN, else 1)"}),
+    ("optim", "weight_decay", {"type": float, "help": "AdamW weight decay (default %(default)s)"}),
+    ("optim", "warmup_epochs", {"type": float, "help": "default %(default)s"}),
+    ("optim", "seed", {"type": int, "help": "default %(default)s"}),
+    ("optim", "loss_weights", {"default": None, "metavar": "TASK=W,...",
+                               "help": "e.g. expression=2,gender=1 (default 1 each)"}),
+    ("optim", "loss_weighting", {"choices": LOSS_WEIGHTINGS, "help": "fixed weights, or learned uncertainty "
+                                 "weighting (Kendall et al. 2018) (default %(default)s)"}),
+    ("optim", "balance_classes", {"action": "store_true", "help": "logit-adjusted loss: predictions follow a "
+                                  "class-balanced prior, not the training set's class frequencies"}),
+    ("optim", "label_smoothing", {"type": float, "help": "default %(default)s"}),
+    ("optim", "device", {"help": "auto, cpu or cuda (default %(default)s)"}),
+    ("augment", "augment", {"choices": AUGMENT_PRESETS, "help": "default %(default)s"}),
+]
+
+
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
-    dat = p.add_argument_group("data and faces")
-    mod = p.add_argument_group("model and initial weights")
-    opt = p.add_argument_group("optimisation")
-    aug = p.add_argument_group("augmentation")
-    dat.add_argument("--data", action="append", metavar="DIR|CSV",
-                   help="folder of FACES-named images or a CSV manifest (repeatable; required)")
-    dat.add_argument("--tasks", help=f"comma-separated heads to train (default: every labelled one of {','.join(TASK_NAMES)})")
-    mod.add_argument("--backbone", default=d.backbone,
-                   help="timm model name (default %(default)s, the base model's; another starts from "
-                        "--pretrained-file/--pretrained or random weights)")
-    opt.add_argument("--epochs", type=int, default=d.epochs, help="default %(default)s")
-    opt.add_argument("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
-    opt.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default %(default)s)")
-    opt.add_argument("--backbone-lr-scale", type=float, default=d.backbone_lr_scale,
-                   help="backbone learning rate = --lr x this; heads get --lr (default: 0.1 when starting from "
-                        "the base model or --init-from RUN, else 1)")
-    opt.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default %(default)s)")
-    opt.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="default %(default)s")
-    mod.add_argument("--image-size", type=int, default=d.image_size,
-                   help="network input side in pixels (default: the initial model's, 112 for the base model; else 128)")
-    opt.add_argument("--seed", type=int, default=d.seed, help="default %(default)s")
-    aug.add_argument("--augment", choices=AUGMENT_PRESETS, default=d.augment, help="default %(default)s")
-    opt.add_argument("--loss-weights", metavar="TASK=W,...", help="e.g. expression=2,gender=1 (default 1 each)")
-    opt.add_argument("--loss-weighting", choices=LOSS_WEIGHTINGS, default=d.loss_weighting,
-                   help="fixed weights, or learned uncertainty weighting (Kendall et al. 2018) (default %(default)s)")
-    dat.add_argument("--balance-sources", action="store_true",
-                   help="sample every --data source equally often per epoch")
-    opt.add_argument("--balance-classes", action="store_true",
-                   help="logit-adjusted loss: predictions follow a class-balanced prior, not the training "
-                        "set's class frequencies")
-    opt.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help="default %(default)s")
-    mod.add_argument("--dropout", type=float, default=d.dropout, help="before the heads (default %(default)s)")
-    dat.add_argument("--crop", choices=CROP_POLICIES, default=d.crop,
-                   help="how each image becomes a face: align (detect, eyes level at fixed points), box (detect, "
-                        "square box with --crop-margin) or none (images are already faces); stored in the run and "
-                        "used again by predict and evaluate (default %(default)s)")
-    dat.add_argument("--crop-margin", type=float, default=d.crop_margin,
-                   help="--crop box: margin as a fraction of the face box, each side (default %(default)s)")
-    dat.add_argument("--val-fraction", type=float, default=d.val_fraction,
-                   help="held-out share, split by person when persons are known (default %(default)s)")
-    w = mod.add_mutually_exclusive_group()
+    groups = {key: p.add_argument_group(title) for key, title in _TRAIN_GROUPS.items()}
+    groups["data"].add_argument("--data", action="append", metavar="DIR|CSV",
+                                help="folder of FACES-named images or a CSV manifest (repeatable; required)")
+    for group, name, kwargs in _TRAIN_FLAGS:
+        if kwargs.get("action") != "store_true":
+            kwargs = {"default": getattr(d, name), **kwargs}
+        groups[group].add_argument("--" + name.replace("_", "-"), dest=name, **kwargs)
+    w = groups["model"].add_mutually_exclusive_group()
     w.add_argument("--init-from", metavar="RUN|base", default=d.init_from,
                    help="start from a facemt model: backbone and every head whose classes match (default: the "
                         "built-in face-trained base model, when --backbone is its backbone)")
     w.add_argument("--pretrained", action="store_true", help="ImageNet weights from the timm model hub (needs network)")
     w.add_argument("--pretrained-file", metavar="PATH", help="backbone weights from a local .safetensors/.pth file")
     w.add_argument("--no-pretrained", action="store_true", help="random initialisation")
-    opt.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
 
 
 def _as_options(message: str) -> str:
@@ -165,18 +176,12 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     from facemt.losses import parse_loss_weights
     from facemt.tasks import select_tasks
 
-    tasks = select_tasks(args.tasks) if args.tasks else None
+    values = {name: getattr(args, name) for _, name, _ in _TRAIN_FLAGS}
+    values["tasks"] = select_tasks(args.tasks) if args.tasks else None
+    values["loss_weights"] = parse_loss_weights(args.loss_weights, values["tasks"] or TASK_NAMES)
     config = TrainConfig(
-        backbone=args.backbone, tasks=tasks, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        backbone_lr_scale=args.backbone_lr_scale,
-        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, image_size=args.image_size,
-        seed=args.seed, augment=args.augment,
-        loss_weights=parse_loss_weights(args.loss_weights, tasks or TASK_NAMES),
-        label_smoothing=args.label_smoothing, dropout=args.dropout, val_fraction=args.val_fraction,
-        crop=args.crop, crop_margin=args.crop_margin, loss_weighting=args.loss_weighting,
-        balance_sources=args.balance_sources, balance_classes=args.balance_classes,
+        **values, pretrained=args.pretrained, pretrained_file=args.pretrained_file,
         init_from=None if (args.no_pretrained or args.pretrained or args.pretrained_file) else args.init_from,
-        pretrained=args.pretrained, pretrained_file=args.pretrained_file, device=args.device,
     )
     try:
         config.validate()
@@ -245,18 +250,17 @@ class _StopFlag:
 
 
 def cmd_fit(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from facemt.checkpoint import CONFIG
-    from facemt.engine import TrainingInterrupted, fit, load_resume
+    from facemt.checkpoint import CONFIG, load_resume
+    from facemt.distributed import init_from_env, shutdown
 
     if args.resume:
         run = Path(args.resume)
-        state, tensors = load_resume(run)
-        config = TrainConfig.from_dict(state["config"])
-        sources = state["extra"].get("sources") or []
+        resume = load_resume(run)
+        config = TrainConfig.from_dict(resume.config)
+        sources = resume.extra.get("sources") or []
         if not sources:
             raise FacemtError(f"{run}: the interrupted run does not record its data sources")
-        resume = (state, tensors)
-        err.print(f"resuming {run} at epoch {state['epoch']}, step {state['step']}")
+        err.print(f"resuming {run} at epoch {resume.epoch}, step {resume.step}")
     else:
         if not args.data or not args.out:
             raise FacemtError("fit needs --data and --out (or --resume RUN)")
@@ -264,6 +268,18 @@ def cmd_fit(args: argparse.Namespace, out: Console, err: Console) -> int:
         if (run / CONFIG).exists() and not args.overwrite:
             raise FacemtError(f"{run} already holds a trained model; choose another --out or pass --overwrite")
         config, sources, resume = _train_config(args), args.data, None
+    here = init_from_env(config.device)  # several processes under torchrun; nothing otherwise
+    if not here.main:  # one process speaks for all
+        out = err = Console(quiet=True)
+    try:
+        return _fit_and_report(args, out, err, run, config, sources, resume)
+    finally:
+        shutdown()
+
+
+def _fit_and_report(args, out: Console, err: Console, run: Path, config: TrainConfig, sources, resume) -> int:
+    from facemt.engine import TrainingInterrupted, fit
+
     index = _load_data(sources, err)
     _print_summary(index, err)
     try:
@@ -272,6 +288,8 @@ def cmd_fit(args: argparse.Namespace, out: Console, err: Console) -> int:
     except TrainingInterrupted as exc:
         err.print(f"{exc}; state saved. Resume with: facemt fit --resume {run}", markup=False, highlight=False)
         return EXIT_INTERRUPTED
+    if out.quiet:
+        return EXIT_OK
     if args.json:
         print(json.dumps({"run": str(run), "tasks": list(result.tasks), "best_epoch": result.best_epoch,
                           "metrics": result.metrics, "temperatures": dict(result.model.temperatures)}, indent=2))
@@ -362,10 +380,21 @@ def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
     else:
         fmt = "json" if args.json else "csv" if args.csv else "table"
     _split_predict_inputs(args)
-    predictor = load(args.model, device=args.device, batch_size=args.batch_size, crop=_crop_override(args))
-    files = iter_image_files(args.inputs)
+    shard = _predict_shard(args)
+    if shard is not None and out_path is None:
+        raise FacemtError("a sharded prediction writes a part file: give --out FILE.csv or FILE.jsonl")
+    predictor = load(args.model, device=args.device, batch_size=args.batch_size, crop=_crop_override(args),
+                     engine=args.engine)
+    files = all_files = iter_image_files(args.inputs)
     if not files:
         raise FacemtError("no image files found in the given inputs")
+    if shard is not None:
+        from facemt.shards import part_path, take_shard
+
+        files = take_shard(all_files, *shard)
+        out_path = part_path(out_path, *shard)
+        err.print(f"shard {shard[0]}/{shard[1]}: {len(files)} of {len(all_files)} files -> {out_path}",
+                  markup=False, highlight=False)
     detect = predictor.preprocess.policy.detects
     if detect:
         from facemt.faces import default_detector
@@ -397,6 +426,10 @@ def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
         finished = True
     finally:
         sink.close(finished)
+    if shard is not None:
+        from facemt.shards import write_manifest
+
+        write_manifest(out_path, *shard, all_files, files)
     if fmt == "table":
         table = Table()
         table.add_column("file")
@@ -421,6 +454,29 @@ def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
     if out_path is not None or counts["error"] or counts["no_face"] or fmt == "table":
         err.print(summary, markup=False, highlight=False)
     return EXIT_PARTIAL if counts["error"] else EXIT_OK
+
+
+def _predict_shard(args: argparse.Namespace) -> tuple[int, int] | None:
+    """--shard K/N, or this process's rank under torchrun; None for the whole input."""
+    from facemt.shards import parse_shard
+
+    if args.shard:
+        return parse_shard(args.shard)
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")) + 1, size) if size > 1 else None
+
+
+def cmd_merge_predictions(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from facemt.shards import find_parts, merge_parts
+
+    parts = args.parts or find_parts(args.out)
+    done = merge_parts(parts, args.out)
+    if args.json:
+        print(json.dumps({"out": args.out, **done}))
+    else:
+        err.print(f"merged {done['shards']} shard(s): {done['files']} files, {done['rows']} rows -> {args.out}",
+                  markup=False, highlight=False)
+    return EXIT_OK
 
 
 def _crop_override(args: argparse.Namespace) -> str | None:
@@ -593,9 +649,17 @@ def cmd_export(args: argparse.Namespace, out: Console, err: Console) -> int:
     run = resolve_run(_model(args))
     if run == base_dir() and not args.out:
         raise FacemtError("exporting the built-in base model needs --out FILE (its folder is inside the package)")
-    info = export(run, args.format, args.out, probabilities=not args.logits, check=not args.no_check)
+    from facemt.images import iter_image_files
+
+    calibration = iter_image_files([args.calibration]) if args.calibration else None
+    if args.calibration and not calibration:
+        raise FacemtError(f"--calibration {args.calibration}: no image files found")
+    info = export(run, args.format, args.out, probabilities=not args.logits, check=not args.no_check,
+                  quantize=args.quantize, calibration=calibration)
     msg = f"wrote {info['path']} (outputs {', '.join(info['outputs'])}: {info['output_kind']})"
-    if "max_abs_diff" in info:
+    if "top1_agreement_random_inputs" in info:
+        msg += f"; top-1 agreement with PyTorch on random inputs {info['top1_agreement_random_inputs']:.0%}"
+    elif "max_abs_diff" in info:
         msg += f"; max |difference| vs PyTorch {info['max_abs_diff']:.2e}"
     out.print(msg, markup=False, highlight=False)
     return EXIT_OK
@@ -669,7 +733,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-faces", type=int, metavar="N", help="at most N faces per image (the largest)")
     p.add_argument("--batch-size", type=int, default=32, help="default %(default)s")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
+    p.add_argument("--engine", choices=("torch", "onnx", "onnx-int8"), default="torch",
+                   help="run the network with PyTorch, or with ONNX Runtime on the CPU in float32 or int8 (uses "
+                        "the run's model.onnx / model.int8.onnx from 'facemt export' when present, else builds it at "
+                        "start-up) (default %(default)s)")
+    p.add_argument("--shard", metavar="K/N",
+                   help="predict only the K-th of N shards of the sorted file list, into FILE.part-K-of-N.csv "
+                        "beside --out (under torchrun: the process's rank; join with merge-predictions)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("merge-predictions", help="join the parts of a sharded predict into one file",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("parts", nargs="*", metavar="PART",
+                   help="part files (default: every finished FILE.part-K-of-N beside --out)")
+    p.add_argument("--out", required=True, metavar="FILE.csv|FILE.jsonl",
+                   help="the merged file (written only when every input appears exactly once)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_merge_predictions)
 
     p = sub.add_parser("check-data", help="validate a data set before training", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -702,6 +782,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output file (default RUN/model.onnx or RUN/model.torchscript.pt)")
     p.add_argument("--logits", action="store_true", help="output raw logits instead of probabilities")
     p.add_argument("--no-check", action="store_true", help="skip the parity check against PyTorch")
+    p.add_argument("--quantize", choices=("int8",),
+                   help="static int8 ONNX graph (default file RUN/model.int8.onnx, read by predict --engine onnx-int8)")
+    p.add_argument("--calibration", metavar="DIR",
+                   help="--quantize: face images to calibrate on, framed by the run's crop policy "
+                        "(default: 64 generated faces; real faces like yours are better)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("cv", help="cross-validate multi-task vs single-task models and write a report",

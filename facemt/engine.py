@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import random
@@ -16,14 +15,15 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from facemt.checkpoint import (base_dir, load_checkpoint, read_config, save_checkpoint,
-                               update_config)
+from facemt.checkpoint import (ResumeState, base_dir, discard_resume, load_checkpoint, load_resume,
+                               read_config, save_checkpoint, save_resume, update_config)
 from facemt.checks import check_data
 from facemt.data import DataIndex, FaceDataset, ImageCache, encode_targets, is_ferplus_test
 from facemt.splits import validation_split
 from facemt.config import BASE_NAME, DEFAULT_IMAGE_SIZE, FINE_TUNE_BACKBONE_LR_SCALE, TrainConfig
+from facemt.distributed import World, all_reduce_sum, any_rank, barrier, broadcast_buffers, shard, world
 from facemt.errors import FacemtError
-from facemt.files import atomic_write, atomic_write_text, sha256_file
+from facemt.files import atomic_write_text
 from facemt.inference import predict_images, resolve_device
 from facemt.losses import MISSING, MultiTaskLoss, expected_calibration_error, fit_temperature
 from facemt.model import MultiTaskNet, create_model
@@ -137,7 +137,7 @@ def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     return f
 
 
-def _epoch_batches(
+def epoch_batches(
     n: int, batch_size: int, seed: int, epoch: int, skip: int = 0, weights: torch.Tensor | None = None
 ) -> list[list[int]]:
     """The shuffled batches of one epoch: a pure function of (seed, epoch), so a
@@ -183,14 +183,16 @@ def _mix(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) % (2**32) for p in parts]).generate_state(1)[0])
 
 
-class _Meter:
+class Meter:
     """Sums loss and correct counts per head over labelled rows."""
 
-    def __init__(self, tasks: Sequence[str]) -> None:
+    def __init__(self, tasks: Sequence[str], state: dict[str, dict] | None = None) -> None:
         self.tasks = tuple(tasks)
         self.loss = {t: 0.0 for t in tasks}
         self.correct = {t: 0 for t in tasks}
         self.count = {t: 0 for t in tasks}
+        if state is not None:
+            self.loss, self.correct, self.count = (dict(state[k]) for k in ("loss", "correct", "count"))
 
     def add(self, logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], losses: dict[str, torch.Tensor]) -> None:
         for t in self.tasks:
@@ -200,6 +202,19 @@ class _Meter:
                 self.loss[t] += float(losses[t]) * n
                 self.correct[t] += int((logits[t][mask].argmax(1) == targets[t][mask]).sum())
                 self.count[t] += n
+
+    def state(self) -> dict[str, dict]:
+        return {"loss": dict(self.loss), "correct": dict(self.correct), "count": dict(self.count)}
+
+    def gathered(self) -> "Meter":
+        """The sums over every training process (itself when alone)."""
+        if not world().distributed:
+            return self
+        sums = all_reduce_sum(torch.tensor([[self.loss[t], self.correct[t], self.count[t]] for t in self.tasks],
+                                           dtype=torch.float64))
+        return Meter(self.tasks, {"loss": {t: float(sums[i, 0]) for i, t in enumerate(self.tasks)},
+                                   "correct": {t: int(sums[i, 1]) for i, t in enumerate(self.tasks)},
+                                   "count": {t: int(sums[i, 2]) for i, t in enumerate(self.tasks)}})
 
     def row(self, prefix: str) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -214,75 +229,181 @@ class _Meter:
 
 @torch.no_grad()
 def evaluate_loader(model: MultiTaskNet, loader: DataLoader, criterion: MultiTaskLoss, device: torch.device) -> dict[str, float]:
-    """Per-head loss and accuracy of ``model`` over a loader (eval mode)."""
+    """Per-head loss and accuracy of ``model`` over a loader (eval mode); under
+    data-parallel training each process passes its shard and the sums are
+    all-reduced, so every process returns the whole validation set's metrics."""
     model.eval()
-    meter = _Meter(model.tasks)
+    meter = Meter(model.tasks)
     for batch in loader:
         targets = {t: v.to(device) for t, v in batch["targets"].items()}
         logits = model(batch["image"].to(device))
         _, losses = criterion(logits, targets)
         meter.add(logits, targets, losses)
-    return meter.row("val")
-
+    return meter.gathered().row("val")
 
 
 class TrainingInterrupted(FacemtError):
     """Training stopped on request (SIGINT / SIGTERM); a resumable state was saved."""
 
 
-RESUME_WEIGHTS = "resume.safetensors"
-RESUME_STATE = "resume.json"
-RESUME_FORMAT = "facemt-resume"
+@dataclass
+class Setup:
+    """Everything one training run works with, built by :func:`setup_training`."""
+
+    config: TrainConfig
+    tasks: tuple[str, ...]
+    device: torch.device
+    model: MultiTaskNet
+    preprocess: PreprocessConfig
+    criterion: MultiTaskLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    train_set: FaceDataset
+    val_loader: DataLoader | None
+    sample_weights: torch.Tensor | None
+    steps_per_epoch: int
+    train_rows: list[int]
+    val_rows: list[int]
+    world: World
+
+    @property
+    def network(self) -> torch.nn.Module:
+        """What the training step calls: the model, wrapped for data parallelism when there are several processes."""
+        return self._ddp if self.world.distributed else self.model
+
+    def __post_init__(self) -> None:
+        self._ddp = None
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self._ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
 
-def _save_resume(out_dir: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
+def setup_training(
+    index: DataIndex, config: TrainConfig, train_rows: Sequence[int], val_rows: Sequence[int],
+    cache: ImageCache | None, callback: Callback | None, resuming: bool,
+) -> Setup:
+    """Validate the config, build the model (initialised from ImageNet, a file,
+    a run or the base model), decode the images, and build datasets, loss,
+    optimizer and schedule."""
+    config.validate()
+    tasks = resolve_tasks(index, config.tasks)
+    device = resolve_device(config.device)
+    here = world()
+    seed_everything(config.seed if here.main else _mix(config.seed, here.rank))  # dropout differs per process
+    init = initial_weights(config)
+    if config.backbone_lr_scale is None:  # recorded resolved, so the checkpoint says what was used
+        config = replace(config, backbone_lr_scale=FINE_TUNE_BACKBONE_LR_SCALE if init else 1.0)
+    image_size = config.image_size or (read_config(init)["preprocess"]["image_size"] if init else DEFAULT_IMAGE_SIZE)
+    model, preprocess = create_model(
+        config.backbone, tasks, config.pretrained and not resuming, None if resuming else config.pretrained_file,
+        image_size, config.dropout, config.crop_policy,
+    )
+    if init and not resuming:
+        initialise_from(model, init, config.backbone)
+    model.to(device)
+    train_rows, val_rows = [int(i) for i in train_rows], [int(i) for i in val_rows]
+    if not train_rows:
+        raise FacemtError("no training images")
+    images = decode_images(index, preprocess, cache, callback)
+    targets = encode_targets(index.table, tasks)
+    train_set = FaceDataset([images[i] for i in train_rows], {t: v[train_rows] for t, v in targets.items()},
+                            build_transform(preprocess, config.augment), seed=config.seed)
+    val_loader = None
+    if val_rows:
+        mine = shard(val_rows, here.rank, here.size)  # each process validates its shard; metrics are all-reduced
+        val_set = FaceDataset([images[i] for i in mine], {t: v[mine] for t, v in targets.items()},
+                              build_transform(preprocess, "none"))
+        val_loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False, num_workers=0,
+                                generator=torch.Generator())
+    criterion = _criterion(config, tasks, targets, train_rows).to(device)
+    optimizer = _optimizer(config, model, criterion)
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(steps_per_epoch * config.epochs, int(round(config.warmup_epochs * steps_per_epoch))))
+    weights = source_weights(index.table.iloc[train_rows]) if config.balance_sources else None
+    return Setup(config, tasks, device, model, preprocess, criterion, optimizer, scheduler, train_set, val_loader,
+                 weights, steps_per_epoch, train_rows, val_rows, here)
 
-    atomic_write(out_dir / RESUME_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": RESUME_FORMAT}))
-    state = {**state, "format": RESUME_FORMAT, "format_version": 1, "weights_sha256": sha256_file(out_dir / RESUME_WEIGHTS)}
-    atomic_write_text(out_dir / RESUME_STATE, json.dumps(state, indent=1) + "\n")
+
+def _criterion(config: TrainConfig, tasks: Sequence[str], targets: dict[str, np.ndarray],
+               train_rows: list[int]) -> MultiTaskLoss:
+    priors = None
+    if config.balance_classes:  # +1: a class absent from training keeps a finite log prior
+        priors = {t: torch.bincount(torch.as_tensor(v[train_rows][v[train_rows] >= 0]),
+                                    minlength=TASKS[t].num_classes).double() + 1 for t, v in targets.items()}
+    return MultiTaskLoss({t: config.loss_weights.get(t, 1.0) for t in tasks}, config.label_smoothing,
+                         learned=config.loss_weighting == "uncertainty", class_priors=priors)
 
 
-def load_resume(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read the resumable state that an interrupted ``fit`` left in ``run_dir``.
-
-    Raises:
-        FacemtError: nothing to resume, or the files are corrupt.
-    """
-    from safetensors.torch import load_file
-
-    run_dir = Path(run_dir)
-    path = run_dir / RESUME_STATE
-    if not path.is_file():
-        raise FacemtError(f"{run_dir}: nothing to resume (no {RESUME_STATE}; the run finished or never started)")
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-        if state.get("format") != RESUME_FORMAT or state.get("format_version") != 1:
-            raise ValueError("not a facemt resume file")
-        if sha256_file(run_dir / RESUME_WEIGHTS) != state["weights_sha256"]:
-            raise ValueError(f"{RESUME_WEIGHTS} does not match its SHA-256")
-        tensors = load_file(str(run_dir / RESUME_WEIGHTS))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise FacemtError(f"{path}: cannot resume ({exc})") from None
-    return state, tensors
+def _optimizer(config: TrainConfig, model: MultiTaskNet, criterion: MultiTaskLoss) -> torch.optim.Optimizer:
+    # Heads first: group 0's learning rate is the one logged per epoch.
+    groups = [{"params": list(model.heads.parameters())},
+              {"params": list(model.trunk.parameters()), "lr": config.lr * config.backbone_lr_scale}]
+    if config.loss_weighting == "uncertainty":
+        groups.append({"params": list(criterion.parameters()), "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    sd = optimizer.state_dict()
-    tensors = {
-        f"optim/{idx}/{name}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
-        for idx, st in sd["state"].items() for name, v in st.items()
-    }
-    return tensors, sd["param_groups"]
+class KeepBest:
+    """Keeps the weights of the epoch with the best mean validation accuracy
+    (ties go to the later epoch); without validation, or with
+    ``select_best=False``, the last epoch."""
+
+    def __init__(self, select_best: bool, score: float | None = None, epoch: int = 0,
+                 state: dict[str, torch.Tensor] | None = None) -> None:
+        self.select_best = select_best
+        self.score = -math.inf if score is None else score
+        self.epoch = epoch
+        self.state = state or None
+
+    def update(self, epoch: int, row: dict[str, float], model: MultiTaskNet) -> bool:
+        """Consider a finished epoch; True when its weights are now the kept ones."""
+        score = row.get("val_mean_acc", float("nan"))
+        if self.select_best and math.isfinite(score) and score < self.score:
+            return False
+        self.score = score if math.isfinite(score) else self.score
+        self.epoch = epoch
+        self.state = copy.deepcopy(model.state_dict())
+        return True
 
 
-def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim/"):
-            _, idx, name = key.split("/", 2)
-            state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+def _snapshot(setup: Setup, epoch: int, step: int, meter: Meter, rows: list, best: KeepBest,
+              extra: dict[str, Any]) -> ResumeState:
+    sd = setup.optimizer.state_dict()
+    return ResumeState(
+        config=setup.config.to_dict(), epoch=epoch, step=step, history=rows, best_score=best.score,
+        best_epoch=best.epoch, meter=meter.state(), scheduler=setup.scheduler.state_dict(),
+        optimizer_groups=sd["param_groups"], train_rows=setup.train_rows, val_rows=setup.val_rows, extra=extra,
+        model=setup.model.state_dict(), best=best.state or {}, criterion=setup.criterion.state_dict(),
+        optimizer=sd["state"], rng=torch.get_rng_state(),
+    )
+
+
+def _restore(setup: Setup, state: ResumeState, select_best: bool) -> KeepBest:
+    if state.train_rows != setup.train_rows or state.val_rows != setup.val_rows:
+        raise FacemtError("cannot resume: the data or its split differs from the interrupted run")
+    setup.model.load_state_dict(state.model)
+    setup.criterion.load_state_dict(state.criterion)
+    setup.optimizer.load_state_dict({"state": state.optimizer, "param_groups": state.optimizer_groups})
+    setup.scheduler.load_state_dict(state.scheduler)
+    if setup.world.main:  # the other processes keep their own dropout streams
+        torch.set_rng_state(state.rng)
+    best = {k: v.to(setup.device) for k, v in state.best.items()} if state.best_epoch else None
+    return KeepBest(select_best, state.best_score, state.best_epoch, best)
+
+
+def epoch_loader(setup: Setup, epoch: int, skip: int = 0) -> DataLoader:
+    """The loader of one epoch from global step ``skip`` on: the (seed, epoch)
+    batch order, and under data parallelism this process's share of each
+    global batch (a last batch smaller than the number of processes is dropped)."""
+    setup.train_set.epoch = epoch
+    batches = epoch_batches(len(setup.train_set), setup.config.batch_size, setup.config.seed, epoch, skip,
+                             setup.sample_weights)
+    if setup.world.distributed:
+        batches = [shard(b, setup.world.rank, setup.world.size) for b in batches if len(b) >= setup.world.size]
+    # Its own generator: a loader without one draws from the global RNG that dropout uses.
+    return DataLoader(setup.train_set, batch_sampler=batches, num_workers=0, generator=torch.Generator())
 
 
 def train(
@@ -296,9 +417,14 @@ def train(
     extra: dict[str, Any] | None = None,
     select_best: bool = True,
     should_stop: Callable[[], bool] | None = None,
-    resume: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
+    resume: ResumeState | None = None,
 ) -> TrainResult:
     """Train a multi-task (or single-task) network.
+
+    Under ``torchrun`` (a process group initialised by
+    :func:`facemt.distributed.init_from_env`) every process runs this with
+    the same arguments: each trains on its share of every global batch,
+    gradients and metrics are averaged, and only rank 0 writes ``out_dir``.
 
     Args:
         index: the labelled images.
@@ -313,9 +439,9 @@ def train(
         select_best: keep the epoch with the best mean validation accuracy; when
             False the last epoch is kept and ``val_rows`` only draw learning
             curves (cross-validation uses this so test folds never pick epochs).
-        should_stop: polled after every step; when it returns True the current
-            step is finished, a resumable state is written to ``out_dir`` and
-            :class:`TrainingInterrupted` is raised.
+        should_stop: polled after every step (on any process: all stop at the
+            same step); when it returns True a resumable state is written to
+            ``out_dir`` and :class:`TrainingInterrupted` is raised.
         resume: the state returned by :func:`load_resume`, to continue exactly
             where an interrupted run stopped.
 
@@ -326,159 +452,75 @@ def train(
         FacemtError: bad configuration, unusable data, weights not available.
         TrainingInterrupted: ``should_stop`` asked to stop.
     """
-    config.validate()
-    tasks = resolve_tasks(index, config.tasks)
-    device = resolve_device(config.device)
-    seed_everything(config.seed)
-    init = initial_weights(config)
-    if config.backbone_lr_scale is None:  # recorded resolved, so the checkpoint says what was used
-        config = replace(config, backbone_lr_scale=FINE_TUNE_BACKBONE_LR_SCALE if init else 1.0)
-    image_size = config.image_size or (read_config(init)["preprocess"]["image_size"] if init else DEFAULT_IMAGE_SIZE)
-    model, preprocess = create_model(
-        config.backbone, tasks, config.pretrained and resume is None,
-        config.pretrained_file if resume is None else None, image_size, config.dropout,
-        config.crop_policy,
-    )
-    if init and resume is None:
-        initialise_from(model, init, config.backbone)
-    model.to(device)
-    images = decode_images(index, preprocess, cache, callback)
-    targets = encode_targets(index.table, tasks)
-    train_rows, val_rows = [int(i) for i in train_rows], [int(i) for i in val_rows]
-    if not train_rows:
-        raise FacemtError("no training images")
-
-    train_set = FaceDataset([images[i] for i in train_rows], {t: v[train_rows] for t, v in targets.items()},
-                            build_transform(preprocess, config.augment), seed=config.seed)
-    val_loader = None
-    if val_rows:
-        val_set = FaceDataset([images[i] for i in val_rows], {t: v[val_rows] for t, v in targets.items()},
-                              build_transform(preprocess, "none"))
-        val_loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False, num_workers=0,
-                                generator=torch.Generator())
-
-    priors = None
-    if config.balance_classes:  # +1: a class absent from training keeps a finite log prior
-        priors = {t: torch.bincount(torch.as_tensor(v[train_rows][v[train_rows] >= 0]),
-                                    minlength=TASKS[t].num_classes).double() + 1 for t, v in targets.items()}
-    criterion = MultiTaskLoss({t: config.loss_weights.get(t, 1.0) for t in tasks}, config.label_smoothing,
-                              learned=config.loss_weighting == "uncertainty", class_priors=priors).to(device)
-    # Heads first: group 0's learning rate is the one logged per epoch.
-    optimizer = torch.optim.AdamW(
-        [{"params": list(model.heads.parameters())},
-         {"params": list(model.trunk.parameters()), "lr": config.lr * config.backbone_lr_scale}]
-        + ([{"params": list(criterion.parameters()), "weight_decay": 0.0}] if config.loss_weighting == "uncertainty" else []),
-        lr=config.lr, weight_decay=config.weight_decay,
-    )
-    sample_weights = source_weights(index.table.iloc[train_rows]) if config.balance_sources else None
-    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(total_steps, int(round(config.warmup_epochs * steps_per_epoch)))
-    )
-
+    setup = setup_training(index, config, train_rows, val_rows, cache, callback, resume is not None)
+    config, extra = setup.config, extra or {}
+    writes = out_dir is not None and setup.world.main
     rows: list[dict[str, float]] = []
-    best_score, best_epoch, best_state = -math.inf, 0, None
+    best = KeepBest(select_best)
     first_epoch, skip, meter_state = 1, 0, None
     if resume is not None:
-        state, tensors = resume
-        if state["train_rows"] != train_rows or state["val_rows"] != val_rows:
-            raise FacemtError("cannot resume: the data or its split differs from the interrupted run")
-        model.load_state_dict(_unprefix(tensors, "model/"))
-        criterion.load_state_dict(_unprefix(tensors, "criterion/"))
-        _restore_optimizer(optimizer, tensors, state["optimizer_param_groups"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(tensors["rng/torch"])
-        rows = state["history"]
-        best_score = state["best_score"] if state["best_score"] is not None else -math.inf
-        best_epoch = state["best_epoch"]
-        if best_epoch:
-            best_state = {k: v.to(device) for k, v in _unprefix(tensors, "best/").items()}
-        first_epoch, skip, meter_state = state["epoch"], state["step"], state["meter"]
-
-    def save_resume(epoch: int, step: int, meter: _Meter) -> None:
-        optim_tensors, groups = _optimizer_tensors(optimizer)
-        tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        if best_state is not None:
-            tensors.update({f"best/{k}": v.detach().cpu().contiguous() for k, v in best_state.items()})
-        tensors.update(optim_tensors)
-        tensors.update({f"criterion/{k}": v.detach().cpu().contiguous() for k, v in criterion.state_dict().items()})
-        tensors["rng/torch"] = torch.get_rng_state()
-        _save_resume(Path(out_dir), {
-            "config": config.to_dict(), "epoch": epoch, "step": step, "history": rows,
-            "best_score": best_score if math.isfinite(best_score) else None, "best_epoch": best_epoch,
-            "meter": {"loss": meter.loss, "correct": meter.correct, "count": meter.count},
-            "scheduler": scheduler.state_dict(), "optimizer_param_groups": groups,
-            "train_rows": train_rows, "val_rows": val_rows, "extra": extra or {},
-        }, tensors)
+        best = _restore(setup, resume, select_best)
+        rows, first_epoch, skip = list(resume.history), resume.epoch, resume.step
+        meter_state = resume.meter if setup.world.main else None  # sums are all-reduced: count them once
 
     for epoch in range(first_epoch, config.epochs + 1):
         if callback:
-            callback("epoch_start", {"epoch": epoch, "epochs": config.epochs, "steps": steps_per_epoch,
+            callback("epoch_start", {"epoch": epoch, "epochs": config.epochs, "steps": setup.steps_per_epoch,
                                      "first_epoch": first_epoch, "skip": skip})
-        meter = _Meter(tasks)
-        if meter_state is not None:
-            meter.loss, meter.correct, meter.count = (dict(meter_state[k]) for k in ("loss", "correct", "count"))
-            meter_state = None
-        train_set.epoch = epoch
-        lr = optimizer.param_groups[0]["lr"] if skip == 0 else _epoch_start_lr(scheduler, epoch, steps_per_epoch)
-        batches = _epoch_batches(len(train_set), config.batch_size, config.seed, epoch, skip, sample_weights)
-        # Its own generator: a loader without one draws from the global RNG that dropout uses.
-        loader = DataLoader(train_set, batch_sampler=batches, num_workers=0, generator=torch.Generator())
-        stopped_at = train_one_epoch(model, loader, criterion, optimizer, scheduler, meter, device, first_step=skip + 1,
-                                     on_step=(lambda step, loss: callback("step", {
-                                         "epoch": epoch, "step": step, "steps": steps_per_epoch, "loss": loss}))
-                                     if callback else None, should_stop=should_stop)
+        meter = Meter(setup.tasks, meter_state)
+        meter_state = None
+        lr = (setup.optimizer.param_groups[0]["lr"] if skip == 0
+              else _epoch_start_lr(setup.scheduler, epoch, setup.steps_per_epoch))
+        stopped_at = train_one_epoch(
+            setup.network, epoch_loader(setup, epoch, skip), setup.criterion, setup.optimizer, setup.scheduler,
+            meter, setup.device, first_step=skip + 1, should_stop=should_stop,
+            on_step=(lambda step, loss: callback("step", {"epoch": epoch, "step": step,
+                                                          "steps": setup.steps_per_epoch, "loss": loss}))
+            if callback else None)
+        meter = meter.gathered()
         if stopped_at is not None:
-            if out_dir is not None:
-                save_resume(epoch, stopped_at, meter)
-            raise TrainingInterrupted(f"training interrupted at epoch {epoch}, step {stopped_at}/{steps_per_epoch}")
+            if writes:
+                save_resume(Path(out_dir), _snapshot(setup, epoch, stopped_at, meter, rows, best, extra))
+            barrier()
+            raise TrainingInterrupted(f"training interrupted at epoch {epoch}, step {stopped_at}/{setup.steps_per_epoch}")
         skip = 0
-        row: dict[str, float] = {"epoch": epoch, "lr": lr, **meter.row("train")}
-        if criterion.log_vars is not None:
-            row.update({f"loss_weight_{t}": torch.exp(-v.detach()).item() for t, v in criterion.log_vars.items()})
-        if val_loader is not None:
-            row.update(evaluate_loader(model, val_loader, criterion, device))
-        rows.append(row)
-        score = row.get("val_mean_acc", float("nan"))
-        # Without validation the last epoch wins; ties go to the later epoch.
-        if not select_best or val_loader is None or not math.isfinite(score) or score >= best_score:
-            best_score = score if math.isfinite(score) else best_score
-            best_epoch = epoch
-            best_state = copy.deepcopy(model.state_dict())
-            if out_dir is not None:
-                save_checkpoint(
-                    out_dir, model, config.backbone, preprocess,
-                    {"train": config.to_dict(), "best_epoch": epoch, "metrics": _clean(row), **(extra or {})},
-                )
-        if out_dir is not None:
+        broadcast_buffers(setup.model)  # BatchNorm statistics: rank 0's, on every process
+        rows.append(_epoch_row(setup, epoch, lr, meter))
+        if best.update(epoch, rows[-1], setup.model) and writes:
+            save_checkpoint(out_dir, setup.model, config.backbone, setup.preprocess,
+                            {"train": config.to_dict(), "best_epoch": epoch, "metrics": _clean(rows[-1]), **extra})
+        if writes:
             atomic_write_text(Path(out_dir) / "history.csv", pd.DataFrame(rows).to_csv(index=False))
         if callback:
-            callback("epoch_end", {"epoch": epoch, "epochs": config.epochs, "row": row, "best_epoch": best_epoch,
+            callback("epoch_end", {"epoch": epoch, "epochs": config.epochs, "row": rows[-1], "best_epoch": best.epoch,
                                    "first_epoch": first_epoch})
 
-    if out_dir is not None:
-        for name in (RESUME_STATE, RESUME_WEIGHTS):
-            (Path(out_dir) / name).unlink(missing_ok=True)
-    assert best_state is not None
-    model.load_state_dict(best_state)
-    model.eval()
-    history = pd.DataFrame(rows)
-    return TrainResult(model, preprocess, history, best_epoch, _clean(rows[best_epoch - 1]), tasks)
+    if writes:
+        discard_resume(out_dir)
+    assert best.state is not None
+    setup.model.load_state_dict(best.state)
+    setup.model.eval()
+    return TrainResult(setup.model, setup.preprocess, pd.DataFrame(rows), best.epoch, _clean(rows[best.epoch - 1]),
+                       setup.tasks)
 
 
-def _unprefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The entries of a resume file saved under ``prefix`` (``model/``, ``best/``...), without it."""
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+def _epoch_row(setup: Setup, epoch: int, lr: float, meter: Meter) -> dict[str, float]:
+    """The history row of a finished epoch: learning rate, training and validation metrics."""
+    row: dict[str, float] = {"epoch": epoch, "lr": lr, **meter.row("train")}
+    if setup.criterion.log_vars is not None:
+        row.update({f"loss_weight_{t}": torch.exp(-v.detach()).item() for t, v in setup.criterion.log_vars.items()})
+    if setup.val_loader is not None:
+        row.update(evaluate_loader(setup.model, setup.val_loader, setup.criterion, setup.device))
+    return row
 
 
 def train_one_epoch(
-    model: MultiTaskNet,
+    model: torch.nn.Module,
     loader: DataLoader,
     criterion: MultiTaskLoss,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    meter: _Meter,
+    meter: Meter,
     device: torch.device,
     first_step: int = 1,
     on_step: Callable[[int, float], None] | None = None,
@@ -487,22 +529,36 @@ def train_one_epoch(
     """One pass over ``loader``: forward, masked loss, backward, optimizer and
     scheduler step per batch, per-head loss and accuracy summed into ``meter``.
 
+    ``model`` may be wrapped in DistributedDataParallel: the loss is then
+    normalised by the global batch's labelled counts (so averaged gradients are
+    the global batch's), the loss's own parameters are averaged by hand, and a
+    stop request on any process stops all at the same step.
+
     Returns:
         None after the last batch, or the step after which ``should_stop`` asked to stop.
     """
+    here = world()
     model.train()
     for step, batch in enumerate(loader, start=first_step):
         targets = {t: v.to(device) for t, v in batch["targets"].items()}
+        counts = None
+        if here.distributed:
+            local = torch.tensor([int((v != MISSING).sum()) for v in targets.values()], dtype=torch.float64)
+            counts = dict(zip(targets, all_reduce_sum(local).tolist()))
         logits = model(batch["image"].to(device))
-        loss, losses = criterion(logits, targets)
+        loss, losses = criterion(logits, targets, counts, here.size)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if here.distributed:
+            for p in criterion.parameters():  # not inside DDP: average by hand
+                if p.grad is not None:
+                    p.grad.copy_(all_reduce_sum(p.grad) / here.size)
         optimizer.step()
         scheduler.step()
-        meter.add({t: v.detach() for t, v in logits.items()}, targets, {t: v.detach() for t, v in losses.items()})
+        meter.add({t: v.detach() for t, v in logits.items()}, targets, losses)
         if on_step is not None:
             on_step(step, loss.item())
-        if should_stop is not None and should_stop():
+        if any_rank(should_stop is not None and should_stop()):
             return step
     return None
 
@@ -525,7 +581,7 @@ def fit(
     callback: Callback | None = None,
     sources: Sequence[str] = (),
     should_stop: Callable[[], bool] | None = None,
-    resume: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
+    resume: ResumeState | None = None,
 ) -> TrainResult:
     """Split off a validation set (subject-disjoint when persons are known) and train.
 
@@ -558,7 +614,8 @@ def fit(
     cache = cache or ImageCache()
     result = train(index, config, train_rows, val_rows, out_dir, cache, callback, extra,
                    should_stop=should_stop, resume=resume)
-    calibrate_run(out_dir, result.model, index, val_rows, result.preprocess, cache, config.device)
+    if world().main:
+        calibrate_run(out_dir, result.model, index, val_rows, result.preprocess, cache, config.device)
     return result
 
 

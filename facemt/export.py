@@ -7,13 +7,14 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from facemt.checkpoint import load_checkpoint
+from facemt.engines import ONNX_FILES, Graph, quantize_int8, write_onnx
+from facemt.inference import Predictor
 from facemt.files import atomic_write, atomic_write_text
 from facemt.errors import FacemtError
 from facemt.tasks import schema_dict
@@ -21,19 +22,6 @@ from facemt.tasks import schema_dict
 log = logging.getLogger(__name__)
 FORMATS = ("onnx", "torchscript")
 TOLERANCE = 1e-4
-
-
-class _Graph(nn.Module):
-    """The network with a fixed output order (the heads in schema order) and,
-    by default, softmax probabilities instead of logits."""
-
-    def __init__(self, model: nn.Module, probabilities: bool) -> None:
-        super().__init__()
-        self.model, self.tasks, self.probabilities = model, model.tasks, probabilities
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model.probabilities(image) if self.probabilities else self.model(image)
-        return tuple(out[t] for t in self.tasks)
 
 
 def _run_exported(fmt: str, path: Path, batch: torch.Tensor, tasks: tuple[str, ...]) -> list[np.ndarray]:
@@ -57,6 +45,8 @@ def export(
     probabilities: bool = True,
     check: bool = True,
     batch_size: int = 4,
+    quantize: str | None = None,
+    calibration: Sequence[str | os.PathLike] | None = None,
 ) -> dict[str, Any]:
     """Write the model as a single graph: input ``image`` (N x 3 x S x S, normalised
     as in the run's preprocessing), one output per head named after the task.
@@ -68,6 +58,11 @@ def export(
         probabilities: outputs are softmax probabilities (default) or raw logits.
         check: compare the exported graph with PyTorch on a random batch.
         batch_size: size of that batch.
+        quantize: ``int8``: static int8 ONNX graph (default file
+            ``RUN/model.int8.onnx``, used by ``--engine onnx-int8``), calibrated
+            on ``calibration`` images (framed by the run's crop policy) or, by
+            default, on generated faces. Its parity is reported as top-1
+            agreement with PyTorch, not checked against 1e-4.
 
     Returns:
         a description (path, outputs, max absolute difference) also written
@@ -78,22 +73,30 @@ def export(
     """
     if fmt not in FORMATS:
         raise FacemtError(f"unknown export format {fmt!r}: choose {', '.join(FORMATS)}")
+    if quantize not in (None, "int8") or (quantize and (fmt != "onnx" or not probabilities)):
+        raise FacemtError("quantize: only int8, of an ONNX graph with probability outputs")
     model, pre, config = load_checkpoint(run_dir)
-    graph = _Graph(model.cpu().eval(), probabilities).eval()
-    path = Path(out) if out else Path(run_dir) / ("model.onnx" if fmt == "onnx" else "model.torchscript.pt")
+    graph = Graph(model.cpu().eval(), probabilities).eval()
+    default = ONNX_FILES["onnx-int8" if quantize else "onnx"] if fmt == "onnx" else "model.torchscript.pt"
+    path = Path(out) if out else Path(run_dir) / default
     torch.manual_seed(0)
     dummy = torch.randn(batch_size, 3, pre.image_size, pre.image_size)
     tasks = model.tasks
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            if fmt == "onnx":
+            if fmt == "onnx" and quantize:
                 def write(tmp: str) -> None:
-                    torch.onnx.export(
-                        graph, (dummy,), tmp, input_names=["image"], output_names=list(tasks),
-                        dynamic_axes={"image": {0: "batch"}, **{t: {0: "batch"} for t in tasks}},
-                        opset_version=17, dynamo=False,
-                    )
+                    batches = Predictor(run_dir, device="cpu").calibration_batches(calibration)
+                    float_graph = Path(tmp).with_suffix(".float.onnx")
+                    try:
+                        write_onnx(model, pre.image_size, float_graph, probabilities)
+                        quantize_int8(float_graph, tmp, batches)
+                    finally:
+                        float_graph.unlink(missing_ok=True)
+            elif fmt == "onnx":
+                def write(tmp: str) -> None:
+                    write_onnx(model, pre.image_size, tmp, probabilities)
             else:
                 traced = torch.jit.trace(graph, dummy)
 
@@ -108,9 +111,16 @@ def export(
         "file": path.name, "format": fmt, "input": "image", "input_shape": ["batch", 3, pre.image_size, pre.image_size],
         "outputs": list(tasks), "output_kind": "probabilities" if probabilities else "logits",
         "tasks": schema_dict(tasks), "preprocess": pre.to_dict(), "backbone": config["backbone"],
-        "weights_sha256": config["weights_sha256"],
+        "weights_sha256": config["weights_sha256"], "quantized": quantize,
     }
-    if check:
+    if check and quantize:
+        with torch.no_grad():
+            expected = [o.numpy() for o in graph(dummy)]
+        got = _run_exported(fmt, path, dummy, tasks)
+        info["top1_agreement_random_inputs"] = float(np.mean([np.mean(a.argmax(1) == b.argmax(1))
+                                                              for a, b in zip(expected, got)]))
+        info["max_abs_diff"] = max(float(np.max(np.abs(a - b))) for a, b in zip(expected, got))
+    elif check:
         with torch.no_grad():
             expected = [o.numpy() for o in graph(dummy)]
         got = _run_exported(fmt, path, dummy, tasks)

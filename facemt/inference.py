@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -12,11 +13,13 @@ import numpy as np
 import torch
 
 from facemt.checkpoint import load_checkpoint, resolve_run
+from facemt.engines import ENGINES, OnnxModel, matching_graph, quantize_int8, write_onnx
 from facemt.errors import FacemtError
 from facemt.images import ImageInput, as_rgb_image
 from facemt.tasks import TASKS
 from facemt.faces import Face, framing
 from facemt.model import MultiTaskNet
+from facemt.synth import draw_face, make_person
 from facemt.transforms import PreprocessConfig, build_transform, face_images
 
 
@@ -134,23 +137,56 @@ class Predictor:
         device: ``auto``, ``cpu`` or ``cuda``.
         batch_size: images per forward pass.
         crop: override the run's crop policy (``align``, ``box`` or ``none``).
+        engine: ``torch``, ``onnx`` or ``onnx-int8`` (see :func:`load`).
     """
 
     def __init__(
         self, run_dir: str | os.PathLike | None = None, device: str = "auto", batch_size: int = 32,
-        crop: str | None = None,
+        crop: str | None = None, engine: str = "torch",
     ) -> None:
-        self.device = resolve_device(device)
+        if engine not in ENGINES:
+            raise FacemtError(f"unknown engine {engine!r}: choose {', '.join(ENGINES)}")
+        self.device = resolve_device(device if engine == "torch" else "cpu")
         run_dir = resolve_run(run_dir)
         self.model, self.preprocess, self.config = load_checkpoint(run_dir, map_location=self.device)
         if crop is not None and crop != self.preprocess.crop:
             self.preprocess = dataclasses.replace(self.preprocess, crop=crop)
         self.run_dir = Path(run_dir)
         self.batch_size = batch_size
+        self.engine = engine
+        if engine != "torch":
+            self.model = self._onnx_model(engine)
+
+    def _onnx_model(self, engine: str) -> OnnxModel:
+        """The run's exported graph when ``facemt export`` wrote it from these
+        weights, else one built now (int8: calibrated on generated faces)."""
+        found = matching_graph(self.run_dir, engine, self.config["weights_sha256"])
+        if found is not None:
+            return OnnxModel(found, self.tasks)
+        with tempfile.TemporaryDirectory() as tmp:
+            graph = Path(tmp) / "model.onnx"
+            write_onnx(self.model, self.preprocess.image_size, graph)
+            if engine == "onnx-int8":
+                quantize_int8(graph, Path(tmp) / "int8.onnx", self.calibration_batches())
+                graph = Path(tmp) / "int8.onnx"
+            return OnnxModel(graph.read_bytes(), self.tasks)
+
+    def calibration_batches(self, images: Sequence[ImageInput] | None = None, batch_size: int = 16) -> list[np.ndarray]:
+        """Network inputs for int8 calibration: ``images`` (or 64 generated
+        faces) framed by the crop policy and normalised as for prediction."""
+        if images is None:
+            rng = np.random.default_rng(0)
+            people = [make_person(i, TASKS["age_group"].classes[i % 3], TASKS["gender"].classes[i % 2], rng)
+                      for i in range(8)]
+            images = [np.asarray(draw_face(p, e, rng)) for p in people for e in TASKS["expression"].classes[:4]]
+        transform = build_transform(self.preprocess, "none")
+        arrays = [self._units(im, True, True)[0][1] for im in images]
+        tensors = [transform(a).numpy() for a in arrays]
+        return [np.stack(tensors[i:i + batch_size]) for i in range(0, len(tensors), batch_size)]
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        return self.model.tasks
+        return tuple(self.model.tasks)
 
     def _predictions(self, arrays: Sequence[np.ndarray], sources: Sequence[str | None]) -> list[Prediction]:
         probs = predict_images(self.model, arrays, self.preprocess, self.batch_size, self.device)
@@ -267,18 +303,24 @@ class Predictor:
 
 
 def load(
-    run_dir: str | os.PathLike | None = None, device: str = "auto", batch_size: int = 32, crop: str | None = None
+    run_dir: str | os.PathLike | None = None, device: str = "auto", batch_size: int = 32, crop: str | None = None,
+    engine: str = "torch",
 ) -> Predictor:
     """Load a run folder written by ``facemt fit``, or with no argument (or
     ``"base"``) the built-in base model shipped with facemt.
 
     Args:
         crop: override the run's crop policy (``align``, ``box``, ``none``).
+        engine: ``torch`` (PyTorch, any device), ``onnx`` (ONNX Runtime,
+            float32, CPU) or ``onnx-int8`` (ONNX Runtime, int8, CPU). The ONNX
+            engines use the run's ``model.onnx`` / ``model.int8.onnx`` written
+            by ``facemt export`` when present, else build the graph at load
+            (a few seconds).
 
     Raises:
         FacemtError: the folder is not a valid facemt checkpoint.
     """
-    return Predictor(run_dir, device=device, batch_size=batch_size, crop=crop)
+    return Predictor(run_dir, device=device, batch_size=batch_size, crop=crop, engine=engine)
 
 
 __all__ = ["Prediction", "Predictor", "load"]

@@ -78,10 +78,23 @@ class MultiTaskLoss(nn.Module):
             self.register_buffer(f"log_prior_{task}", torch.log(prior / prior.sum()).float(), persistent=False)
 
     def forward(
-        self, logits: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor]
+        self,
+        logits: Mapping[str, torch.Tensor],
+        targets: Mapping[str, torch.Tensor],
+        counts: Mapping[str, int] | None = None,
+        processes: int = 1,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Returns the total loss and the unweighted loss per head (0 when a head
-        has no labelled row in the batch)."""
+        """Returns the total loss and the unweighted loss per head over this
+        batch's labelled rows (0 when a head has none).
+
+        Args:
+            counts: labelled rows per head in the whole global batch, when this
+                batch is one of ``processes`` shards whose gradients are averaged
+                (data-parallel training). Each head's loss in the total is then
+                its sum over this shard divided by ``counts[head] / processes``,
+                so the averaged gradient is that of the global batch's mean loss
+                however unevenly the labels fall on the shards.
+        """
         per_task: dict[str, torch.Tensor] = {}
         total = None
         for task, weight in self.weights.items():
@@ -89,12 +102,16 @@ class MultiTaskLoss(nn.Module):
             if task in self.adjusted:
                 out = out + getattr(self, f"log_prior_{task}")
             labelled = target != MISSING
-            if labelled.any():
-                loss = F.cross_entropy(out[labelled], target[labelled], label_smoothing=self.label_smoothing)
+            n = int(labelled.sum())
+            if n:
+                summed = F.cross_entropy(out[labelled], target[labelled], label_smoothing=self.label_smoothing,
+                                         reduction="sum")
+                per_task[task] = summed.detach() / n
+                loss = summed / (counts[task] / processes if counts is not None else n)
             else:
-                loss = out.sum() * 0.0
-            per_task[task] = loss
-            if self.log_vars is not None and labelled.any():
+                per_task[task] = loss = out.sum() * 0.0
+            labelled_anywhere = n > 0 if counts is None else counts[task] > 0
+            if self.log_vars is not None and labelled_anywhere:
                 s = self.log_vars[task]
                 loss = torch.exp(-s) * loss + s
             total = weight * loss if total is None else total + weight * loss

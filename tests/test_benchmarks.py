@@ -179,3 +179,22 @@ def test_backbone_lr_scale_slows_only_the_backbone(faces_dir):
     with pytest.raises(FacemtError, match="backbone_lr_scale"):  # the library names the field
         TrainConfig(backbone_lr_scale=0).validate()
     assert cli_main(["fit", "--data", str(faces_dir), "--out", "/nonexistent/x", "--backbone-lr-scale", "-1"]) == 2
+
+
+def test_speed_benchmark_trains_with_the_real_epoch_loop():
+    spec = importlib.util.spec_from_file_location("speed", ROOT / "benchmarks" / "speed.py")
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    from facemt.data import FaceDataset
+    from facemt.losses import MultiTaskLoss
+    from facemt.transforms import build_transform
+
+    torch.manual_seed(0)
+    model, pre = create_model("resnet18", ("gender",), image_size=32)
+    before = [p.detach().clone() for p in model.parameters()]
+    images = [np.full((40, 40, 3), 40 * i, np.uint8) for i in range(6)]
+    data = FaceDataset(images, {"gender": np.array([0, 1] * 3)}, build_transform(pre, "none"))
+    total, wait = speed.train_epoch(model, data, 4, MultiTaskLoss({"gender": 1.0}),
+                                    torch.optim.AdamW(model.parameters(), lr=1e-3))
+    assert 0 < wait < total
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # it trained

@@ -42,3 +42,39 @@ def test_onnx_export_matches_pytorch_with_named_outputs(run_dir, tmp_path, capsy
 def test_unknown_format(run_dir):
     with pytest.raises(FacemtError, match="unknown export format"):
         export(run_dir, "tflite")
+
+
+def test_onnx_engine_predicts_like_pytorch(run_dir, faces_dir):
+    pytest.importorskip("onnxruntime")
+    files = sorted(faces_dir.glob("*.jpg"))[:12]
+    torch_preds = facemt.load(run_dir, device="cpu").predict(files)
+    engine = facemt.load(run_dir, engine="onnx")
+    assert engine.model.source is None  # no exported file in the run: built at load
+    for a, b in zip(torch_preds, engine.predict(files)):
+        assert a.labels == b.labels
+        for t in a.probabilities:
+            assert max(abs(a.probabilities[t][c] - b.probabilities[t][c]) for c in a.probabilities[t]) <= 1e-4
+    with pytest.raises(FacemtError, match="unknown engine"):
+        facemt.load(run_dir, engine="tensorrt")
+
+
+def test_int8_export_is_used_by_the_int8_engine(run_dir, faces_dir, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    assert main(["export", "--model", str(run), "--quantize", "int8", "--calibration", str(faces_dir)]) == 0
+    assert "top-1 agreement" in capsys.readouterr().out
+    side = json.loads((run / "model.int8.onnx.json").read_text())
+    assert side["quantized"] == "int8" and side["weights_sha256"] == json.loads((run / "config.json").read_text())["weights_sha256"]
+    predictor = facemt.load(run, engine="onnx-int8")
+    assert predictor.model.source == run / "model.int8.onnx"
+    p = predictor.predict(sorted(faces_dir.glob("*.jpg"))[0])
+    assert set(p.labels) == {"age_group", "gender", "expression"}
+    assert all(abs(sum(v.values()) - 1) < 1e-3 for v in p.probabilities.values())
+    assert facemt.load(run, engine="onnx").model.source is None  # float graph not exported: built
+    assert main(["predict", str(faces_dir), "--model", str(run), "--engine", "onnx-int8", "--out",
+                 str(tmp_path / "p.csv")]) == 0
+    with pytest.raises(FacemtError, match="only int8"):
+        export(run, "torchscript", quantize="int8")

@@ -11,9 +11,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "facemt"
 #: Ground floor first; STYLE.md explains the order.
 FLOORS = [
     {"__init__", "errors", "config", "tasks", "files"},
-    {"images", "faces", "synth"},
+    {"images", "faces", "synth", "distributed", "shards"},
     {"transforms", "losses", "model", "data"},
-    {"checkpoint", "checks", "splits"},
+    {"checkpoint", "checks", "splits", "engines"},
     {"inference"},
     {"engine"},
     {"evaluation", "export"},

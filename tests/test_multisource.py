@@ -10,7 +10,7 @@ import torch
 import facemt
 from facemt import FacemtError
 from facemt.cli import main
-from facemt.engine import _epoch_batches, initialise_from, source_weights
+from facemt.engine import epoch_batches, initialise_from, source_weights
 from facemt.losses import MultiTaskLoss
 from facemt.model import create_model
 from conftest import TINY_FIT
@@ -31,9 +31,9 @@ def test_source_weights_balance_sources():
     table = pd.DataFrame({"source": ["big"] * 30 + ["small"] * 3})
     w = source_weights(table)
     assert float(w[:30].sum()) == pytest.approx(float(w[30:].sum()))
-    draws = [i for b in _epoch_batches(33, 8, 0, 1, weights=w) for i in b]
+    draws = [i for b in epoch_batches(33, 8, 0, 1, weights=w) for i in b]
     assert len(draws) == 33 and sum(i >= 30 for i in draws) > 8  # ~half instead of 3 in 33
-    assert _epoch_batches(33, 8, 0, 1, weights=w) == _epoch_batches(33, 8, 0, 1, weights=w)
+    assert epoch_batches(33, 8, 0, 1, weights=w) == epoch_batches(33, 8, 0, 1, weights=w)
 
 
 def test_init_from_copies_backbone_and_matching_heads(run_dir):
