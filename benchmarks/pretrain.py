@@ -5,7 +5,8 @@ FER+ (expression) and UTKFace (age group, gender) from ImageNet weights.
         --weights ../shared/weights/mobilenetv2_100_imagenet.safetensors --out runs/base
 
 - Expression: FER+ FER2013Train, majority vote onto the six FACES classes
-  (ties, surprise, contempt, unknown and not-a-face are left out);
+  (ties, surprise, contempt, unknown and not-a-face are left out; the label
+  policy was chosen by ``benchmarks/base_study.py``, ``--fer-policy``);
   FER2013Valid validates; FER2013Test is never trained on.
 - Age group and gender: UTKFace adults, except a fixed held-out list written
   to ``benchmarks/utk_holdout.txt`` (benchmark B's test faces and its training
@@ -61,11 +62,15 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--device", default="auto")
-    p.add_argument("--limit", type=int, default=0, help="rows per source, for a quick trial (0 = all)")
+    p.add_argument("--limit", type=int, default=0,
+                   help="training rows drawn from all sources (validation: a quarter as many), for a study (0 = all)")
+    p.add_argument("--fer-policy", choices=("majority", "clear", "soft"), default="majority",
+                   help="FER+ training labels: majority vote, clear majority only, or vote distributions as soft "
+                        "targets; validation always uses the majority label (default %(default)s)")
     args = p.parse_args(argv)
     root = Path(args.data_root)
     started = time.perf_counter()
-    fer_train = index_ferplus(root / "ferplus" / "FER2013Train")
+    fer_train = index_ferplus(root / "ferplus" / "FER2013Train", args.fer_policy)
     fer_valid = index_ferplus(root / "ferplus" / "FER2013Valid")
     utk = index_utkface(root / "utkface")
     held = utk_holdout(utk)
@@ -90,7 +95,8 @@ def main(argv=None) -> int:
         tasks=("age_group", "gender", "expression"), warmup_epochs=0.5, device=args.device, seed=0,
     )
     extra = {
-        "sources": [f"ferplus:{root / 'ferplus' / 'FER2013Train'}", f"ferplus:{root / 'ferplus' / 'FER2013Valid'}",
+        "sources": [f"{'ferplus' if args.fer_policy == 'majority' else 'ferplus-' + args.fer_policy}:"
+                    f"{root / 'ferplus' / 'FER2013Train'}", f"ferplus:{root / 'ferplus' / 'FER2013Valid'}",
                     f"utkface:{root / 'utkface'}"],
         "recipe": "benchmarks/pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "dataset": index.summary(),

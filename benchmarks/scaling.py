@@ -69,14 +69,15 @@ def utk_split(root: Path) -> tuple[list[str], list[str]]:
     held = set((ROOT / "benchmarks" / "utk_holdout.txt").read_text().split())
     table = index_utkface(root / "utkface").table
     names = table["path"].map(lambda p: Path(p).name)
-    return sorted(table["path"][~names.isin(held)]), sorted(table["path"][names.isin(held)])
+    rng = np.random.default_rng(0)  # sorted names group by age: shuffle once, reproducibly
+    train, test = sorted(table["path"][~names.isin(held)]), sorted(table["path"][names.isin(held)])
+    return [train[i] for i in rng.permutation(len(train))], [test[i] for i in rng.permutation(len(test))]
 
 
 # -- data-parallel training ---------------------------------------------------------------------------------
 
 def ddp_section(root: Path, tmp: Path, out_png: Path) -> list[str]:
-    train_utk, _ = utk_split(root)
-    utk = link_files(train_utk[:400], tmp / "utk400")
+    utk = tmp / "utk400" if (tmp / "utk400").exists() else link_files(utk_split(root)[0][:400], tmp / "utk400")
     data = ["--data", f"jaffe:{root / 'jaffe'}", "--data", f"utkface:{utk}"]
     runs = {}
     for n in (1, 2):
@@ -123,8 +124,7 @@ def plot_curves(runs: dict, out_png: Path) -> None:
 # -- distributed resume -------------------------------------------------------------------------------------
 
 def resume_section(root: Path, tmp: Path) -> list[str]:
-    train_utk, _ = utk_split(root)
-    utk = tmp / "utk400" if (tmp / "utk400").exists() else link_files(train_utk[:400], tmp / "utk400")
+    utk = tmp / "utk400" if (tmp / "utk400").exists() else link_files(utk_split(root)[0][:400], tmp / "utk400")
     run = tmp / "resumed"
     args = ["fit", "--data", f"jaffe:{root / 'jaffe'}", "--data", f"utkface:{utk}", "--out", str(run), *FIT]
     proc = subprocess.Popen(torchrun_cmd(2, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -262,17 +262,20 @@ def e2e_section(root: Path, tmp: Path, photos: int, utk_files: int) -> list[str]
     for name, folder in sets.items():
         for engine in ("torch", "onnx"):
             rates = {}
-            for n in (1, 2):
+            # "1x1": one process limited to one thread, what each of the two processes gets.
+            for n, threads in (("1", None), ("1x1", "1"), ("2", None)):
                 out = tmp / f"e2e_{n}_{engine}_{folder.name}.csv"
                 args = ["predict", str(folder), "--out", str(out), "--engine", engine]
-                seconds, _ = sh(facemt_cmd(*args) if n == 1 else torchrun_cmd(2, *args))
-                if n == 2:
+                env = {"OMP_NUM_THREADS": threads} if threads else None
+                seconds, _ = sh(torchrun_cmd(2, *args) if n == "2" else facemt_cmd(*args), env)
+                if n == "2":
                     merge_s, _ = sh(facemt_cmd("merge-predictions", "--out", str(out)))
                     seconds += merge_s
                 faces = int((pd.read_csv(out)["status"] == "ok").sum())
                 rates[n] = faces / seconds
-                ratio = f"{rates[2] / rates[1]:.2f}x" if n == 2 else ""
-                lines.append(f"| {name} | {engine} | {n} | {seconds:.1f} | {faces} | {faces / seconds:.1f} | {ratio} |")
+                ratio = f"{rates['2'] / rates['1']:.2f}x ({rates['2'] / rates['1x1']:.2f}x vs 1 thread)" if n == "2" else ""
+                label = "1 (1 thread)" if n == "1x1" else n
+                lines.append(f"| {name} | {engine} | {label} | {seconds:.1f} | {faces} | {faces / seconds:.1f} | {ratio} |")
                 print(lines[-1], file=sys.stderr)
     return lines
 

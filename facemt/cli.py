@@ -431,22 +431,7 @@ def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
 
         write_manifest(out_path, *shard, all_files, files)
     if fmt == "table":
-        table = Table()
-        table.add_column("file")
-        if detect:
-            table.add_column("face box (x, y, w, h)")
-        for t in predictor.tasks:
-            table.add_column(t)
-        for p in sink.kept:
-            name = Path(p.source).name if p.source else "-"
-            if p.status != "ok":
-                if p.status == "no_face":
-                    table.add_row(name, "no face found", *["-"] * len(predictor.tasks))
-                continue
-            cells = [f"{p.labels[t]} ({p.probabilities[t][p.labels[t]]:.2f})" for t in predictor.tasks]
-            box = [f"face {p.face}: {', '.join(map(str, p.box))}" if p.box else "whole image"] if detect else []
-            table.add_row(name, *box, *cells)
-        out.print(table)
+        out.print(_prediction_table(sink.kept, predictor.tasks, detect))
     summary = (f"{len(files)} file(s): {counts['ok']} prediction(s), {counts['no_face']} without a face, "
                f"{counts['error']} unreadable")
     if out_path is not None:
@@ -454,6 +439,25 @@ def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
     if out_path is not None or counts["error"] or counts["no_face"] or fmt == "table":
         err.print(summary, markup=False, highlight=False)
     return EXIT_PARTIAL if counts["error"] else EXIT_OK
+
+
+def _prediction_table(kept, tasks: Sequence[str], detect: bool) -> Table:
+    table = Table()
+    table.add_column("file")
+    if detect:
+        table.add_column("face box (x, y, w, h)")
+    for t in tasks:
+        table.add_column(t)
+    for p in kept:
+        name = Path(p.source).name if p.source else "-"
+        if p.status != "ok":
+            if p.status == "no_face":
+                table.add_row(name, "no face found", *["-"] * len(tasks))
+            continue
+        cells = [f"{p.labels[t]} ({p.probabilities[t][p.labels[t]]:.2f})" for t in tasks]
+        box = [f"face {p.face}: {', '.join(map(str, p.box))}" if p.box else "whole image"] if detect else []
+        table.add_row(name, *box, *cells)
+    return table
 
 
 def _predict_shard(args: argparse.Namespace) -> tuple[int, int] | None:

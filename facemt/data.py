@@ -102,8 +102,8 @@ def _empty_table() -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=object) for c in COLUMNS})
 
 
-def _finish_table(rows: list[dict]) -> pd.DataFrame:
-    table = pd.DataFrame(rows, columns=list(COLUMNS)) if rows else _empty_table()
+def _finish_table(rows: list[dict], extra: Sequence[str] = ()) -> pd.DataFrame:
+    table = pd.DataFrame(rows, columns=list(COLUMNS) + list(extra)) if rows else _empty_table()
     table = table.astype(object).where(table.notna(), None)
     return table.sort_values("path", kind="stable").reset_index(drop=True)
 
@@ -292,14 +292,18 @@ FERPLUS_VOTES = ("neutral", "happiness", "surprise", "sadness", "anger", "disgus
 FERPLUS_CLASSES = dict(zip(("anger", "disgust", "fear", "happiness", "neutral", "sadness"),
                            TASKS["expression"].classes))
 FERPLUS_SPLITS = ("FER2013Train", "FER2013Valid", "FER2013Test")
-FERPLUS_POLICIES = ("majority", "clear")
+FERPLUS_POLICIES = ("majority", "clear", "soft")
+#: Column of a soft-labelled source: the crowd's votes over a head's classes, "3,0,1,5,0,1" in schema order.
+VOTES_SUFFIX = "_votes"
 
 
 def ferplus_label(votes: Sequence[int], policy: str = "majority") -> tuple[str | None, str]:
     """The FACES expression of one FER+ image from its ten vote counts.
 
     ``majority``: the class with the most votes; ``clear``: that class only if
-    it holds more than half of the votes. Ties, and a winner that is surprise,
+    it holds more than half of the votes; ``soft``: the majority label (for
+    accuracy), and training uses the vote distribution over the six FACES
+    classes as the target (see :func:`soft_targets`). Ties, and a winner that is surprise,
     contempt, unknown or not-a-face (not FACES classes), give no label.
 
     Returns:
@@ -359,12 +363,16 @@ def index_ferplus(root: str | os.PathLike, policy: str = "majority") -> DataInde
             if label is None:
                 skipped.append(f"{name}: {why}")
                 continue
-            rows.append({"path": str((folder / name).resolve()), "source": source,
-                         "person": f"fer:{folder.name}/{name}", "expression": label})
+            row = {"path": str((folder / name).resolve()), "source": source,
+                   "person": f"fer:{folder.name}/{name}", "expression": label}
+            if policy == "soft":
+                row["expression" + VOTES_SUFFIX] = ",".join(
+                    str(votes[FERPLUS_VOTES.index(fer)]) for fer in FERPLUS_CLASSES)
+            rows.append(row)
     if not rows:
         raise FacemtError(f"{folder}: no FER+ image with a FACES expression label ({len(skipped)} skipped)")
     log.info("%s: %d images, %d skipped (%s policy)", folder, len(rows), len(skipped), policy)
-    return DataIndex(_finish_table(rows), skipped)
+    return DataIndex(_finish_table(rows, ["expression" + VOTES_SUFFIX] if policy == "soft" else []), skipped)
 
 
 def is_ferplus_test(path: str | os.PathLike) -> bool:
@@ -378,6 +386,7 @@ ADAPTERS: dict[str, Callable[[str], DataIndex]] = {
     "jaffe": index_jaffe,
     "ferplus": index_ferplus,
     "ferplus-clear": lambda root: index_ferplus(root, "clear"),
+    "ferplus-soft": lambda root: index_ferplus(root, "soft"),
     "csv": read_manifest,
 }
 _NAME_PARSERS = {"faces": parse_faces_name, "utkface": parse_utkface_name, "jaffe": parse_jaffe_name}
@@ -446,6 +455,24 @@ def encode_targets(table: pd.DataFrame, tasks: Sequence[str]) -> dict[str, np.nd
         out[task] = np.array(
             [classes.index(v) if v is not None else -1 for v in table[task]], dtype=np.int64
         )
+    return out
+
+
+def soft_targets(table: pd.DataFrame, tasks: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per task with a votes column (``ferplus-soft``): N x classes vote
+    distributions, NaN rows where a row has no votes. Tasks without one are left out."""
+    out = {}
+    for task in tasks:
+        column = task + VOTES_SUFFIX
+        if column not in table.columns:
+            continue
+        dist = np.full((len(table), TASKS[task].num_classes), np.nan, dtype=np.float32)
+        for i, text in enumerate(table[column]):
+            if isinstance(text, str) and text:
+                votes = np.array([float(v) for v in text.split(",")], dtype=np.float32)
+                if votes.shape == (TASKS[task].num_classes,) and votes.sum() > 0:
+                    dist[i] = votes / votes.sum()
+        out[task] = dist
     return out
 
 
@@ -546,9 +573,11 @@ class FaceDataset(Dataset):
         targets: dict[str, np.ndarray],
         transform: Callable[..., torch.Tensor],
         seed: int = 0,
+        soft: dict[str, np.ndarray] | None = None,
     ) -> None:
         self.images = list(images)
         self.targets = targets
+        self.soft = soft or {}
         self.transform = transform
         self.seed = seed
         self.epoch = 0
@@ -561,4 +590,5 @@ class FaceDataset(Dataset):
         return {
             "image": self.transform(self.images[i], seed=item_seed),
             "targets": {t: torch.tensor(v[i]) for t, v in self.targets.items()},
+            **({"soft": {t: torch.from_numpy(v[i]) for t, v in self.soft.items()}} if self.soft else {}),
         }

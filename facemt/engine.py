@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from facemt.checkpoint import (ResumeState, base_dir, discard_resume, load_checkpoint, load_resume,
                                read_config, save_checkpoint, save_resume, update_config)
 from facemt.checks import check_data
-from facemt.data import DataIndex, FaceDataset, ImageCache, encode_targets, is_ferplus_test
+from facemt.data import DataIndex, FaceDataset, ImageCache, encode_targets, is_ferplus_test, soft_targets
 from facemt.splits import validation_split
 from facemt.config import BASE_NAME, DEFAULT_IMAGE_SIZE, FINE_TUNE_BACKBONE_LR_SCALE, TrainConfig
 from facemt.distributed import World, all_reduce_sum, any_rank, barrier, broadcast_buffers, shard, world
@@ -307,8 +307,9 @@ def setup_training(
         raise FacemtError("no training images")
     images = decode_images(index, preprocess, cache, callback)
     targets = encode_targets(index.table, tasks)
+    soft = {t: v[train_rows] for t, v in soft_targets(index.table, tasks).items()}  # crowd votes (ferplus-soft)
     train_set = FaceDataset([images[i] for i in train_rows], {t: v[train_rows] for t, v in targets.items()},
-                            build_transform(preprocess, config.augment), seed=config.seed)
+                            build_transform(preprocess, config.augment), seed=config.seed, soft=soft)
     val_loader = None
     if val_rows:
         mine = shard(val_rows, here.rank, here.size)  # each process validates its shard; metrics are all-reduced
@@ -545,8 +546,9 @@ def train_one_epoch(
         if here.distributed:
             local = torch.tensor([int((v != MISSING).sum()) for v in targets.values()], dtype=torch.float64)
             counts = dict(zip(targets, all_reduce_sum(local).tolist()))
+        soft = {t: v.to(device) for t, v in batch["soft"].items()} if "soft" in batch else None
         logits = model(batch["image"].to(device))
-        loss, losses = criterion(logits, targets, counts, here.size)
+        loss, losses = criterion(logits, targets, counts, here.size, soft)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if here.distributed:

@@ -83,6 +83,7 @@ class MultiTaskLoss(nn.Module):
         targets: Mapping[str, torch.Tensor],
         counts: Mapping[str, int] | None = None,
         processes: int = 1,
+        soft: Mapping[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Returns the total loss and the unweighted loss per head over this
         batch's labelled rows (0 when a head has none).
@@ -94,6 +95,9 @@ class MultiTaskLoss(nn.Module):
                 its sum over this shard divided by ``counts[head] / processes``,
                 so the averaged gradient is that of the global batch's mean loss
                 however unevenly the labels fall on the shards.
+            soft: per head, N x classes target distributions (crowd votes);
+                a labelled row with one is trained against it (cross-entropy
+                with the distribution), a row of NaN falls back to its label.
         """
         per_task: dict[str, torch.Tensor] = {}
         total = None
@@ -103,7 +107,11 @@ class MultiTaskLoss(nn.Module):
                 out = out + getattr(self, f"log_prior_{task}")
             labelled = target != MISSING
             n = int(labelled.sum())
-            if n:
+            if n and soft is not None and task in soft:
+                summed = self._soft_sum(out[labelled], target[labelled], soft[task][labelled])
+                per_task[task] = summed.detach() / n
+                loss = summed / (counts[task] / processes if counts is not None else n)
+            elif n:
                 summed = F.cross_entropy(out[labelled], target[labelled], label_smoothing=self.label_smoothing,
                                          reduction="sum")
                 per_task[task] = summed.detach() / n
@@ -117,6 +125,15 @@ class MultiTaskLoss(nn.Module):
             total = weight * loss if total is None else total + weight * loss
         assert total is not None
         return total, per_task
+
+
+    def _soft_sum(self, logits: torch.Tensor, target: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy summed over rows against ``dist`` (or the smoothed label where ``dist`` is NaN)."""
+        classes = logits.shape[1]
+        hard = F.one_hot(target, classes).to(logits.dtype) * (1 - self.label_smoothing) + self.label_smoothing / classes
+        dist = dist.to(logits.dtype)
+        q = torch.where(torch.isnan(dist).any(1, keepdim=True), hard, dist)
+        return -(q * F.log_softmax(logits, 1)).sum()
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, steps: int = 200) -> float:

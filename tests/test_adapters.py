@@ -1,3 +1,5 @@
+import numpy as np
+import torch
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -131,3 +133,42 @@ def test_ferplus_test_split_is_never_trained_on(tmp_path, capsys):
     assert code == 2 and "never trained on" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
     assert len(load_index(f"ferplus:{test}")) == 5  # evaluating on it is fine
+
+
+def test_ferplus_soft_keeps_the_crowd_votes_and_trains_on_them(tmp_path):
+    from facemt.cli import main
+    from facemt.data import soft_targets
+
+    train = _ferplus(tmp_path, "FER2013Train", FER_ROWS * 3)
+    soft = load_index(f"ferplus-soft:{train}")
+    majority = load_index(f"ferplus:{train}")
+    assert list(soft.table["expression"]) == list(majority.table["expression"])  # same rows, same labels
+    dist = soft_targets(soft.table, ["expression", "gender"])
+    assert set(dist) == {"expression"}  # only heads with votes
+    first = dist["expression"][0]  # votes 4 neutral, 1 sadness, 3 anger, 2 disgust (contempt etc. not FACES)
+    assert np.allclose(first, np.array([3, 2, 0, 0, 4, 1]) / 10)
+    both = combine([soft, load_index(f"ferplus:{train}")])  # a source without votes: NaN rows
+    assert np.isnan(soft_targets(both.table, ["expression"])["expression"][len(soft):]).all()
+    assert main(["fit", "--data", f"ferplus-soft:{train}", "--out", str(tmp_path / "run"), "--epochs", "1",
+                 "--image-size", "32", "--device", "cpu", "--crop", "none", "--no-pretrained",
+                 "--backbone", "resnet18", "--val-fraction", "0"]) == 0
+
+
+def test_soft_targets_loss():
+    from facemt.losses import MISSING, MultiTaskLoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 6, requires_grad=True)
+    target = torch.tensor([0, 3, MISSING, 5])
+    crit = MultiTaskLoss({"expression": 1.0}, label_smoothing=0.1)
+    hard, _ = crit({"expression": logits}, {"expression": target})
+    none = torch.full((4, 6), float("nan"))
+    same, _ = crit({"expression": logits}, {"expression": target}, soft={"expression": none})
+    torch.testing.assert_close(same, hard)  # no votes anywhere: the smoothed-label loss
+    votes = none.clone()
+    votes[1] = torch.tensor([0.0, 0.0, 0.0, 0.5, 0.0, 0.5])
+    soft, _ = crit({"expression": logits}, {"expression": target}, soft={"expression": votes})
+    (grad,) = torch.autograd.grad(soft, logits)
+    p = torch.softmax(logits[1], 0).detach()
+    torch.testing.assert_close(grad[1], (p - votes[1]) / 3)  # row 1 pulled toward its vote distribution
+    assert torch.all(grad[2] == 0)  # unlabelled row
