@@ -305,7 +305,9 @@ def setup_training(
     train_rows, val_rows = [int(i) for i in train_rows], [int(i) for i in val_rows]
     if not train_rows:
         raise FacemtError("no training images")
-    images = decode_images(index, preprocess, cache, callback)
+    needed = sorted(set(train_rows) | set(val_rows))  # a subset of a large index decodes only what it uses
+    decoded = decode_images(DataIndex(index.table.iloc[needed].reset_index(drop=True), []), preprocess, cache, callback)
+    images = dict(zip(needed, decoded))
     targets = encode_targets(index.table, tasks)
     soft = {t: v[train_rows] for t, v in soft_targets(index.table, tasks).items()}  # crowd votes (ferplus-soft)
     train_set = FaceDataset([images[i] for i in train_rows], {t: v[train_rows] for t, v in targets.items()},
