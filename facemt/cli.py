@@ -260,7 +260,6 @@ def cmd_fit(args: argparse.Namespace, out: Console, err: Console) -> int:
         sources = resume.extra.get("sources") or []
         if not sources:
             raise FacemtError(f"{run}: the interrupted run does not record its data sources")
-        err.print(f"resuming {run} at epoch {resume.epoch}, step {resume.step}")
     else:
         if not args.data or not args.out:
             raise FacemtError("fit needs --data and --out (or --resume RUN)")
@@ -271,6 +270,8 @@ def cmd_fit(args: argparse.Namespace, out: Console, err: Console) -> int:
     here = init_from_env(config.device)  # several processes under torchrun; nothing otherwise
     if not here.main:  # one process speaks for all
         out = err = Console(quiet=True)
+    if resume is not None:
+        err.print(f"resuming {run} at epoch {resume.epoch}, step {resume.step}")
     try:
         return _fit_and_report(args, out, err, run, config, sources, resume)
     finally:

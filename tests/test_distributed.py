@@ -141,3 +141,21 @@ def test_sharded_loss_averages_to_the_global_batch_gradient():
         loss, _ = crit({"expression": logits[part]}, {"expression": target[part]}, counts, 2)
         grads += torch.autograd.grad(loss, logits)[0] / 2
     torch.testing.assert_close(grads, expected)
+
+
+def test_a_single_process_run_resumes_under_torchrun(faces_dir, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "facemt", "fit", "--data", str(faces_dir), "--out", str(run),
+                             "--epochs", "60", *EXACT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while not (run / "history.csv").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    done = _torchrun(["fit", "--resume", str(run)])
+    _, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err[-3000:]
+    assert err.count("resuming") == 1  # one process speaks
+    assert list(pd.read_csv(run / "history.csv")["epoch"]) == list(range(1, 61))
+    assert not (run / "resume.json").exists()
