@@ -1,4 +1,4 @@
-"""Command line: ``facemt synth | check-data | fit | predict | evaluate | cv | export``. The only module that parses
+"""Command line: ``facemt synth | check-data | fit | predict | merge-predictions | evaluate | cv | export``. The only module that parses
 arguments or prints."""
 
 from __future__ import annotations
@@ -557,7 +557,8 @@ def cmd_evaluate(args: argparse.Namespace, out: Console, err: Console) -> int:
     from facemt.evaluation import evaluate_predictions
     from facemt.inference import load
 
-    predictor = load(_model(args), device=args.device, batch_size=args.batch_size, crop=_crop_override(args))
+    predictor = load(_model(args), device=args.device, batch_size=args.batch_size, crop=_crop_override(args),
+                     engine=args.engine)
     index = _load_data(args.data, err)
     cache = ImageCache()
     with _Progress(err) as progress:
@@ -670,6 +671,13 @@ def cmd_export(args: argparse.Namespace, out: Console, err: Console) -> int:
     return EXIT_OK
 
 
+def _add_engine_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", choices=("torch", "onnx", "onnx-int8"), default="torch",
+                   help="run the network with PyTorch, or with ONNX Runtime on the CPU in float32 or int8 (uses "
+                        "the run's model.onnx / model.int8.onnx from 'facemt export' when present, else builds it at "
+                        "start-up) (default %(default)s)")
+
+
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="RUN|base",
                    help="a run folder written by 'facemt fit', or 'base' (the default): the built-in base model")
@@ -738,10 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-faces", type=int, metavar="N", help="at most N faces per image (the largest)")
     p.add_argument("--batch-size", type=int, default=32, help="default %(default)s")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
-    p.add_argument("--engine", choices=("torch", "onnx", "onnx-int8"), default="torch",
-                   help="run the network with PyTorch, or with ONNX Runtime on the CPU in float32 or int8 (uses "
-                        "the run's model.onnx / model.int8.onnx from 'facemt export' when present, else builds it at "
-                        "start-up) (default %(default)s)")
+    _add_engine_arg(p)
     p.add_argument("--shard", metavar="K/N",
                    help="predict only the K-th of N shards of the sorted file list, into FILE.part-K-of-N.csv "
                         "beside --out (under torchrun: the process's rank; join with merge-predictions)")
@@ -777,6 +782,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--batch-size", type=int, default=32, help="default %(default)s")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
+    _add_engine_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="export a run to ONNX or TorchScript", epilog=EPILOG,

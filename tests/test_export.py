@@ -76,5 +76,11 @@ def test_int8_export_is_used_by_the_int8_engine(run_dir, faces_dir, tmp_path, ca
     assert facemt.load(run, engine="onnx").model.source is None  # float graph not exported: built
     assert main(["predict", str(faces_dir), "--model", str(run), "--engine", "onnx-int8", "--out",
                  str(tmp_path / "p.csv")]) == 0
+    capsys.readouterr()
+    scores = {}
+    for engine in ("torch", "onnx-int8"):  # evaluate measures what quantization costs on labelled data
+        assert main(["evaluate", "--model", str(run), "--data", str(faces_dir), "--engine", engine, "--json"]) == 0
+        scores[engine] = json.loads(capsys.readouterr().out)
+    assert scores["torch"].keys() == scores["onnx-int8"].keys()
     with pytest.raises(FacemtError, match="only int8"):
         export(run, "torchscript", quantize="int8")
