@@ -158,15 +158,10 @@ def median_ms(fn, repeats: int = 20) -> float:
 
 def engines_section(calibration: list[str]) -> list[str]:
     torch.set_num_threads(os.cpu_count() or 1)
-    predictors = {"torch": facemt.load(device="cpu")}
-    for engine in ("onnx", "onnx-int8"):
-        start = time.perf_counter()
-        predictors[engine] = facemt.load(engine=engine)
-        if engine == "onnx-int8":  # calibrated on real faces, as export --calibration does
-            predictors[engine] = int8_predictor(calibration)
-        print(f"built {engine} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    predictors["dynamic int8"] = dynamic_predictor()
-    predictors["a16w8"] = a16w8_predictor(calibration)
+    # int8 calibrated on real faces, as export --calibration does
+    predictors = {"torch": facemt.load(device="cpu"), "onnx": facemt.load(engine="onnx"),
+                  "onnx-int8": quantized_predictor("int8", calibration),
+                  "dynamic int8": quantized_predictor("dynamic"), "a16w8": quantized_predictor("a16w8", calibration)}
     size = predictors["torch"].preprocess.image_size
     lines = ["\n### ONNX Runtime engines against PyTorch eager (the built-in model, network only)\n",
              f"mobilenetv2_100 at {size} px, {torch.get_num_threads()} threads, median of 20 after 3 warm-ups. "
@@ -183,58 +178,27 @@ def engines_section(calibration: list[str]) -> list[str]:
     return lines
 
 
-def a16w8_predictor(calibration: list[str]):
-    """int8 weights with 16-bit activations (more exact, not offered by facemt): for comparison."""
-    import warnings
-
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from facemt.engines import QUANTIZED_OPS, OnnxModel, write_onnx
-
-    base = facemt.load(device="cpu")
-    batches = iter(base.calibration_batches(calibration))
-
-    class Reader(CalibrationDataReader):
-        def get_next(self):
-            batch = next(batches, None)
-            return None if batch is None else {"image": batch}
-
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        write_onnx(base.model, base.preprocess.image_size, Path(tmp) / "m.onnx")
-        quant_pre_process(str(Path(tmp) / "m.onnx"), str(Path(tmp) / "p.onnx"))
-        quantize_static(str(Path(tmp) / "p.onnx"), str(Path(tmp) / "q.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                        per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt16,
-                        op_types_to_quantize=QUANTIZED_OPS)
-        base.model = OnnxModel((Path(tmp) / "q.onnx").read_bytes(), base.tasks)
-    return base
-
-
-def dynamic_predictor():
+def quantized_predictor(kind: str, calibration: list[str] | None = None):
+    """The built-in model run by ONNX Runtime after quantization: ``int8``
+    (facemt's onnx-int8, calibrated on ``calibration``), and for comparison
+    ``a16w8`` (16-bit activations) and ``dynamic`` (onnxruntime's quantize_dynamic)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from facemt.engines import OnnxModel, write_onnx
-
-    base = facemt.load(device="cpu")
-    with tempfile.TemporaryDirectory() as tmp:
-        write_onnx(base.model, base.preprocess.image_size, Path(tmp) / "m.onnx")
-        quant_pre_process(str(Path(tmp) / "m.onnx"), str(Path(tmp) / "p.onnx"))
-        quantize_dynamic(str(Path(tmp) / "p.onnx"), str(Path(tmp) / "d.onnx"), weight_type=QuantType.QInt8)
-        base.model = OnnxModel((Path(tmp) / "d.onnx").read_bytes(), base.tasks)
-    return base
-
-
-def int8_predictor(calibration: list[str]):
     from facemt.engines import OnnxModel, quantize_int8, write_onnx
+    from facemt.inference import calibration_batches
 
     base = facemt.load(device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        graph = Path(tmp) / "m.onnx"
+        graph, out = Path(tmp) / "m.onnx", Path(tmp) / "q.onnx"
         write_onnx(base.model, base.preprocess.image_size, graph)
-        quantize_int8(graph, Path(tmp) / "q.onnx", base.calibration_batches(calibration))
-        base.model = OnnxModel((Path(tmp) / "q.onnx").read_bytes(), base.tasks)
+        if kind == "dynamic":
+            quant_pre_process(str(graph), str(Path(tmp) / "p.onnx"))
+            quantize_dynamic(str(Path(tmp) / "p.onnx"), str(out), weight_type=QuantType.QInt8)
+        else:
+            quantize_int8(graph, out, calibration_batches(base.preprocess, calibration),
+                          activation_bits=16 if kind == "a16w8" else 8)
+        base.model = OnnxModel(out.read_bytes(), base.tasks)
     return base
 
 
@@ -244,7 +208,8 @@ def int8_section(root: Path, calibration: list[str]) -> list[str]:
             "UTKFace held-out adults (first 600; age group, gender)":
                 index_utkface(root / "utkface").table.set_index("path").loc[held[:600]].reset_index()}
     predictors = {"torch": facemt.load(device="cpu"), "onnx": facemt.load(engine="onnx"),
-                  "onnx-int8": int8_predictor(calibration), "a16w8": a16w8_predictor(calibration)}
+                  "onnx-int8": quantized_predictor("int8", calibration),
+                  "a16w8": quantized_predictor("a16w8", calibration)}
     lines = ["\n### int8 against float32 on real faces (the built-in model)\n",
              "int8: static QDQ quantization calibrated on 64 UTKFace training adults (not in the test sets).", "",
              "| set | head | torch % | onnx % | int8 % | int8 change (points) | int8 top-1 agreement with torch % | "

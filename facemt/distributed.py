@@ -8,14 +8,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Sequence, TypeVar
 
 import torch
 
 from facemt.errors import FacemtError
-
-T = TypeVar("T")
-
 
 @dataclass(frozen=True)
 class World:
@@ -95,11 +91,6 @@ def any_rank(flag: bool) -> bool:
     if not world().distributed:
         return flag
     return bool(all_reduce_sum(torch.tensor([1.0 if flag else 0.0], dtype=torch.float64)).item() > 0)
-
-
-def shard(items: Sequence[T], rank: int, size: int) -> list[T]:
-    """Items ``rank, rank + size, ...``: ``size`` disjoint shards that together hold every item once."""
-    return list(items[rank::size])
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:

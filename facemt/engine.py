@@ -21,9 +21,10 @@ from facemt.checks import check_data
 from facemt.data import DataIndex, FaceDataset, ImageCache, encode_targets, is_ferplus_test, soft_targets
 from facemt.splits import validation_split
 from facemt.config import BASE_NAME, DEFAULT_IMAGE_SIZE, FINE_TUNE_BACKBONE_LR_SCALE, TrainConfig
-from facemt.distributed import World, all_reduce_sum, any_rank, barrier, broadcast_buffers, shard, world
+from facemt.distributed import World, all_reduce_sum, any_rank, barrier, broadcast_buffers, world
 from facemt.errors import FacemtError
 from facemt.files import atomic_write_text
+from facemt.shards import take_shard
 from facemt.inference import predict_images, resolve_device
 from facemt.losses import MISSING, MultiTaskLoss, expected_calibration_error, fit_temperature
 from facemt.model import MultiTaskNet, create_model
@@ -265,18 +266,8 @@ class Setup:
     train_rows: list[int]
     val_rows: list[int]
     world: World
-
-    @property
-    def network(self) -> torch.nn.Module:
-        """What the training step calls: the model, wrapped for data parallelism when there are several processes."""
-        return self._ddp if self.world.distributed else self.model
-
-    def __post_init__(self) -> None:
-        self._ddp = None
-        if self.world.distributed:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self._ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+    #: what the training step calls: the model, wrapped for data parallelism when there are several processes.
+    network: torch.nn.Module
 
 
 def setup_training(
@@ -314,7 +305,7 @@ def setup_training(
                             build_transform(preprocess, config.augment), seed=config.seed, soft=soft)
     val_loader = None
     if val_rows:
-        mine = shard(val_rows, here.rank, here.size)  # each process validates its shard; metrics are all-reduced
+        mine = take_shard(val_rows, here.rank + 1, here.size)  # each process validates its shard; metrics are all-reduced
         val_set = FaceDataset([images[i] for i in mine], {t: v[mine] for t, v in targets.items()},
                               build_transform(preprocess, "none"))
         val_loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False, num_workers=0,
@@ -325,8 +316,13 @@ def setup_training(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(steps_per_epoch * config.epochs, int(round(config.warmup_epochs * steps_per_epoch))))
     weights = source_weights(index.table.iloc[train_rows]) if config.balance_sources else None
+    network: torch.nn.Module = model
+    if here.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return Setup(config, tasks, device, model, preprocess, criterion, optimizer, scheduler, train_set, val_loader,
-                 weights, steps_per_epoch, train_rows, val_rows, here)
+                 weights, steps_per_epoch, train_rows, val_rows, here, network)
 
 
 def _criterion(config: TrainConfig, tasks: Sequence[str], targets: dict[str, np.ndarray],
@@ -404,7 +400,7 @@ def epoch_loader(setup: Setup, epoch: int, skip: int = 0) -> DataLoader:
     batches = epoch_batches(len(setup.train_set), setup.config.batch_size, setup.config.seed, epoch, skip,
                              setup.sample_weights)
     if setup.world.distributed:
-        batches = [shard(b, setup.world.rank, setup.world.size) for b in batches if len(b) >= setup.world.size]
+        batches = [take_shard(b, setup.world.rank + 1, setup.world.size) for b in batches if len(b) >= setup.world.size]
     # Its own generator: a loader without one draws from the global RNG that dropout uses.
     return DataLoader(setup.train_set, batch_sampler=batches, num_workers=0, generator=torch.Generator())
 

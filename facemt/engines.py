@@ -67,11 +67,13 @@ def _ort():
     return onnxruntime
 
 
-def quantize_int8(onnx_file: str | os.PathLike, out: str | os.PathLike, batches: Iterable[np.ndarray]) -> None:
-    """Static int8 quantization (QDQ, per-channel weights, uint8 activations)
-    calibrated on ``batches`` of network inputs (N x 3 x S x S float32).
-    Dynamic quantization is not offered: on convolutions it was slower than
-    float32 on the 2-core benchmark machine (see benchmarks/README.md)."""
+def quantize_int8(onnx_file: str | os.PathLike, out: str | os.PathLike, batches: Iterable[np.ndarray],
+                  activation_bits: int = 8) -> None:
+    """Static int8 quantization (QDQ, per-channel int8 weights, unsigned
+    ``activation_bits``-bit activations) calibrated on ``batches`` of network
+    inputs (N x 3 x S x S float32). 16-bit activations agree better with float32
+    but ran slower than float32 on the 2-core benchmark machine, as did dynamic
+    quantization (see benchmarks/README.md); facemt's ``onnx-int8`` uses 8."""
     _ort()
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -91,7 +93,8 @@ def quantize_int8(onnx_file: str | os.PathLike, out: str | os.PathLike, batches:
             warnings.simplefilter("ignore")
             quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                             op_types_to_quantize=QUANTIZED_OPS,
-                            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
+                            weight_type=QuantType.QInt8,
+                            activation_type=QuantType.QUInt16 if activation_bits == 16 else QuantType.QUInt8)
 
 
 class OnnxModel:

@@ -14,7 +14,7 @@ import torch
 
 from facemt.checkpoint import load_checkpoint
 from facemt.engines import ONNX_FILES, Graph, quantize_int8, write_onnx
-from facemt.inference import Predictor
+from facemt.inference import calibration_batches
 from facemt.files import atomic_write, atomic_write_text
 from facemt.errors import FacemtError
 from facemt.tasks import schema_dict
@@ -87,7 +87,7 @@ def export(
             warnings.simplefilter("ignore")
             if fmt == "onnx" and quantize:
                 def write(tmp: str) -> None:
-                    batches = Predictor(run_dir, device="cpu").calibration_batches(calibration)
+                    batches = calibration_batches(pre, calibration)
                     float_graph = Path(tmp).with_suffix(".float.onnx")
                     try:
                         write_onnx(model, pre.image_size, float_graph, probabilities)

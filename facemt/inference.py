@@ -53,6 +53,29 @@ def predict_images(
     return {t: np.concatenate(v) if v else np.zeros((0, TASKS[t].num_classes)) for t, v in out.items()}
 
 
+def _frame(image: ImageInput, preprocess: PreprocessConfig, **options: Any) -> list[tuple[Face | None, np.ndarray]]:
+    """(face, prepared array) per face of one input, framed by the crop policy."""
+    picture = as_rgb_image(image, None if preprocess.policy.detects else preprocess.working_side)
+    return face_images(picture, preprocess, **options)
+
+
+def calibration_batches(
+    preprocess: PreprocessConfig, images: Sequence[ImageInput] | None = None, batch_size: int = 16
+) -> list[np.ndarray]:
+    """Network inputs for int8 calibration: the largest face of each of
+    ``images`` (default: 64 generated faces, every expression) framed by the
+    crop policy and normalised as for prediction."""
+    if images is None:
+        rng = np.random.default_rng(0)
+        people = [make_person(i, TASKS["age_group"].classes[i % 3], TASKS["gender"].classes[i % 2], rng)
+                  for i in range(16)]
+        expressions = TASKS["expression"].classes
+        images = [np.asarray(draw_face(people[i // 4], expressions[i % len(expressions)], rng)) for i in range(64)]
+    transform = build_transform(preprocess, "none")
+    tensors = [transform(_frame(im, preprocess, largest_only=True, fallback=True)[0][1]).numpy() for im in images]
+    return [np.stack(tensors[i:i + batch_size]) for i in range(0, len(tensors), batch_size)]
+
+
 @dataclass
 class Prediction:
     """All heads' answers for one image.
@@ -167,22 +190,9 @@ class Predictor:
             graph = Path(tmp) / "model.onnx"
             write_onnx(self.model, self.preprocess.image_size, graph)
             if engine == "onnx-int8":
-                quantize_int8(graph, Path(tmp) / "int8.onnx", self.calibration_batches())
+                quantize_int8(graph, Path(tmp) / "int8.onnx", calibration_batches(self.preprocess))
                 graph = Path(tmp) / "int8.onnx"
             return OnnxModel(graph.read_bytes(), self.tasks)
-
-    def calibration_batches(self, images: Sequence[ImageInput] | None = None, batch_size: int = 16) -> list[np.ndarray]:
-        """Network inputs for int8 calibration: ``images`` (or 64 generated
-        faces) framed by the crop policy and normalised as for prediction."""
-        if images is None:
-            rng = np.random.default_rng(0)
-            people = [make_person(i, TASKS["age_group"].classes[i % 3], TASKS["gender"].classes[i % 2], rng)
-                      for i in range(8)]
-            images = [np.asarray(draw_face(p, e, rng)) for p in people for e in TASKS["expression"].classes[:4]]
-        transform = build_transform(self.preprocess, "none")
-        arrays = [self._units(im, True, True)[0][1] for im in images]
-        tensors = [transform(a).numpy() for a in arrays]
-        return [np.stack(tensors[i:i + batch_size]) for i in range(0, len(tensors), batch_size)]
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -204,10 +214,8 @@ class Predictor:
     def _units(self, image: ImageInput, largest_only: bool, fallback: bool, min_face: int = 0,
                max_faces: int | None = None) -> list[tuple[Face | None, np.ndarray]]:
         """(face, prepared array) per face of one input, framed by the crop policy."""
-        detects = self.preprocess.policy.detects
-        picture = as_rgb_image(image, None if detects else self.preprocess.working_side)
-        return face_images(picture, self.preprocess, largest_only=largest_only, fallback=fallback,
-                           min_face=min_face, max_faces=max_faces)
+        return _frame(image, self.preprocess, largest_only=largest_only, fallback=fallback, min_face=min_face,
+                      max_faces=max_faces)
 
     @staticmethod
     def _source(image: ImageInput) -> str | None:

@@ -37,8 +37,9 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 
 def take_shard(files: Sequence[T], k: int, n: int) -> list[T]:
-    """The K-th of N shards (K from 1): files K-1, K-1+N, ... of the list, so
-    shards differ in size by at most one and together hold every file once."""
+    """The K-th of N shards (K from 1): items K-1, K-1+N, ... of the list, so
+    shards differ in size by at most one and together hold every item once.
+    Used for folder prediction and for each training process's share of a batch."""
     return list(files[k - 1 :: n])
 
 
@@ -77,8 +78,9 @@ def _read_manifest(part: Path) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"))
         if manifest.get("format") != MANIFEST_FORMAT:
             raise ValueError("not a facemt shard manifest")
-        for key in ("shard", "shards", "total_files", "files_sha256", "inputs"):
-            manifest[key]  # noqa: B018 - presence check
+        missing = [k for k in ("shard", "shards", "total_files", "files_sha256", "inputs") if k not in manifest]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
         return manifest
     except FileNotFoundError:
         raise FacemtError(f"{part}: no manifest {path.name} (the shard did not finish; predict it again)") from None
@@ -121,11 +123,12 @@ def merge_parts(parts: Sequence[str | os.PathLike], out: str | os.PathLike) -> d
     if len(runs) != 1:
         raise FacemtError("the parts come from different file lists or shard counts: merge one prediction at a time")
     n, total, _ = runs.pop()
-    by_shard: dict[int, Path] = {}
+    by_shard: dict[int, tuple[Path, dict]] = {}
     for part, m in zip(parts, manifests):
         if m["shard"] in by_shard:
-            raise FacemtError(f"shard {m['shard']}/{n} given twice ({by_shard[m['shard']]} and {part}): overlapping parts")
-        by_shard[m["shard"]] = part
+            raise FacemtError(f"shard {m['shard']}/{n} given twice ({by_shard[m['shard']][0]} and {part}): "
+                              "overlapping parts")
+        by_shard[m["shard"]] = (part, m)
     missing = sorted(set(range(1, n + 1)) - set(by_shard))
     if missing:
         raise FacemtError(f"shard(s) {', '.join(f'{k}/{n}' for k in missing)} missing: predict them, then merge")
@@ -139,20 +142,20 @@ def merge_parts(parts: Sequence[str | os.PathLike], out: str | os.PathLike) -> d
         raise FacemtError(f"the parts cover {len(order)} of {total} files: a gap between shards")
     header, rows = None, []
     for k in range(1, n + 1):
-        part_header, part_rows = _read_rows(by_shard[k])
+        part, m = by_shard[k]
+        part_header, part_rows = _read_rows(part)
         if header is not None and part_header != header:
-            raise FacemtError(f"{by_shard[k]}: its columns differ from the other parts (another model?)")
+            raise FacemtError(f"{part}: its columns differ from the other parts (another model?)")
         header = part_header
-        mine = set(manifests[[m["shard"] for m in manifests].index(k)]["inputs"])
-        seen = set()
+        mine, seen = set(m["inputs"]), set()
         for row in part_rows:
             path = row.get("path") if isinstance(row, dict) else None
             if path not in mine:
-                raise FacemtError(f"{by_shard[k]}: a row for {path!r}, which is not an input of shard {k}/{n}")
+                raise FacemtError(f"{part}: a row for {path!r}, which is not an input of shard {k}/{n}")
             seen.add(path)
             rows.append(row)
         if seen != mine:
-            raise FacemtError(f"{by_shard[k]}: no row for {len(mine - seen)} of its inputs (truncated part?)")
+            raise FacemtError(f"{part}: no row for {len(mine - seen)} of its inputs (truncated part?)")
     rows.sort(key=lambda r: order[r["path"]])  # stable: faces of one photo keep their order
     _write_rows(Path(out), header, rows)
     return {"shards": n, "files": total, "rows": len(rows)}

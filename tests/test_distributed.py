@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from facemt.checkpoint import WEIGHTS, load_checkpoint
 from facemt.cli import main
-from facemt.distributed import shard
+from facemt.shards import take_shard
 
 # GroupNorm backbone: per-sample normalisation, so splitting a batch over two
 # processes changes nothing but the order of float sums (BatchNorm would see
@@ -33,7 +33,7 @@ def _torchrun(args: list[str], nproc: int = 2, **kw) -> subprocess.Popen:
 
 def test_shard_partitions_exactly():
     items = list(range(23))
-    parts = [shard(items, r, 4) for r in range(4)]
+    parts = [take_shard(items, r + 1, 4) for r in range(4)]  # process r takes shard r + 1
     assert sorted(i for p in parts for i in p) == items
     assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
