@@ -131,6 +131,8 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
                                                            "--init-from RUN, else 1)"}),
     ("optim", "weight_decay", {"type": float, "help": "AdamW weight decay (default %(default)s)"}),
     ("optim", "warmup_epochs", {"type": float, "help": "default %(default)s"}),
+    ("optim", "head_warmup_epochs", {"type": float, "help": "train only the heads for this many epochs (the "
+                                     "backbone's weights frozen), then everything (default %(default)s)"}),
     ("optim", "seed", {"type": int, "help": "default %(default)s"}),
     ("optim", "loss_weights", {"default": None, "metavar": "TASK=W,...",
                                "help": "e.g. expression=2,gender=1 (default 1 each)"}),

@@ -80,6 +80,7 @@ class TrainConfig:
     backbone_lr_scale: float | None = None
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
+    head_warmup_epochs: float = 0.0
     image_size: int | None = None
     seed: int = 0
     augment: str = "heavy"
@@ -108,6 +109,8 @@ class TrainConfig:
             raise FacemtError("lr must be a positive number")
         if self.backbone_lr_scale is not None and not 0.0 < self.backbone_lr_scale <= 10.0:
             raise FacemtError("backbone_lr_scale must be in (0, 10]")
+        if not 0.0 <= self.head_warmup_epochs < self.epochs:
+            raise FacemtError("head_warmup_epochs must be at least 0 and less than epochs")
         if self.image_size is not None and not 16 <= self.image_size <= 1024:
             raise FacemtError("image_size must be between 16 and 1024")
         if not 0.0 <= self.val_fraction < 1.0:

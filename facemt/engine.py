@@ -138,6 +138,19 @@ def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     return f
 
 
+def _after_frozen(schedule: Callable[[int], float], frozen_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """The backbone's schedule with a head-only warm-up: learning rate 0 (its
+    weights frozen) for ``frozen_steps``, then ``schedule`` ramped in linearly
+    over ``warmup_steps``."""
+    def f(step: int) -> float:
+        if step < frozen_steps:
+            return 0.0
+        ramp = min(1.0, (step - frozen_steps + 1) / warmup_steps) if warmup_steps else 1.0
+        return ramp * schedule(step)
+
+    return f
+
+
 def epoch_batches(
     n: int, batch_size: int, seed: int, epoch: int, skip: int = 0, weights: torch.Tensor | None = None
 ) -> list[list[int]]:
@@ -313,8 +326,11 @@ def setup_training(
     criterion = _criterion(config, tasks, targets, train_rows).to(device)
     optimizer = _optimizer(config, model, criterion)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(steps_per_epoch * config.epochs, int(round(config.warmup_epochs * steps_per_epoch))))
+    warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
+    schedule = _lr_lambda(steps_per_epoch * config.epochs, warmup_steps)
+    schedules = [schedule] * len(optimizer.param_groups)  # group 1 is the backbone (see _optimizer)
+    schedules[1] = _after_frozen(schedule, int(round(config.head_warmup_epochs * steps_per_epoch)), warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
     weights = source_weights(index.table.iloc[train_rows]) if config.balance_sources else None
     network: torch.nn.Module = model
     if here.distributed:

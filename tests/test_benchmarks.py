@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from facemt.cli import main as cli_main
 from facemt.data import index_folder, index_jaffe, index_utkface
-from facemt.engine import TrainConfig, seed_everything, train
+from facemt.engine import TrainConfig, seed_everything, setup_training, train
 from facemt.model import create_model
 from facemt.evaluation import paired_interval
 from facemt import FacemtError
@@ -179,6 +179,41 @@ def test_backbone_lr_scale_slows_only_the_backbone(faces_dir):
     with pytest.raises(FacemtError, match="backbone_lr_scale"):  # the library names the field
         TrainConfig(backbone_lr_scale=0).validate()
     assert cli_main(["fit", "--data", str(faces_dir), "--out", "/nonexistent/x", "--backbone-lr-scale", "-1"]) == 2
+
+
+def test_head_warmup_freezes_the_backbone_then_releases_it(faces_dir):
+    index = index_folder(faces_dir)
+    rows = list(range(len(index.table)))
+    base = TrainConfig(backbone="resnet18", epochs=2, image_size=32, batch_size=16, augment="none", device="cpu",
+                       warmup_epochs=0.5)
+
+    def change(warmup: float) -> tuple[float, float]:
+        result = train(index, replace(base, head_warmup_epochs=warmup), rows)
+        seed_everything(base.seed)  # what train() does before it creates the model: the same start
+        start, _ = create_model("resnet18", result.tasks, image_size=32, dropout=base.dropout)
+        trunk = max((p - q).abs().max().item() for p, q in
+                    zip(result.model.trunk.parameters(), start.trunk.parameters()))
+        heads = max((p - q).abs().max().item() for p, q in
+                    zip(result.model.heads.parameters(), start.heads.parameters()))
+        return trunk, heads
+
+    frozen_trunk, frozen_heads = change(1.999)  # every step of both epochs is head-only
+    assert frozen_trunk == 0.0 and frozen_heads > 0.0
+    free_trunk, _ = change(0.0)
+    assert free_trunk > 0.0
+
+    setup = setup_training(index, replace(base, head_warmup_epochs=1.0), rows, [], None, None, False)
+    steps = setup.steps_per_epoch
+    backbone = [setup.scheduler.lr_lambdas[1](s) for s in range(2 * steps)]
+    heads = [setup.scheduler.lr_lambdas[0](s) for s in range(2 * steps)]
+    assert backbone[:steps] == [0.0] * steps and all(b > 0 for b in backbone[steps:])
+    assert all(h > 0 for h in heads)
+    assert backbone[steps] < heads[steps]  # released gently: ramped in over warmup_epochs
+    for bad in (-1.0, 2.0):
+        with pytest.raises(FacemtError, match="^head_warmup_epochs must be"):
+            replace(base, head_warmup_epochs=bad).validate()
+    assert cli_main(["fit", "--data", str(faces_dir), "--out", "/nonexistent/x", "--epochs", "2",
+                     "--head-warmup-epochs", "2"]) == 2
 
 
 def test_speed_benchmark_trains_with_the_real_epoch_loop():
