@@ -157,23 +157,24 @@ def test_jaffe_folds_hold_out_two_women(bench, data_root):
         assert len(held) == 2 and not held & set(jaffe.table["person"].iloc[tr])
 
 
+def _weight_change(index, config: TrainConfig, rows) -> tuple[float, float]:
+    """Train with ``config``; the largest change of a backbone and
+    of a head parameter from the start."""
+    result = train(index, config, rows)
+    seed_everything(config.seed)  # what train() does before it creates the model: the same start
+    start, _ = create_model(config.backbone, result.tasks, image_size=32, dropout=config.dropout)
+    trunk = max((p - q).abs().max().item() for p, q in zip(result.model.trunk.parameters(), start.trunk.parameters()))
+    heads = max((p - q).abs().max().item() for p, q in zip(result.model.heads.parameters(), start.heads.parameters()))
+    return trunk, heads
+
+
 def test_backbone_lr_scale_slows_only_the_backbone(faces_dir):
     index = index_folder(faces_dir)
     rows = list(range(len(index.table)))
     base = TrainConfig(backbone="resnet18", epochs=1, image_size=32, batch_size=16, augment="none", device="cpu")
 
-    def change(scale: float) -> tuple[float, float]:
-        result = train(index, replace(base, backbone_lr_scale=scale), rows)
-        seed_everything(base.seed)  # what train() does before it creates the model: the same start
-        start, _ = create_model("resnet18", result.tasks, image_size=32, dropout=base.dropout)
-        trunk = max((p - q).abs().max().item() for p, q in
-                    zip(result.model.trunk.parameters(), start.trunk.parameters()))
-        heads = max((p - q).abs().max().item() for p, q in
-                    zip(result.model.heads.parameters(), start.heads.parameters()))
-        return trunk, heads
-
-    full_trunk, full_heads = change(1.0)
-    slow_trunk, slow_heads = change(1e-3)
+    full_trunk, full_heads = _weight_change(index, replace(base, backbone_lr_scale=1.0), rows)
+    slow_trunk, slow_heads = _weight_change(index, replace(base, backbone_lr_scale=1e-3), rows)
     assert slow_trunk < full_trunk / 50
     assert slow_heads > full_heads / 5
     with pytest.raises(FacemtError, match="backbone_lr_scale"):  # the library names the field
@@ -187,19 +188,10 @@ def test_head_warmup_freezes_the_backbone_then_releases_it(faces_dir):
     base = TrainConfig(backbone="resnet18", epochs=2, image_size=32, batch_size=16, augment="none", device="cpu",
                        warmup_epochs=0.5)
 
-    def change(warmup: float) -> tuple[float, float]:
-        result = train(index, replace(base, head_warmup_epochs=warmup), rows)
-        seed_everything(base.seed)  # what train() does before it creates the model: the same start
-        start, _ = create_model("resnet18", result.tasks, image_size=32, dropout=base.dropout)
-        trunk = max((p - q).abs().max().item() for p, q in
-                    zip(result.model.trunk.parameters(), start.trunk.parameters()))
-        heads = max((p - q).abs().max().item() for p, q in
-                    zip(result.model.heads.parameters(), start.heads.parameters()))
-        return trunk, heads
-
-    frozen_trunk, frozen_heads = change(1.999)  # every step of both epochs is head-only
+    # 1.999 epochs: every step of both epochs is head-only
+    frozen_trunk, frozen_heads = _weight_change(index, replace(base, head_warmup_epochs=1.999), rows)
     assert frozen_trunk == 0.0 and frozen_heads > 0.0
-    free_trunk, _ = change(0.0)
+    free_trunk, _ = _weight_change(index, replace(base, head_warmup_epochs=0.0), rows)
     assert free_trunk > 0.0
 
     setup = setup_training(index, replace(base, head_warmup_epochs=1.0), rows, [], None, None, False)
