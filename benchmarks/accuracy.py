@@ -25,7 +25,10 @@ Benchmarks (see issue "Real faces"):
 
 --init imagenet starts every model from --weights (ImageNet); --init base from
 facemt's built-in base model (or --init RUN from a run folder). --summarize
-CSV... merges the CSVs of several runs (e.g. run in parallel) into one section.
+CSV... merges the CSVs of several runs (e.g. run in parallel) into one section;
+--compare REF.csv OTHER.csv... pairs each other run's models with REF's on the
+same (benchmark, model, head, seed, fold) and reports the mean difference with
+its 95 % t-interval (settings compared on identical folds and draws).
 
 Every model is trained for a fixed number of epochs: no test image selects an epoch.
 Writes a CSV of every model (--csv) and appends a Markdown section to --results.
@@ -187,6 +190,34 @@ def joint_pairs(frame: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def compare(reference: pd.DataFrame, others: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Each other run minus ``reference``, paired on (benchmark, model, head,
+    seed, fold): mean accuracy of both, the mean difference in points and its
+    95 % t-interval, and the number of pairs."""
+    keys = ["benchmark", "model", "head", "seed", "fold"]
+    ref = reference.groupby(keys)["accuracy"].mean()
+    out = []
+    for name, frame in others.items():
+        both = pd.concat([ref.rename("ref"), frame.groupby(keys)["accuracy"].mean().rename("other")],
+                         axis=1, join="inner")
+        for (bench, model, head), group in both.groupby(level=[0, 1, 2]):
+            mean, low, high = paired_interval(100 * (group["other"] - group["ref"]))
+            out.append({"run": name, "benchmark": bench, "model": model, "head": head,
+                        "reference": 100 * group["ref"].mean(), "other": 100 * group["other"].mean(),
+                        "diff": mean, "low": low, "high": high, "pairs": len(group)})
+    return pd.DataFrame(out)
+
+
+def compare_markdown(table: pd.DataFrame, reference: str, command: str) -> list[str]:
+    lines = [f"\n### Paired comparison against {reference}\n", "```", command, "```", "",
+             "| run | benchmark | model | head | reference % | run % | run − reference, points [95 % CI] | pairs |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in table.itertuples():
+        lines.append(f"| {r.run} | {r.benchmark} | {r.model} | {r.head} | {r.reference:.1f} | {r.other:.1f} | "
+                     f"{r.diff:+.1f} [{r.low:+.1f}, {r.high:+.1f}] | {r.pairs} |")
+    return lines
+
+
 def publish(lines: list[str], results: str | Path) -> None:
     """Append a Markdown section to the results file and print it (every benchmark script ends so)."""
     with open(results, "a", encoding="utf-8") as f:
@@ -227,6 +258,8 @@ def main(argv=None) -> int:
     p.add_argument("--d-alone", action="store_true", help="run D without also running A and B (pair later "
                    "with --summarize)")
     p.add_argument("--summarize", nargs="+", metavar="CSV", help="merge these CSVs into one section and exit")
+    p.add_argument("--compare", nargs="+", metavar="CSV", help="REF.csv OTHER.csv...: paired differences of each "
+                   "other run against the first, then exit")
     p.add_argument("--only", default="A,B,C,D,E", help="comma-separated benchmarks (D needs A and B: they are added)")
     p.add_argument("--seeds", type=int, default=3, help="seeds for A, D, E (default %(default)s)")
     p.add_argument("--first-seed", type=int, default=0, help="seeds start here (A, B, D, E), to split a run")
@@ -254,6 +287,12 @@ def main(argv=None) -> int:
     p.add_argument("--results", default="benchmarks/RESULTS.md")
     args = p.parse_args(argv)
     command = shlex.join(["python", "benchmarks/accuracy.py", *(argv if argv is not None else sys.argv[1:])])
+    if args.compare:
+        if len(args.compare) < 2:
+            p.error("--compare needs a reference CSV and at least one other")
+        table = compare(pd.read_csv(args.compare[0]), {Path(c).stem: pd.read_csv(c) for c in args.compare[1:]})
+        publish(compare_markdown(table, Path(args.compare[0]).stem, command), args.results)
+        return 0
     if args.summarize:
         frame = pd.concat([pd.read_csv(c) for c in args.summarize], ignore_index=True)
         frame.to_csv(args.csv, index=False)

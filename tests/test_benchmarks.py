@@ -225,3 +225,23 @@ def test_speed_benchmark_trains_with_the_real_epoch_loop():
                                     torch.optim.AdamW(model.parameters(), lr=1e-3))
     assert 0 < wait < total
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # it trained
+
+
+def test_compare_pairs_runs_on_identical_folds(bench, tmp_path):
+    def frame(accs, folds):
+        return pd.DataFrame({"benchmark": "A", "model": "single", "head": "expression", "seed": 0,
+                             "fold": folds, "accuracy": accs, "n_test": 30, "seconds": 1.0})
+
+    ref = frame([0.50, 0.60, 0.70], [0, 1, 2])
+    other = frame([0.60, 0.80, 0.10], [0, 1, 3])  # fold 3 has no partner: left out
+    table = bench.compare(ref, {"other": other})
+    row = table.iloc[0]
+    assert row["pairs"] == 2 and row["diff"] == pytest.approx(15.0)
+    assert row["reference"] == pytest.approx(55.0) and row["other"] == pytest.approx(70.0)
+    assert row["low"] < 15.0 < row["high"]
+    ref.to_csv(tmp_path / "ref.csv", index=False)
+    other.to_csv(tmp_path / "other.csv", index=False)
+    assert bench.main(["--data-root", str(tmp_path), "--compare", str(tmp_path / "ref.csv"), str(tmp_path / "other.csv"),
+                       "--results", str(tmp_path / "R.md")]) == 0
+    text = (tmp_path / "R.md").read_text()
+    assert "Paired comparison against ref" in text and "+15.0" in text
