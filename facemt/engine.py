@@ -141,7 +141,10 @@ def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
 def _after_frozen(schedule: Callable[[int], float], frozen_steps: int, warmup_steps: int) -> Callable[[int], float]:
     """The backbone's schedule with a head-only warm-up: learning rate 0 (its
     weights frozen) for ``frozen_steps``, then ``schedule`` ramped in linearly
-    over ``warmup_steps``."""
+    over ``warmup_steps``; without a head-only warm-up, ``schedule`` itself."""
+    if frozen_steps == 0:
+        return schedule
+
     def f(step: int) -> float:
         if step < frozen_steps:
             return 0.0

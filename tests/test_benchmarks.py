@@ -201,6 +201,8 @@ def test_head_warmup_freezes_the_backbone_then_releases_it(faces_dir):
     assert backbone[:steps] == [0.0] * steps and all(b > 0 for b in backbone[steps:])
     assert all(h > 0 for h in heads)
     assert backbone[steps] < heads[steps]  # released gently: ramped in over warmup_epochs
+    plain = setup_training(index, base, rows, [], None, None, False)  # no head warm-up: one schedule for all
+    assert [plain.scheduler.lr_lambdas[1](s) for s in range(2 * steps)] == heads
     for bad in (-1.0, 2.0):
         with pytest.raises(FacemtError, match="^head_warmup_epochs must be"):
             replace(base, head_warmup_epochs=bad).validate()
