@@ -331,9 +331,9 @@ def setup_training(
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
     schedule = _lr_lambda(steps_per_epoch * config.epochs, warmup_steps)
-    schedules = [schedule] * len(optimizer.param_groups)  # group 1 is the backbone (see _optimizer)
-    schedules[1] = _after_frozen(schedule, int(round(config.head_warmup_epochs * steps_per_epoch)), warmup_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
+    backbone = _after_frozen(schedule, int(round(config.head_warmup_epochs * steps_per_epoch)), warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [backbone if g["name"] == "backbone" else schedule for g in optimizer.param_groups])
     weights = source_weights(index.table.iloc[train_rows]) if config.balance_sources else None
     network: torch.nn.Module = model
     if here.distributed:
@@ -356,10 +356,10 @@ def _criterion(config: TrainConfig, tasks: Sequence[str], targets: dict[str, np.
 
 def _optimizer(config: TrainConfig, model: MultiTaskNet, criterion: MultiTaskLoss) -> torch.optim.Optimizer:
     # Heads first: group 0's learning rate is the one logged per epoch.
-    groups = [{"params": list(model.heads.parameters())},
-              {"params": list(model.trunk.parameters()), "lr": config.lr * config.backbone_lr_scale}]
+    groups = [{"name": "heads", "params": list(model.heads.parameters())},
+              {"name": "backbone", "params": list(model.trunk.parameters()), "lr": config.lr * config.backbone_lr_scale}]
     if config.loss_weighting == "uncertainty":
-        groups.append({"params": list(criterion.parameters()), "weight_decay": 0.0})
+        groups.append({"name": "loss", "params": list(criterion.parameters()), "weight_decay": 0.0})
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 

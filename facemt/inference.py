@@ -211,12 +211,6 @@ class Predictor:
             out.append(Prediction(src, labels, probabilities))
         return out
 
-    def _units(self, image: ImageInput, largest_only: bool, fallback: bool, min_face: int = 0,
-               max_faces: int | None = None) -> list[tuple[Face | None, np.ndarray]]:
-        """(face, prepared array) per face of one input, framed by the crop policy."""
-        return _frame(image, self.preprocess, largest_only=largest_only, fallback=fallback, min_face=min_face,
-                      max_faces=max_faces)
-
     @staticmethod
     def _source(image: ImageInput) -> str | None:
         return str(image) if isinstance(image, (str, os.PathLike)) else None
@@ -237,7 +231,7 @@ class Predictor:
         """
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
-        units = [self._units(im, True, True)[0] for im in items]
+        units = [_frame(im, self.preprocess, largest_only=True, fallback=True)[0] for im in items]
         results = self._predictions([a for _, a in units], [self._source(im) for im in items])
         for (face, _), r in zip(units, results):
             r.set_face(face, 0, self.preprocess)
@@ -255,7 +249,8 @@ class Predictor:
             min_face: ignore faces narrower than this many pixels.
             max_faces: at most this many faces (the largest).
         """
-        units = self._units(image, False, fallback, min_face, max_faces)
+        units = _frame(image, self.preprocess, largest_only=False, fallback=fallback, min_face=min_face,
+                       max_faces=max_faces)
         preds = self._predictions([a for _, a in units], [self._source(image)] * len(units)) if units else []
         for i, ((face, _), p) in enumerate(zip(units, preds)):
             p.set_face(face, i, self.preprocess)
@@ -294,7 +289,8 @@ class Predictor:
 
         for path in paths:
             try:
-                units = self._units(path, False, fallback, min_face, max_faces)
+                units = _frame(path, self.preprocess, largest_only=False, fallback=fallback, min_face=min_face,
+                               max_faces=max_faces)
             except FacemtError as exc:
                 slots.append(Prediction(str(path), error=str(exc)))
                 units = None
