@@ -54,13 +54,17 @@ def utk_holdout(utk: DataIndex, seeds: int = 5) -> list[int]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-root", required=True)
-    p.add_argument("--weights", required=True, help="ImageNet weights of --backbone (.safetensors)")
+    p.add_argument("--weights", help="ImageNet weights of --backbone (.safetensors); required unless --init-from")
+    p.add_argument("--init-from", metavar="RUN",
+                   help="continue from a facemt run (e.g. an earlier base run) instead of ImageNet weights: "
+                        "a second, lower-rate cycle on the same data and split")
     p.add_argument("--backbone", default="mobilenetv2_100")
     p.add_argument("--out", default="runs/base")
     p.add_argument("--epochs", type=int, default=7)
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-epochs", type=float, default=0.5)
     p.add_argument("--device", default="auto")
     p.add_argument("--limit", type=int, default=0,
                    help="training rows drawn from all sources (validation: a quarter as many), for a study (0 = all)")
@@ -68,6 +72,8 @@ def main(argv=None) -> int:
                    help="FER+ training labels: majority vote, clear majority only, or vote distributions as soft "
                         "targets; validation always uses the majority label (default %(default)s)")
     args = p.parse_args(argv)
+    if not (args.weights or args.init_from):
+        p.error("give --weights (ImageNet backbone) or --init-from RUN")
     root = Path(args.data_root)
     started = time.perf_counter()
     fer_train = index_ferplus(root / "ferplus" / "FER2013Train", args.fer_policy)
@@ -90,9 +96,10 @@ def main(argv=None) -> int:
         train_rows = sorted(pick.choice(train_rows, args.limit, replace=False).tolist())
         val_rows = sorted(pick.choice(val_rows, args.limit // 4, replace=False).tolist())
     config = TrainConfig(
-        backbone=args.backbone, pretrained_file=args.weights, epochs=args.epochs, image_size=args.image_size,
+        backbone=args.backbone, pretrained_file=None if args.init_from else args.weights,
+        init_from=args.init_from, backbone_lr_scale=1.0, epochs=args.epochs, image_size=args.image_size,
         batch_size=args.batch_size, lr=args.lr, augment="heavy", crop="align", balance_classes=True,
-        tasks=("age_group", "gender", "expression"), warmup_epochs=0.5, device=args.device, seed=0,
+        tasks=("age_group", "gender", "expression"), warmup_epochs=args.warmup_epochs, device=args.device, seed=0,
     )
     extra = {
         "sources": [f"{'ferplus' if args.fer_policy == 'majority' else 'ferplus-' + args.fer_policy}:"
