@@ -3,7 +3,7 @@ FER+ FER2013Test (six FACES expressions, majority vote), the UTKFace held-out
 faces of benchmark C (age group, gender; per race and per gender), calibration
 (ECE with and without the stored temperatures) and network speed.
 
-    python benchmarks/base_model.py --data-root ../shared/data [--model base] [--json out.json]
+    python benchmarks/base_model.py --data-root ../shared/data [--model base] [--tta] [--json out.json]
 
 Prints Markdown (the tables of MODEL_CARD.md) and appends it to --results.
 """
@@ -35,20 +35,27 @@ from facemt.transforms import build_transform  # noqa: E402
 RACES = ("white", "black", "asian", "indian", "others")
 
 
-def logits_of(model, images, pre, batch_size: int = 64) -> dict[str, np.ndarray]:
+def logits_of(model, images, pre, tta: bool = False, batch_size: int = 64) -> list[dict[str, np.ndarray]]:
+    """Logits per head for each view: the faces, and with ``tta`` also their mirror images."""
     transform = build_transform(pre, "none")
-    out: dict[str, list] = {t: [] for t in model.tasks}
+    views: list[dict[str, list]] = [{t: [] for t in model.tasks} for _ in range(2 if tta else 1)]
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
             batch = torch.stack([transform(im) for im in images[start:start + batch_size]])
-            for t, v in model(batch).items():
-                out[t].append(v.float().numpy())
-    return {t: np.concatenate(v) for t, v in out.items()}
+            for view, x in zip(views, (batch, batch.flip(-1))):
+                for t, v in model(x).items():
+                    view[t].append(v.float().numpy())
+    return [{t: np.concatenate(v) for t, v in view.items()} for view in views]
 
 
 def softmax(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     e = np.exp((z - z.max(1, keepdims=True)) / temperature)
     return e / e.sum(1, keepdims=True)
+
+
+def probs_of(views: list[dict[str, np.ndarray]], head: str, temperature: float = 1.0, shift=0.0) -> np.ndarray:
+    """Probabilities averaged over the views, as ``facemt predict --tta`` does."""
+    return np.mean([softmax(v[head] + shift, temperature) for v in views], axis=0)
 
 
 def speed(model, size: int, batch: int = 32, repeats: int = 10) -> float:
@@ -70,38 +77,40 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="base")
     p.add_argument("--json", help="also write the numbers here")
     p.add_argument("--results", default="benchmarks/RESULTS.md")
+    p.add_argument("--tta", action="store_true", help="average each face with its mirror image (facemt predict --tta)")
     args = p.parse_args(argv)
     root = Path(args.data_root)
     run = resolve_run(args.model)
     model, pre, config = load_checkpoint(run)
     cache = ImageCache()
-    out: dict = {"model": str(run), "temperatures": dict(model.temperatures)}
+    out: dict = {"model": str(run), "temperatures": dict(model.temperatures), "tta": args.tta}
 
     fer = index_ferplus(root / "ferplus" / "FER2013Test")
-    z = logits_of(model, decode_images(fer, pre, cache, None), pre)["expression"]
+    z = logits_of(model, decode_images(fer, pre, cache, None), pre, args.tta)
     y = encode_targets(fer.table, ["expression"])["expression"]
     t = model.temperatures["expression"]
-    m = head_metrics(y, softmax(z, t), TASKS["expression"].classes)
-    m["ece_uncalibrated"] = expected_calibration_error(y, softmax(z))
+    m = head_metrics(y, probs_of(z, "expression", t), TASKS["expression"].classes)
+    m["ece_uncalibrated"] = expected_calibration_error(y, probs_of(z, "expression"))
     m["framing"] = cache.framing_counts(fer.table)
     # The base predicts under a class-balanced prior (logit-adjusted loss); FER+ Test follows FER+ Train's
     # class frequencies (40 % neutral). Adding their log back shows what that choice costs on this test set.
     y_train = encode_targets(index_ferplus(root / "ferplus" / "FER2013Train").table, ["expression"])["expression"]
     prior = np.bincount(y_train[y_train >= 0], minlength=len(TASKS["expression"].classes)) + 1.0
-    m["with_train_prior"] = head_metrics(y, softmax(z + np.log(prior / prior.sum()), t), TASKS["expression"].classes)
+    m["with_train_prior"] = head_metrics(y, probs_of(z, "expression", t, np.log(prior / prior.sum())),
+                                         TASKS["expression"].classes)
     out["ferplus_test"] = m
 
     utk = index_utkface(root / "utkface")
     test = utk_all_adults(utk)[1]
     sub = type(utk)(utk.table.iloc[test].reset_index(drop=True), [])
-    logits = logits_of(model, decode_images(sub, pre, cache, None), pre)
+    logits = logits_of(model, decode_images(sub, pre, cache, None), pre, args.tta)
     targets = encode_targets(sub.table, ["age_group", "gender"])
     races = np.array([RACES[int(Path(p).name.split("_")[2])] for p in sub.table["path"]])
     out["utkface_heldout"] = {}
     for head in ("age_group", "gender"):
-        probs = softmax(logits[head], model.temperatures[head])
+        probs = probs_of(logits, head, model.temperatures[head])
         hm = head_metrics(targets[head], probs, TASKS[head].classes)
-        hm["ece_uncalibrated"] = expected_calibration_error(targets[head], softmax(logits[head]))
+        hm["ece_uncalibrated"] = expected_calibration_error(targets[head], probs_of(logits, head))
         pred = probs.argmax(1)
         hm["by_race"] = {r: {"n": int((races == r).sum()), "accuracy": float((pred[races == r] == targets[head][races == r]).mean())}
                          for r in RACES if (races == r).any()}
@@ -116,7 +125,8 @@ def main(argv=None) -> int:
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     f = out["ferplus_test"]
-    lines = [f"\n### Base model `{Path(run).name}` on held-out data, at commit {commit}\n", "```",
+    lines = [f"\n### Base model `{Path(run).name}` on held-out data{' with flip TTA' if args.tta else ''}, "
+             f"at commit {commit}\n", "```",
              "python benchmarks/base_model.py " + " ".join(argv if argv is not None else sys.argv[1:]), "```", "",
              f"FER+ FER2013Test, six FACES expressions (majority vote), {f['n']} faces: accuracy "
              f"**{100 * f['accuracy']:.1f} %**, balanced accuracy {100 * f['balanced_accuracy']:.1f} %, "

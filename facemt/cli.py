@@ -387,7 +387,7 @@ def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
     if shard is not None and out_path is None:
         raise FacemtError("a sharded prediction writes a part file: give --out FILE.csv or FILE.jsonl")
     predictor = load(args.model, device=args.device, batch_size=args.batch_size, crop=_crop_override(args),
-                     engine=args.engine)
+                     engine=args.engine, tta=args.tta)
     files = all_files = iter_image_files(args.inputs)
     if not files:
         raise FacemtError("no image files found in the given inputs")
@@ -560,15 +560,17 @@ def cmd_evaluate(args: argparse.Namespace, out: Console, err: Console) -> int:
     from facemt.inference import load
 
     predictor = load(_model(args), device=args.device, batch_size=args.batch_size, crop=_crop_override(args),
-                     engine=args.engine)
+                     engine=args.engine, tta=args.tta)
     index = _load_data(args.data, err)
     cache = ImageCache()
     with _Progress(err) as progress:
         images = decode_images(index, predictor.preprocess, cache, progress)
-    probs = predict_images(predictor.model, images, predictor.preprocess, args.batch_size, predictor.device)
+    probs = predict_images(predictor.model, images, predictor.preprocess, args.batch_size, predictor.device,
+                           args.tta)
     metrics = evaluate_predictions(index.table, probs)
     if args.json:
         print(json.dumps({"model": str(predictor.run_dir), "images": len(index), "crop": predictor.preprocess.crop,
+                          "tta": args.tta,
                           "framing": cache.framing_counts(index.table), "metrics": metrics}, indent=2))
         return EXIT_OK
     out.print(_metrics_table(f"{predictor.run_dir} on {len(index)} images", metrics))
@@ -680,6 +682,12 @@ def _add_engine_arg(p: argparse.ArgumentParser) -> None:
                         "start-up) (default %(default)s)")
 
 
+def _add_tta_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average each face's probabilities with its mirror image's "
+                        "(twice the network time; see benchmarks/RESULTS.md for what it gains)")
+
+
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="RUN|base",
                    help="a run folder written by 'facemt fit', or 'base' (the default): the built-in base model")
@@ -749,6 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="default %(default)s")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
     _add_engine_arg(p)
+    _add_tta_arg(p)
     p.add_argument("--shard", metavar="K/N",
                    help="predict only the K-th of N shards of the sorted file list, into FILE.part-K-of-N.csv "
                         "beside --out (under torchrun: the process's rank; join with merge-predictions)")
@@ -785,6 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="default %(default)s")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
     _add_engine_arg(p)
+    _add_tta_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="export a run to ONNX or TorchScript", epilog=EPILOG,

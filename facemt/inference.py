@@ -41,14 +41,23 @@ def predict_images(
     preprocess: PreprocessConfig,
     batch_size: int = 64,
     device: torch.device | str = "cpu",
+    tta: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Class probabilities per head for cached images (N x classes arrays)."""
+    """Class probabilities per head for cached images (N x classes arrays).
+
+    ``tta``: also run each face mirrored left-right and average the two
+    probability vectors (test-time augmentation; twice the network time).
+    """
     model.eval()
     transform = build_transform(preprocess, "none")
     out: dict[str, list[np.ndarray]] = {t: [] for t in model.tasks}
     for start in range(0, len(images), batch_size):
         batch = torch.stack([transform(im) for im in images[start : start + batch_size]]).to(device)
-        for t, probs in model.probabilities(batch).items():
+        probabilities = model.probabilities(batch)
+        if tta:
+            mirrored = model.probabilities(batch.flip(-1))
+            probabilities = {t: (p + mirrored[t]) / 2 for t, p in probabilities.items()}
+        for t, probs in probabilities.items():
             out[t].append(probs.cpu().numpy())
     return {t: np.concatenate(v) if v else np.zeros((0, TASKS[t].num_classes)) for t, v in out.items()}
 
@@ -161,11 +170,13 @@ class Predictor:
         batch_size: images per forward pass.
         crop: override the run's crop policy (``align``, ``box`` or ``none``).
         engine: ``torch``, ``onnx`` or ``onnx-int8`` (see :func:`load`).
+        tta: average each face's probabilities with its mirror image's
+            (test-time augmentation, twice the network time).
     """
 
     def __init__(
         self, run_dir: str | os.PathLike | None = None, device: str = "auto", batch_size: int = 32,
-        crop: str | None = None, engine: str = "torch",
+        crop: str | None = None, engine: str = "torch", tta: bool = False,
     ) -> None:
         if engine not in ENGINES:
             raise FacemtError(f"unknown engine {engine!r}: choose {', '.join(ENGINES)}")
@@ -177,6 +188,7 @@ class Predictor:
         self.run_dir = Path(run_dir)
         self.batch_size = batch_size
         self.engine = engine
+        self.tta = tta
         if engine != "torch":
             self.model = self._onnx_model(engine)
 
@@ -199,7 +211,7 @@ class Predictor:
         return tuple(self.model.tasks)
 
     def _predictions(self, arrays: Sequence[np.ndarray], sources: Sequence[str | None]) -> list[Prediction]:
-        probs = predict_images(self.model, arrays, self.preprocess, self.batch_size, self.device)
+        probs = predict_images(self.model, arrays, self.preprocess, self.batch_size, self.device, self.tta)
         out = []
         for i, src in enumerate(sources):
             labels, probabilities = {}, {}
@@ -308,7 +320,7 @@ class Predictor:
 
 def load(
     run_dir: str | os.PathLike | None = None, device: str = "auto", batch_size: int = 32, crop: str | None = None,
-    engine: str = "torch",
+    engine: str = "torch", tta: bool = False,
 ) -> Predictor:
     """Load a run folder written by ``facemt fit``, or with no argument (or
     ``"base"``) the built-in base model shipped with facemt.
@@ -320,11 +332,13 @@ def load(
             engines use the run's ``model.onnx`` / ``model.int8.onnx`` written
             by ``facemt export`` when present, else build the graph at load
             (a few seconds).
+        tta: average each face's probabilities with its mirror image's
+            (test-time augmentation; twice the network time).
 
     Raises:
         FacemtError: the folder is not a valid facemt checkpoint.
     """
-    return Predictor(run_dir, device=device, batch_size=batch_size, crop=crop, engine=engine)
+    return Predictor(run_dir, device=device, batch_size=batch_size, crop=crop, engine=engine, tta=tta)
 
 
 __all__ = ["Prediction", "Predictor", "load"]

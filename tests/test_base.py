@@ -6,6 +6,7 @@ import json
 import shutil
 
 import matplotlib.cbook
+import numpy as np
 import pytest
 
 import facemt
@@ -69,3 +70,30 @@ def test_fit_starts_from_the_base_model_by_default(faces_dir, tmp_path):
     config = read_config(run)
     assert config["train"]["init_from"] == "base" and config["backbone"] == read_config(base_dir())["backbone"]
     assert config["preprocess"]["image_size"] == read_config(base_dir())["preprocess"]["image_size"]
+
+
+def test_tta_averages_each_face_with_its_mirror_image(base):
+    from facemt.inference import _frame, predict_images
+
+    (_, face), = _frame(PHOTO, base.preprocess, largest_only=True, fallback=False)
+    one = predict_images(base.model, [face], base.preprocess)
+    mirrored = predict_images(base.model, [np.ascontiguousarray(face[:, ::-1])], base.preprocess)
+    both = predict_images(base.model, [face], base.preprocess, tta=True)
+    for task in base.tasks:
+        assert not np.allclose(one[task], mirrored[task], atol=1e-4)  # the photo is not symmetric
+        np.testing.assert_allclose(both[task], (one[task] + mirrored[task]) / 2, atol=1e-5)
+    symmetric = np.concatenate([face[:, : face.shape[1] // 2], face[:, : face.shape[1] // 2][:, ::-1]], axis=1)
+    plain, averaged = (predict_images(base.model, [symmetric], base.preprocess, tta=t) for t in (False, True))
+    for task in base.tasks:
+        np.testing.assert_allclose(averaged[task], plain[task], atol=1e-5)
+
+
+def test_predict_and_evaluate_take_tta(capsys, tmp_path):
+    assert main(["predict", PHOTO, "--json", "--device", "cpu"]) == 0
+    (plain,) = json.loads(capsys.readouterr().out)
+    assert main(["predict", PHOTO, "--json", "--device", "cpu", "--tta"]) == 0
+    (tta,) = json.loads(capsys.readouterr().out)
+    assert tta["gender"]["label"] in ("male", "female")
+    assert tta["expression"]["probabilities"] != plain["expression"]["probabilities"]
+    assert sum(tta["expression"]["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert facemt.load(device="cpu", tta=True).tta

@@ -139,11 +139,15 @@ def test_cv_rejects_bad_settings(faces_dir):
 def test_evaluate_cli_json(run_dir, faces_dir, capsys):
     assert main(["evaluate", str(run_dir), "--data", str(faces_dir), "--json", "--device", "cpu"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["images"] == 72
+    assert out["images"] == 72 and out["tta"] is False
     for head in ("age_group", "gender", "expression"):
         m = out["metrics"][head]
         assert m["n"] == 72 and 0 <= m["accuracy"] <= 1 and 0 <= m["ece"] <= 1
         assert sum(map(sum, m["confusion"])) == 72
+    assert main(["evaluate", str(run_dir), "--data", str(faces_dir), "--json", "--device", "cpu", "--tta"]) == 0
+    tta = json.loads(capsys.readouterr().out)
+    assert tta["tta"] is True and tta["metrics"]["expression"]["n"] == 72
+    assert tta["metrics"]["expression"]["ece"] != out["metrics"]["expression"]["ece"]
     assert main(["evaluate", str(run_dir), "--data", str(faces_dir), "--device", "cpu"]) == 0
     assert "confusion" in capsys.readouterr().out
 
