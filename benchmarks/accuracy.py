@@ -61,9 +61,9 @@ FIXED_SPLIT_SEED = 12345
 
 
 def train_and_score(index: DataIndex, config: TrainConfig, train_rows, tests: dict[str, list[int]],
-                    cache: ImageCache) -> tuple[dict[str, float], float]:
+                    cache: ImageCache, tta: bool = False) -> tuple[dict[str, float], float]:
     """Train on ``train_rows``; return accuracy per head (on the test rows named for
-    that head, or ``tests["*"]``) and the wall time."""
+    that head, or ``tests["*"]``; ``tta``: mirror-averaged predictions) and the wall time."""
     t = time.perf_counter()
     result = train(index, config, train_rows, (), cache=cache, select_best=False)
     by_rows: dict[tuple[int, ...], list[str]] = {}  # heads sharing a test set share one prediction pass
@@ -72,19 +72,20 @@ def train_and_score(index: DataIndex, config: TrainConfig, train_rows, tests: di
     scores = {}
     for rows, heads in by_rows.items():
         images = cache.load([index.table["path"].iloc[i] for i in rows], result.preprocess)[0]
-        probs = predict_images(result.model, images, result.preprocess, 64, next(result.model.parameters()).device)
+        probs = predict_images(result.model, images, result.preprocess, 64, next(result.model.parameters()).device,
+                               tta)
         metrics = evaluate_predictions(index.table.iloc[list(rows)], probs)
         scores.update({h: metrics[h]["accuracy"] for h in heads})
     return {h: scores[h] for h in result.tasks}, time.perf_counter() - t
 
 
-def run_models(index, config, splits, bench, cache, models) -> list[dict]:
+def run_models(index, config, splits, bench, cache, models, tta: bool = False) -> list[dict]:
     """``splits``: (seed, fold, train_rows, test_rows); ``models``: (name, tasks)."""
     rows = []
     for seed, fold, train_rows, test_rows in splits:
         for name, tasks in models:
             scores, seconds = train_and_score(index, replace(config, tasks=tasks, seed=seed), train_rows,
-                                              {"*": test_rows}, cache)
+                                              {"*": test_rows}, cache, tta)
             rows += records(bench, name, seed, fold, scores, {h: len(test_rows) for h in scores}, seconds)
     return rows
 
@@ -131,7 +132,7 @@ def jaffe_subject_splits(jaffe: DataIndex, seeds: int):
 
 
 def joint(jaffe: DataIndex, utk: DataIndex, config: TrainConfig, seeds: int, cache: ImageCache,
-          cells: tuple[int, int] = (UTK_TRAIN_PER_CELL, UTK_TEST_PER_CELL)) -> list[dict]:
+          cells: tuple[int, int] = (UTK_TRAIN_PER_CELL, UTK_TEST_PER_CELL), tta: bool = False) -> list[dict]:
     """Benchmark D: one three-head model per (seed, JAFFE fold)."""
     jaffe = DataIndex(jaffe.table.assign(gender=None), jaffe.skipped)
     both = combine([jaffe, utk])
@@ -143,18 +144,18 @@ def joint(jaffe: DataIndex, utk: DataIndex, config: TrainConfig, seeds: int, cac
         u_test = [offset + i for i in u_test]
         tests = {"expression": list(j_test), "age_group": u_test, "gender": u_test}
         cfg = replace(config, tasks=("age_group", "gender", "expression"), seed=seed)
-        scores, seconds = train_and_score(both, cfg, train_rows, tests, cache)
+        scores, seconds = train_and_score(both, cfg, train_rows, tests, cache, tta)
         rows += records("D", "multitask", seed, fold, scores, {h: len(tests[h]) for h in scores}, seconds)
     return rows
 
 
 def zero_shot(model_dir: str, jaffe: DataIndex, utk: DataIndex, seeds: int, cache: ImageCache,
-              cells: tuple[int, int], device: str) -> tuple[list[dict], dict[str, float]]:
+              cells: tuple[int, int], device: str, tta: bool = False) -> tuple[list[dict], dict[str, float]]:
     """Benchmark Z: the model as it is on A's test folds and B's test set; and
     its per-class expression recall on all of JAFFE."""
     model, pre, _ = load_checkpoint(model_dir, map_location=device)
     images = cache.load(list(jaffe.table["path"]), pre)[0]
-    probs = predict_images(model, images, pre, 64, device)
+    probs = predict_images(model, images, pre, 64, device, tta)
     classes = TASKS["expression"].classes
     predicted = np.asarray(classes)[probs["expression"].argmax(1)]
     truth = jaffe.table["expression"].to_numpy()
@@ -164,7 +165,7 @@ def zero_shot(model_dir: str, jaffe: DataIndex, utk: DataIndex, seeds: int, cach
         rows += records("Z", "zero-shot", seed, fold, {"expression": acc}, {"expression": len(test)}, 0.0)
     u_test = utk_regime(utk, 0, *cells)[1]
     u_images = cache.load([utk.table["path"].iloc[i] for i in u_test], pre)[0]
-    metrics = evaluate_predictions(utk.table.iloc[u_test], predict_images(model, u_images, pre, 64, device))
+    metrics = evaluate_predictions(utk.table.iloc[u_test], predict_images(model, u_images, pre, 64, device, tta))
     rows += records("Z", "zero-shot", 0, 0, {h: metrics[h]["accuracy"] for h in ("age_group", "gender")},
                     {"age_group": len(u_test), "gender": len(u_test)}, 0.0)
     recall = {c: float((predicted[truth == c] == c).mean()) for c in classes}
@@ -273,6 +274,7 @@ def main(argv=None) -> int:
     p.add_argument("--backbone-lr-scale", type=float, default=1.0)
     p.add_argument("--head-warmup-epochs", type=float, default=0.0, help="facemt fit --head-warmup-epochs")
     p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--tta", action="store_true", help="score mirror-averaged predictions (facemt predict --tta)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--loss-weighting", choices=("fixed", "uncertainty"), default="fixed")
     p.add_argument("--balance-sources", action="store_true")
@@ -323,27 +325,27 @@ def main(argv=None) -> int:
     if "Z" in wanted:
         if not init:
             p.error("Z (zero-shot) needs --init base or a run folder")
-        z_rows, recall = zero_shot(init, jaffe, utk, args.seeds, cache, cells, args.device)
+        z_rows, recall = zero_shot(init, jaffe, utk, args.seeds, cache, cells, args.device, args.tta)
         rows += z_rows
     if "A" in wanted:
         rows += run_models(jaffe, config, jaffe_subject_splits(jaffe, seeds), "A", cache,
-                           [("single", ("expression",))])
+                           [("single", ("expression",))], args.tta)
     if "E" in wanted:
         splits = [(s, 0, tr, te) for s in seeds
                   for tr, te in make_folds(jaffe.table, "random", 5, s, test_size=0.3)]
-        rows += run_models(jaffe, config, splits, "E", cache, [("single", ("expression",))])
+        rows += run_models(jaffe, config, splits, "E", cache, [("single", ("expression",))], args.tta)
     if "B" in wanted:
         models = [m for m in (("single", ("age_group",)), ("single", ("gender",)), ("multitask", ("age_group", "gender")))
                   if m[0] in args.b_models.split(",") or "D" in wanted]
         rows += run_models(utk, config, [(s, 0, *utk_regime(utk, s, *cells)) for s in range(args.first_seed, args.first_seed + args.seeds_b)], "B", cache,
-                           models)
+                           models, args.tta)
     if "D" in wanted:
-        rows += joint(jaffe, utk, config, seeds, cache, cells)
+        rows += joint(jaffe, utk, config, seeds, cache, cells, args.tta)
     if "C" in wanted:
         tr, te = utk_all_adults(utk)
         rows += run_models(utk, replace(config, epochs=args.epochs_c),
                            [(s, 0, tr, te) for s in range(args.seeds_c)], "C", cache,
-                           [("multitask", ("age_group", "gender"))])
+                           [("multitask", ("age_group", "gender"))], args.tta)
     frame = pd.DataFrame(rows)
     frame.to_csv(args.csv, index=False)
     wall = time.perf_counter() - started

@@ -134,6 +134,19 @@ def test_zero_shot_and_summarize(bench, data_root, run_dir, tmp_path):
     assert len(pd.read_csv(merged)) == 2 * len(frame) and "### merged twice" in md.read_text()
 
 
+def test_zero_shot_scores_mirror_averaged_predictions_with_tta(bench, data_root, run_dir, tmp_path, monkeypatch):
+    seen = []
+    real = bench.predict_images
+    monkeypatch.setattr(bench, "predict_images", lambda *a, **k: seen.append(a[5:] + tuple(k.values())) or real(*a, **k))
+    argv = ["--data-root", str(data_root), "--init", str(run_dir), "--only", "Z", "--seeds", "1",
+            "--utk-train-per-cell", "2", "--utk-test-per-cell", "3", "--results", str(tmp_path / "R.md")]
+    assert bench.main(argv + ["--csv", str(tmp_path / "plain.csv")]) == 0
+    assert seen == [(False,), (False,)]
+    assert bench.main(argv + ["--csv", str(tmp_path / "tta.csv"), "--tta"]) == 0
+    assert seen[2:] == [(True,), (True,)]
+    assert len(pd.read_csv(tmp_path / "tta.csv")) == len(pd.read_csv(tmp_path / "plain.csv"))
+
+
 def test_split_runs_merge_into_the_same_pairs(bench, data_root, weights, tmp_path):
     common = ["--data-root", str(data_root), "--weights", str(weights), "--epochs", "1", "--image-size", "32",
               "--batch-size", "8", "--utk-train-per-cell", "2", "--utk-test-per-cell", "3", "--crop", "none",
