@@ -101,11 +101,14 @@ def main(argv=None) -> int:
         batch_size=args.batch_size, lr=args.lr, augment="heavy", crop="align", balance_classes=True,
         tasks=("age_group", "gender", "expression"), warmup_epochs=args.warmup_epochs, device=args.device, seed=0,
     )
+    # a second cycle records the first one's recipe before its own: the whole way from ImageNet weights
+    earlier = json.loads((Path(args.init_from) / "config.json").read_text()).get(
+        "recipe", f"(facemt run {args.init_from})") + " && " if args.init_from else ""
     extra = {
         "sources": [f"{'ferplus' if args.fer_policy == 'majority' else 'ferplus-' + args.fer_policy}:"
                     f"{root / 'ferplus' / 'FER2013Train'}", f"ferplus:{root / 'ferplus' / 'FER2013Valid'}",
                     f"utkface:{root / 'utkface'}"],
-        "recipe": "benchmarks/pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "recipe": earlier + "benchmarks/pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "dataset": index.summary(),
         "split": {"train_images": len(train_rows), "val_images": len(val_rows),
                   "utk_held_out": len(held), "utk_held_out_list": "benchmarks/utk_holdout.txt"},
