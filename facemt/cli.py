@@ -566,11 +566,11 @@ def cmd_evaluate(args: argparse.Namespace, out: Console, err: Console) -> int:
     with _Progress(err) as progress:
         images = decode_images(index, predictor.preprocess, cache, progress)
     probs = predict_images(predictor.model, images, predictor.preprocess, args.batch_size, predictor.device,
-                           args.tta)
+                           predictor.tta)
     metrics = evaluate_predictions(index.table, probs)
     if args.json:
         print(json.dumps({"model": str(predictor.run_dir), "images": len(index), "crop": predictor.preprocess.crop,
-                          "tta": args.tta,
+                          "tta": predictor.tta,
                           "framing": cache.framing_counts(index.table), "metrics": metrics}, indent=2))
         return EXIT_OK
     out.print(_metrics_table(f"{predictor.run_dir} on {len(index)} images", metrics))
