@@ -1,6 +1,6 @@
 """Measure a base model (the built-in one by default) on data it never trained on:
 FER+ FER2013Test (six FACES expressions, majority vote), the UTKFace held-out
-faces of benchmark C (age group, gender; per race and per gender), calibration
+faces of benchmark C (age group, gender; per race, gender, age group and age group x gender), calibration
 (ECE with and without the stored temperatures) and network speed.
 
     python benchmarks/base_model.py --data-root ../shared/data [--model base] [--tta] [--json out.json]
@@ -105,19 +105,20 @@ def main(argv=None) -> int:
     sub = type(utk)(utk.table.iloc[test].reset_index(drop=True), [])
     logits = logits_of(model, decode_images(sub, pre, cache, None), pre, args.tta)
     targets = encode_targets(sub.table, ["age_group", "gender"])
-    races = np.array([RACES[int(Path(p).name.split("_")[2])] for p in sub.table["path"]])
+    age, gender = sub.table["age_group"].to_numpy(), sub.table["gender"].to_numpy()
+    groups = {"race": (np.array([RACES[int(Path(p).name.split("_")[2])] for p in sub.table["path"]]), RACES),
+              "gender": (gender, TASKS["gender"].classes), "age group": (age, TASKS["age_group"].classes),
+              "age group, gender": (np.char.add(np.char.add(age.astype(str), " "), gender.astype(str)),
+                                    [f"{a} {g}" for a in TASKS["age_group"].classes for g in TASKS["gender"].classes])}
     out["utkface_heldout"] = {}
     for head in ("age_group", "gender"):
         probs = probs_of(logits, head, model.temperatures[head])
         hm = head_metrics(targets[head], probs, TASKS[head].classes)
         hm["ece_uncalibrated"] = expected_calibration_error(targets[head], probs_of(logits, head))
         pred = probs.argmax(1)
-        hm["by_race"] = {r: {"n": int((races == r).sum()), "accuracy": float((pred[races == r] == targets[head][races == r]).mean())}
-                         for r in RACES if (races == r).any()}
-        hm["by_gender"] = {g: {"n": int((sub.table["gender"] == g).sum()),
-                               "accuracy": float((pred[(sub.table["gender"] == g).to_numpy()]
-                                                  == targets[head][(sub.table["gender"] == g).to_numpy()]).mean())}
-                           for g in TASKS["gender"].classes}
+        hm["by_group"] = {f"{kind}: {g}": {"n": int((of == g).sum()),
+                                            "accuracy": float((pred[of == g] == targets[head][of == g]).mean())}
+                          for kind, (of, names) in groups.items() for g in names if (of == g).any()}
         out["utkface_heldout"][head] = hm
     torch.set_num_threads(2)
     out["faces_per_second_batch32"] = speed(model, pre.image_size)
@@ -149,12 +150,8 @@ def main(argv=None) -> int:
                      f"{model.temperatures[head]:.2f}.")
     lines += ["", "| group | faces | age group % | gender % |", "|---|---|---|---|"]
     ag, ge = out["utkface_heldout"]["age_group"], out["utkface_heldout"]["gender"]
-    for r in ag["by_race"]:
-        lines.append(f"| race: {r} | {ag['by_race'][r]['n']} | {100 * ag['by_race'][r]['accuracy']:.1f} | "
-                     f"{100 * ge['by_race'][r]['accuracy']:.1f} |")
-    for g in ag["by_gender"]:
-        lines.append(f"| gender: {g} | {ag['by_gender'][g]['n']} | {100 * ag['by_gender'][g]['accuracy']:.1f} | "
-                     f"{100 * ge['by_gender'][g]['accuracy']:.1f} |")
+    for g, row in ag["by_group"].items():
+        lines.append(f"| {g} | {row['n']} | {100 * row['accuracy']:.1f} | {100 * ge['by_group'][g]['accuracy']:.1f} |")
     lines += ["", f"Network speed: {out['faces_per_second_batch32']:.0f} faces/s at batch 32, "
               f"{pre.image_size} px, 2 CPU threads (median of 10 after 3 warm-up batches; no decoding or detection)."]
     if args.json:
