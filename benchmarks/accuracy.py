@@ -272,6 +272,7 @@ def main(argv=None) -> int:
     p.add_argument("--augment", default="light")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--backbone-lr-scale", type=float, default=1.0)
+    p.add_argument("--layer-decay", type=float, default=1.0, help="facemt fit --layer-decay")
     p.add_argument("--head-warmup-epochs", type=float, default=0.0, help="facemt fit --head-warmup-epochs")
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--tta", action="store_true", help="score mirror-averaged predictions (facemt predict --tta)")
@@ -309,7 +310,7 @@ def main(argv=None) -> int:
         backbone=backbone, pretrained_file=None if init else args.weights, init_from=init,
         epochs=args.epochs, image_size=args.image_size or (None if init else 128),
         augment=args.augment, lr=args.lr, backbone_lr_scale=args.backbone_lr_scale,
-        head_warmup_epochs=args.head_warmup_epochs,
+        head_warmup_epochs=args.head_warmup_epochs, layer_decay=args.layer_decay,
         label_smoothing=args.label_smoothing, batch_size=args.batch_size, loss_weighting=args.loss_weighting,
         balance_sources=args.balance_sources, crop=args.crop, crop_margin=args.crop_margin, device=args.device)
     wanted = set(args.only.split(","))

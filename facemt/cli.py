@@ -129,6 +129,8 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("optim", "backbone_lr_scale", {"type": float, "help": "backbone learning rate = --lr x this; heads get --lr "
                                                            "(default: 0.1 when starting from the base model or "
                                                            "--init-from RUN, else 1)"}),
+    ("optim", "layer_decay", {"type": float, "help": "each backbone block before the last trains at this times "
+                              "the rate of the block after it (default %(default)s: one rate)"}),
     ("optim", "weight_decay", {"type": float, "help": "AdamW weight decay (default %(default)s)"}),
     ("optim", "warmup_epochs", {"type": float, "help": "default %(default)s"}),
     ("optim", "head_warmup_epochs", {"type": float, "help": "train only the heads for this many epochs (the "

@@ -69,7 +69,10 @@ class TrainConfig:
     ``backbone_lr_scale=None`` is 0.1 when training starts from a facemt model
     (the base model by default) and 1.0 otherwise: fine-tuning the base on 72
     faces with a tenth of the rate for the backbone measured better for age
-    group and gender (benchmarks/RESULTS.md).
+    group and gender (benchmarks/RESULTS.md). ``layer_decay`` other than 1
+    gives each backbone block its own rate: the last block trains at
+    ``lr * backbone_lr_scale``, each block before it at ``layer_decay`` times
+    the rate of the block after it (below 1: blocks nearer the input slower).
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -78,6 +81,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     backbone_lr_scale: float | None = None
+    layer_decay: float = 1.0
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     head_warmup_epochs: float = 0.0
@@ -109,6 +113,8 @@ class TrainConfig:
             raise FacemtError("lr must be a positive number")
         if self.backbone_lr_scale is not None and not 0.0 < self.backbone_lr_scale <= 10.0:
             raise FacemtError("backbone_lr_scale must be in (0, 10]")
+        if not 0.0 < self.layer_decay <= 10.0:
+            raise FacemtError("layer_decay must be in (0, 10]")
         if not 0.0 <= self.head_warmup_epochs < self.epochs:
             raise FacemtError("head_warmup_epochs must be at least 0 and less than epochs")
         if self.image_size is not None and not 16 <= self.image_size <= 1024:

@@ -356,11 +356,28 @@ def _criterion(config: TrainConfig, tasks: Sequence[str], targets: dict[str, np.
 
 def _optimizer(config: TrainConfig, model: MultiTaskNet, criterion: MultiTaskLoss) -> torch.optim.Optimizer:
     # Heads first: group 0's learning rate is the one logged per epoch.
-    groups = [{"name": "heads", "params": list(model.heads.parameters())},
-              {"name": "backbone", "params": list(model.trunk.parameters()), "lr": config.lr * config.backbone_lr_scale}]
+    groups = [{"name": "heads", "params": list(model.heads.parameters())}]
+    rate = config.lr * config.backbone_lr_scale
+    blocks = _trunk_blocks(model.trunk) if config.layer_decay != 1.0 else [list(model.trunk.parameters())]
+    groups += [{"name": "backbone", "params": params, "lr": rate * config.layer_decay ** (len(blocks) - 1 - i)}
+               for i, params in enumerate(blocks)]
     if config.loss_weighting == "uncertainty":
         groups.append({"name": "loss", "params": list(criterion.parameters()), "weight_decay": 0.0})
     return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _trunk_blocks(trunk: torch.nn.Module) -> list[list[torch.nn.Parameter]]:
+    """The trunk's parameters block by block, input first, as timm's
+    ``group_matcher`` groups them (what timm's own layer decay uses)."""
+    from timm.models import group_parameters
+
+    if not hasattr(trunk, "group_matcher"):
+        raise FacemtError(f"layer_decay needs a timm backbone that names its blocks; {type(trunk).__name__} does not")
+    named = dict(trunk.named_parameters())
+    groups = group_parameters(trunk, trunk.group_matcher(coarse=False))
+    blocks = [[named[n] for n in names] for _, names in sorted(groups.items())]
+    assert sum(map(len, blocks)) == len(named), "every trunk parameter in exactly one block"
+    return blocks
 
 
 class KeepBest:

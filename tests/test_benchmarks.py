@@ -223,6 +223,37 @@ def test_head_warmup_freezes_the_backbone_then_releases_it(faces_dir):
                      "--head-warmup-epochs", "2"]) == 2
 
 
+def test_layer_decay_slows_blocks_nearer_the_input(faces_dir):
+    index = index_folder(faces_dir)
+    rows = list(range(len(index.table)))
+    base = TrainConfig(backbone="resnet18", epochs=1, image_size=32, batch_size=16, augment="none", device="cpu",
+                       backbone_lr_scale=0.5)
+    plain = setup_training(index, base, rows, [], None, None, False)
+    assert [g["initial_lr"] for g in plain.optimizer.param_groups] == [1e-3, 5e-4]  # heads, one backbone rate
+    setup = setup_training(index, replace(base, layer_decay=0.5), rows, [], None, None, False)
+    groups = setup.optimizer.param_groups
+    assert groups[0]["name"] == "heads" and groups[0]["initial_lr"] == 1e-3
+    backbone = groups[1:]
+    assert len(backbone) > 2 and all(g["name"] == "backbone" for g in backbone)
+    rates = [g["initial_lr"] for g in backbone]  # peak rates (the schedule scales them all alike)
+    assert rates[-1] == pytest.approx(5e-4)  # the block nearest the heads: lr x backbone_lr_scale
+    assert rates == pytest.approx([5e-4 * 0.5 ** (len(rates) - 1 - i) for i in range(len(rates))])
+    trunk = [id(p) for p in setup.model.trunk.parameters()]
+    grouped = [id(p) for g in backbone for p in g["params"]]
+    assert sorted(grouped) == sorted(trunk)  # every trunk parameter in exactly one block
+    first = next(iter(setup.model.trunk.parameters()))  # the stem trains slowest
+    assert any(p is first for p in backbone[0]["params"])
+    seed_everything(0)
+    start = next(iter(create_model("resnet18", ("expression",), image_size=32)[0].trunk.parameters())).detach()
+    stem = [(next(iter(train(index, replace(base, layer_decay=d), rows).model.trunk.parameters())) - start)
+            .abs().max().item() for d in (1.0, 0.5)]
+    assert 0.0 < stem[1] < stem[0]  # the stem moves, less than at one rate
+    for bad in (0.0, 11.0):
+        with pytest.raises(FacemtError, match="^layer_decay must be"):
+            replace(base, layer_decay=bad).validate()
+    assert cli_main(["fit", "--data", str(faces_dir), "--out", "/nonexistent/x", "--layer-decay", "-1"]) == 2
+
+
 def test_speed_benchmark_trains_with_the_real_epoch_loop():
     spec = importlib.util.spec_from_file_location("speed", ROOT / "benchmarks" / "speed.py")
     speed = importlib.util.module_from_spec(spec)
@@ -240,6 +271,44 @@ def test_speed_benchmark_trains_with_the_real_epoch_loop():
                                     torch.optim.AdamW(model.parameters(), lr=1e-3))
     assert 0 < wait < total
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))  # it trained
+
+
+def test_base_model_benchmark_reports_every_group(data_root, run_dir, tmp_path):
+    """benchmarks/base_model.py on generated FER+- and UTKFace-layout folders:
+    FER+ Test, the UTKFace held-out faces per race, gender, age group and
+    age group x gender, written as JSON and as a RESULTS section."""
+    spec = importlib.util.spec_from_file_location("base_bench", ROOT / "benchmarks" / "base_model.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    root = tmp_path / "data"
+    (root / "utkface").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for n, (age, gender, race) in enumerate((a, g, r) for a in UTK_AGES.values() for g in (0, 1) for r in range(5)):
+        for k in range(2):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(
+                root / "utkface" / f"{age}_{gender}_{race}_2017010900{2 * n + k:05d}.jpg.chip.jpg")
+    votes = [(8, 0, 0, 1, 1, 0, 0, 0, 0, 0), (0, 9, 0, 0, 1, 0, 0, 0, 0, 0), (0, 0, 0, 9, 1, 0, 0, 0, 0, 0),
+             (0, 0, 0, 0, 9, 1, 0, 0, 0, 0), (0, 0, 0, 0, 1, 9, 0, 0, 0, 0), (1, 0, 0, 0, 0, 0, 9, 0, 0, 0)]
+    for split in ("FER2013Train", "FER2013Test"):
+        folder = root / "ferplus" / split
+        folder.mkdir(parents=True)
+        lines = []
+        for i, v in enumerate(votes * 2):
+            Image.fromarray(rng.integers(0, 255, (48, 48), dtype=np.uint8), "L").save(folder / f"fer{i:07d}.png")
+            lines.append(f'fer{i:07d}.png,"(0, 0, 48, 48)",' + ",".join(map(str, v)))
+        (folder / "label.csv").write_text("\n".join(lines) + "\n")
+    out, results = tmp_path / "base.json", tmp_path / "R.md"
+    assert script.main(["--data-root", str(root), "--model", str(run_dir), "--json", str(out),
+                        "--results", str(results)]) == 0
+    numbers = __import__("json").loads(out.read_text())
+    assert numbers["ferplus_test"]["n"] == 12 and 0.0 <= numbers["ferplus_test"]["accuracy"] <= 1.0
+    held = numbers["utkface_heldout"]
+    groups = held["gender"]["by_group"]
+    assert {"race: white", "gender: female", "age group: old", "age group, gender: old female"} <= set(groups)
+    assert sum(groups[f"gender: {g}"]["n"] for g in ("male", "female")) == held["gender"]["n"]
+    assert sum(groups[f"age group, gender: {a} {g}"]["n"] for a in UTK_AGES for g in ("male", "female")
+               if f"age group, gender: {a} {g}" in groups) == held["gender"]["n"]
+    assert "| age group, gender: old female |" in results.read_text()
 
 
 def test_compare_pairs_runs_on_identical_folds(bench, tmp_path):
