@@ -30,13 +30,13 @@ EPILOG = """examples:
   facemt fit --data data/faces-demo --out runs/demo --epochs 15 --image-size 96
   facemt fit --data faces.csv --out runs/expr --tasks expression
   facemt fit --data data/faces --out runs/mnv2 --backbone mobilenetv2_100 --pretrained-file weights.safetensors
-  facemt predict runs/demo photo.jpg
-  facemt predict runs/demo photos/ --out predictions.csv   # streams, one row per face
-  facemt predict runs/demo crops/ --no-detect --json
-  facemt export runs/demo --format onnx
-  facemt check-data data/faces-demo
+  facemt predict photo.jpg                           # the built-in base model
+  facemt predict --model runs/demo photos/ --out predictions.csv   # streams, one row per face
+  facemt predict --model runs/demo crops/ --no-detect --json
+  facemt export --model runs/demo --format onnx
+  facemt check-data --data data/faces-demo
   facemt fit --resume runs/demo                      # after Ctrl-C
-  facemt evaluate runs/demo --data data/faces-test
+  facemt evaluate --model runs/demo --data data/faces-test
   facemt cv --data data/faces-demo --out reports/demo --split both --seeds 2 --folds 3 --epochs 10 --image-size 64
 """
 

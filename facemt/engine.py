@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from timm.models import group_parameters
 from torch.utils.data import DataLoader
 
 from facemt.checkpoint import (ResumeState, base_dir, discard_resume, load_checkpoint, load_resume,
@@ -369,8 +370,6 @@ def _optimizer(config: TrainConfig, model: MultiTaskNet, criterion: MultiTaskLos
 def _trunk_blocks(trunk: torch.nn.Module) -> list[list[torch.nn.Parameter]]:
     """The trunk's parameters block by block, input first, as timm's
     ``group_matcher`` groups them (what timm's own layer decay uses)."""
-    from timm.models import group_parameters
-
     if not hasattr(trunk, "group_matcher"):
         raise FacemtError(f"layer_decay needs a timm backbone that names its blocks; {type(trunk).__name__} does not")
     named = dict(trunk.named_parameters())

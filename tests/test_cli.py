@@ -130,6 +130,22 @@ def test_help_shows_examples(capsys):
     assert "facemt fit --data" in capsys.readouterr().out
 
 
+def test_every_help_example_parses():
+    """The examples under --help are commands the parser accepts as written."""
+    import shlex
+
+    from facemt.cli import EPILOG, build_parser
+
+    lines = [line.split("#")[0].strip() for line in EPILOG.splitlines()[1:] if line.strip()]
+    assert len(lines) >= 10 and all(line.startswith("facemt ") for line in lines)
+    parser = build_parser()
+    for line in lines:
+        args = parser.parse_args(shlex.split(line)[1:])
+        assert args.command == shlex.split(line)[1], line
+        if args.command == "predict":
+            assert args.inputs, line
+
+
 def test_help_imports_no_heavy_module():
     code = ("import sys, contextlib, io\n"
             "from facemt.cli import main\n"
