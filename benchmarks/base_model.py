@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     age, gender = sub.table["age_group"].to_numpy(), sub.table["gender"].to_numpy()
     groups = {"race": (np.array([RACES[int(Path(p).name.split("_")[2])] for p in sub.table["path"]]), RACES),
               "gender": (gender, TASKS["gender"].classes), "age group": (age, TASKS["age_group"].classes),
-              "age group, gender": (np.char.add(np.char.add(age.astype(str), " "), gender.astype(str)),
+              "age group, gender": (np.array([f"{a} {g}" for a, g in zip(age, gender)]),
                                     [f"{a} {g}" for a in TASKS["age_group"].classes for g in TASKS["gender"].classes])}
     out["utkface_heldout"] = {}
     for head in ("age_group", "gender"):

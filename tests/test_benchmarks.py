@@ -5,6 +5,7 @@ per-group backbone learning rate it studies."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -300,7 +301,7 @@ def test_base_model_benchmark_reports_every_group(data_root, run_dir, tmp_path):
     out, results = tmp_path / "base.json", tmp_path / "R.md"
     assert script.main(["--data-root", str(root), "--model", str(run_dir), "--json", str(out),
                         "--results", str(results)]) == 0
-    numbers = __import__("json").loads(out.read_text())
+    numbers = json.loads(out.read_text())
     assert numbers["ferplus_test"]["n"] == 12 and 0.0 <= numbers["ferplus_test"]["accuracy"] <= 1.0
     held = numbers["utkface_heldout"]
     groups = held["gender"]["by_group"]

@@ -1,11 +1,12 @@
 import csv
 import io
 import json
+import shlex
 
 import pandas as pd
 import pytest
 
-from facemt.cli import main
+from facemt.cli import EPILOG, build_parser, main
 from facemt.checkpoint import read_config
 from conftest import TINY_FIT
 
@@ -132,18 +133,14 @@ def test_help_shows_examples(capsys):
 
 def test_every_help_example_parses():
     """The examples under --help are commands the parser accepts as written."""
-    import shlex
-
-    from facemt.cli import EPILOG, build_parser
-
-    lines = [line.split("#")[0].strip() for line in EPILOG.splitlines()[1:] if line.strip()]
-    assert len(lines) >= 10 and all(line.startswith("facemt ") for line in lines)
+    commands = [shlex.split(line.split("#")[0]) for line in EPILOG.splitlines()[1:] if line.strip()]
+    assert len(commands) >= 10 and all(words[0] == "facemt" for words in commands)
     parser = build_parser()
-    for line in lines:
-        args = parser.parse_args(shlex.split(line)[1:])
-        assert args.command == shlex.split(line)[1], line
+    for words in commands:
+        args = parser.parse_args(words[1:])
+        assert args.command == words[1], words
         if args.command == "predict":
-            assert args.inputs, line
+            assert args.inputs, words
 
 
 def test_help_imports_no_heavy_module():
