@@ -28,6 +28,7 @@ from facemt.checkpoint import load_checkpoint, resolve_run  # noqa: E402
 from facemt.data import ImageCache, encode_targets, index_ferplus, index_utkface  # noqa: E402
 from facemt.engine import decode_images  # noqa: E402
 from facemt.evaluation import head_metrics  # noqa: E402
+from facemt.inference import own_prior, prior_weights  # noqa: E402
 from facemt.losses import expected_calibration_error  # noqa: E402
 from facemt.tasks import TASKS  # noqa: E402
 from facemt.transforms import build_transform  # noqa: E402
@@ -53,9 +54,15 @@ def softmax(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
-def probs_of(views: list[dict[str, np.ndarray]], head: str, temperature: float = 1.0, shift=0.0) -> np.ndarray:
-    """Probabilities averaged over the views, as ``facemt predict --tta`` does."""
-    return np.mean([softmax(v[head] + shift, temperature) for v in views], axis=0)
+def probs_of(views: list[dict[str, np.ndarray]], head: str, temperature: float = 1.0,
+             weights: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """Probabilities averaged over the views, as ``facemt predict --tta`` does;
+    ``weights`` (per head, :func:`facemt.inference.prior_weights`) move them to another prior."""
+    p = np.mean([softmax(v[head], temperature) for v in views], axis=0)
+    if weights and head in weights:
+        p = p * weights[head]
+        p = p / p.sum(1, keepdims=True)
+    return p
 
 
 def speed(model, size: int, batch: int = 32, repeats: int = 10) -> float:
@@ -93,11 +100,11 @@ def main(argv=None) -> int:
     m["ece_uncalibrated"] = expected_calibration_error(y, probs_of(z, "expression"))
     m["framing"] = cache.framing_counts(fer.table)
     # The base predicts under a class-balanced prior (logit-adjusted loss); FER+ Test follows FER+ Train's
-    # class frequencies (40 % neutral). Adding their log back shows what that choice costs on this test set.
-    y_train = encode_targets(index_ferplus(root / "ferplus" / "FER2013Train").table, ["expression"])["expression"]
-    prior = np.bincount(y_train[y_train >= 0], minlength=len(TASKS["expression"].classes)) + 1.0
-    m["with_train_prior"] = head_metrics(y, probs_of(z, "expression", t, np.log(prior / prior.sum())),
-                                         TASKS["expression"].classes)
+    # class frequencies (40 % neutral). The other prior (facemt predict --prior) shows what that choice costs.
+    other = "training" if own_prior(config) == "balanced" else "balanced"
+    weights = prior_weights(config, other)
+    out["prior"], out["other_prior"] = own_prior(config), other
+    m["other_prior"] = head_metrics(y, probs_of(z, "expression", t, weights), TASKS["expression"].classes)
     out["ferplus_test"] = m
 
     utk = index_utkface(root / "utkface")
@@ -119,6 +126,8 @@ def main(argv=None) -> int:
         hm["by_group"] = {f"{kind}: {g}": {"n": int((of == g).sum()),
                                             "accuracy": float((pred[of == g] == targets[head][of == g]).mean())}
                           for kind, (of, names) in groups.items() for g in names if (of == g).any()}
+        hm["other_prior"] = head_metrics(targets[head], probs_of(logits, head, model.temperatures[head], weights),
+                                         TASKS[head].classes)
         out["utkface_heldout"][head] = hm
     torch.set_num_threads(2)
     out["faces_per_second_batch32"] = speed(model, pre.image_size)
@@ -139,15 +148,17 @@ def main(argv=None) -> int:
     lines += ["", "Confusion (rows true, columns predicted; " + ", ".join(f["classes"]) + "):", "", "```"]
     lines += [f"{c[:10]:>10} " + " ".join(f"{v:5d}" for v in row) for c, row in zip(f["classes"], f["confusion"])]
     lines += ["```", ""]
-    w = f["with_train_prior"]
-    lines += [f"With FER+ Train's class frequencies as the prior (the logit adjustment undone): accuracy "
+    w = f["other_prior"]
+    lines += [f"Under the {other} prior (`--prior {other}`): accuracy "
               f"{100 * w['accuracy']:.1f} %, balanced {100 * w['balanced_accuracy']:.1f} %, recall "
               + ", ".join(f"{c} {100 * pc['recall']:.0f} %" for c, pc in w["per_class"].items()) + ".", ""]
     for head, hm in out["utkface_heldout"].items():
+        w = hm["other_prior"]
         lines.append(f"UTKFace held-out (benchmark C's test faces), {head}, {hm['n']} faces: accuracy "
                      f"**{100 * hm['accuracy']:.1f} %**, balanced {100 * hm['balanced_accuracy']:.1f} %, ECE "
                      f"{hm['ece_uncalibrated']:.3f} uncalibrated / {hm['ece']:.3f} with temperature "
-                     f"{model.temperatures[head]:.2f}.")
+                     f"{model.temperatures[head]:.2f}; under the {other} prior {100 * w['accuracy']:.1f} % "
+                     f"(balanced {100 * w['balanced_accuracy']:.1f} %).")
     lines += ["", "| group | faces | age group % | gender % |", "|---|---|---|---|"]
     ag, ge = out["utkface_heldout"]["age_group"], out["utkface_heldout"]["gender"]
     for g, row in ag["by_group"].items():

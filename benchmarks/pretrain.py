@@ -17,7 +17,7 @@ FER+ (expression) and UTKFace (age group, gender) from ImageNet weights.
   predictions), heavy augmentation; the epoch with the best mean validation
   accuracy is kept; a temperature per head is fitted on the validation rows.
 
-Then ``facemt.base.ship(RUN)`` writes the fp16 copy into ``facemt/base/``.
+Then ``benchmarks/ship_base.py RUN`` writes the fp16 copy into ``facemt/base/``.
 Nothing here is a test.
 """
 
@@ -35,8 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from accuracy import FIXED_SPLIT_SEED, utk_all_adults, utk_regime  # noqa: E402
 
-from facemt.data import DataIndex, ImageCache, combine, index_ferplus, index_utkface  # noqa: E402
-from facemt.engine import TrainConfig, calibrate_run, train  # noqa: E402
+from facemt.checkpoint import update_config  # noqa: E402
+from facemt.data import DataIndex, ImageCache, combine, encode_targets, index_ferplus, index_utkface  # noqa: E402
+from facemt.engine import TrainConfig, calibrate_run, class_counts, train  # noqa: E402
+from facemt.tasks import TASK_NAMES  # noqa: E402
 
 HOLDOUT = Path(__file__).resolve().parent / "utk_holdout.txt"
 
@@ -49,6 +51,30 @@ def utk_holdout(utk: DataIndex, seeds: int = 5) -> list[int]:
         rows |= set(b_train) | set(b_test)
     rows |= set(utk_all_adults(utk)[1])
     return sorted(rows)
+
+
+def base_split(root: Path, fer_policy: str = "majority", limit: int = 0
+               ) -> tuple[DataIndex, list[int], list[int], list[int]]:
+    """The recipe's data: (FER2013Train + FER2013Valid + UTKFace index, training
+    rows, validation rows, held-out UTKFace rows of ``index_utkface``)."""
+    fer_train = index_ferplus(root / "ferplus" / "FER2013Train", fer_policy)
+    fer_valid = index_ferplus(root / "ferplus" / "FER2013Valid")
+    utk = index_utkface(root / "utkface")
+    held = utk_holdout(utk)
+    rest = np.setdiff1d(np.arange(len(utk)), held)
+    rng = np.random.default_rng(FIXED_SPLIT_SEED)
+    rng.shuffle(rest)
+    utk_val, utk_train = np.sort(rest[: len(rest) // 10]), np.sort(rest[len(rest) // 10:])
+    parts = [fer_train, fer_valid, utk]
+    index = combine(parts)
+    offsets = np.cumsum([0] + [len(x) for x in parts])
+    train_rows = list(range(offsets[0], offsets[1])) + [int(offsets[2] + i) for i in utk_train]
+    val_rows = list(range(offsets[1], offsets[2])) + [int(offsets[2] + i) for i in utk_val]
+    if limit:
+        pick = np.random.default_rng(0)
+        train_rows = sorted(pick.choice(train_rows, limit, replace=False).tolist())
+        val_rows = sorted(pick.choice(val_rows, limit // 4, replace=False).tolist())
+    return index, train_rows, val_rows, held
 
 
 def main(argv=None) -> int:
@@ -71,30 +97,25 @@ def main(argv=None) -> int:
     p.add_argument("--fer-policy", choices=("majority", "clear", "soft"), default="majority",
                    help="FER+ training labels: majority vote, clear majority only, or vote distributions as soft "
                         "targets; validation always uses the majority label (default %(default)s)")
+    p.add_argument("--record-counts", metavar="RUN", nargs="+",
+                   help="train nothing: write the class counts of this recipe's training rows into each RUN's "
+                        "config.json (for a base trained before runs recorded them; needed by --prior)")
     args = p.parse_args(argv)
+    root = Path(args.data_root)
+    if args.record_counts:
+        index, train_rows, _, _ = base_split(root, args.fer_policy, args.limit)
+        counts = class_counts(encode_targets(index.table, TASK_NAMES), train_rows)
+        for run in args.record_counts:
+            update_config(run, {"class_counts": counts})
+        print(json.dumps({"class_counts": counts}))
+        return 0
     if not (args.weights or args.init_from):
         p.error("give --weights (ImageNet backbone) or --init-from RUN")
-    root = Path(args.data_root)
     started = time.perf_counter()
-    fer_train = index_ferplus(root / "ferplus" / "FER2013Train", args.fer_policy)
-    fer_valid = index_ferplus(root / "ferplus" / "FER2013Valid")
+    index, train_rows, val_rows, held = base_split(root, args.fer_policy, args.limit)
     utk = index_utkface(root / "utkface")
-    held = utk_holdout(utk)
     HOLDOUT.write_text("# UTKFace files the base model never trains on (benchmarks B and C)\n"
                        + "".join(Path(utk.table["path"].iloc[i]).name + "\n" for i in held))
-    rest = np.setdiff1d(np.arange(len(utk)), held)
-    rng = np.random.default_rng(FIXED_SPLIT_SEED)
-    rng.shuffle(rest)
-    utk_val, utk_train = np.sort(rest[: len(rest) // 10]), np.sort(rest[len(rest) // 10:])
-    parts = [fer_train, fer_valid, utk]
-    index = combine(parts)
-    offsets = np.cumsum([0] + [len(x) for x in parts])
-    train_rows = list(range(offsets[0], offsets[1])) + [int(offsets[2] + i) for i in utk_train]
-    val_rows = list(range(offsets[1], offsets[2])) + [int(offsets[2] + i) for i in utk_val]
-    if args.limit:
-        pick = np.random.default_rng(0)
-        train_rows = sorted(pick.choice(train_rows, args.limit, replace=False).tolist())
-        val_rows = sorted(pick.choice(val_rows, args.limit // 4, replace=False).tolist())
     config = TrainConfig(
         backbone=args.backbone, pretrained_file=None if args.init_from else args.weights,
         init_from=args.init_from, backbone_lr_scale=1.0, epochs=args.epochs, image_size=args.image_size,

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from facemt import __version__
 from facemt.errors import FacemtError
-from facemt.config import AUGMENT_PRESETS, CROP_POLICIES, LOSS_WEIGHTINGS, TrainConfig
+from facemt.config import AUGMENT_PRESETS, CROP_POLICIES, LOSS_WEIGHTINGS, PRIORS, TrainConfig
 from facemt.tasks import TASK_NAMES, TASKS
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -33,6 +33,7 @@ EPILOG = """examples:
   facemt predict photo.jpg                           # the built-in base model
   facemt predict --model runs/demo photos/ --out predictions.csv   # streams, one row per face
   facemt predict --model runs/demo crops/ --no-detect --json
+  facemt predict photos/ --prior training --out p.csv    # classes as common as in the training data
   facemt export --model runs/demo --format onnx
   facemt check-data --data data/faces-demo
   facemt fit --resume runs/demo                      # after Ctrl-C
@@ -389,7 +390,7 @@ def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
     if shard is not None and out_path is None:
         raise FacemtError("a sharded prediction writes a part file: give --out FILE.csv or FILE.jsonl")
     predictor = load(args.model, device=args.device, batch_size=args.batch_size, crop=_crop_override(args),
-                     engine=args.engine, tta=args.tta)
+                     engine=args.engine, tta=args.tta, prior=args.prior)
     files = all_files = iter_image_files(args.inputs)
     if not files:
         raise FacemtError("no image files found in the given inputs")
@@ -557,25 +558,23 @@ def cmd_check_data(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 def cmd_evaluate(args: argparse.Namespace, out: Console, err: Console) -> int:
     from facemt.data import ImageCache
-    from facemt.engine import decode_images, predict_images
+    from facemt.engine import decode_images
     from facemt.evaluation import evaluate_predictions
     from facemt.inference import load
 
     predictor = load(_model(args), device=args.device, batch_size=args.batch_size, crop=_crop_override(args),
-                     engine=args.engine, tta=args.tta)
+                     engine=args.engine, tta=args.tta, prior=args.prior)
     index = _load_data(args.data, err)
     cache = ImageCache()
     with _Progress(err) as progress:
         images = decode_images(index, predictor.preprocess, cache, progress)
-    probs = predict_images(predictor.model, images, predictor.preprocess, args.batch_size, predictor.device,
-                           predictor.tta)
-    metrics = evaluate_predictions(index.table, probs)
+    metrics = evaluate_predictions(index.table, predictor.probabilities(images))
     if args.json:
         print(json.dumps({"model": str(predictor.run_dir), "images": len(index), "crop": predictor.preprocess.crop,
-                          "tta": predictor.tta,
+                          "tta": predictor.tta, "prior": predictor.prior,
                           "framing": cache.framing_counts(index.table), "metrics": metrics}, indent=2))
         return EXIT_OK
-    out.print(_metrics_table(f"{predictor.run_dir} on {len(index)} images", metrics))
+    out.print(_metrics_table(f"{predictor.run_dir} on {len(index)} images ({predictor.prior} prior)", metrics))
     for head, m in metrics.items():
         if not m["n"]:
             continue
@@ -690,6 +689,14 @@ def _add_tta_arg(p: argparse.ArgumentParser) -> None:
                         "(twice the network time; see benchmarks/RESULTS.md for what it gains)")
 
 
+def _add_prior_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prior", choices=PRIORS,
+                   help="class frequencies the probabilities assume: 'balanced' (every class equally likely; what the "
+                        "built-in model and runs fit with --balance-classes predict) or 'training' (as common as in "
+                        "the run's training data, e.g. the built-in model's mostly neutral FER+ faces) "
+                        "(default: the run's own)")
+
+
 def _add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="RUN|base",
                    help="a run folder written by 'facemt fit', or 'base' (the default): the built-in base model")
@@ -760,6 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
     _add_engine_arg(p)
     _add_tta_arg(p)
+    _add_prior_arg(p)
     p.add_argument("--shard", metavar="K/N",
                    help="predict only the K-th of N shards of the sorted file list, into FILE.part-K-of-N.csv "
                         "beside --out (under torchrun: the process's rank; join with merge-predictions)")
@@ -797,6 +805,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
     _add_engine_arg(p)
     _add_tta_arg(p)
+    _add_prior_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("export", help="export a run to ONNX or TorchScript", epilog=EPILOG,

@@ -27,6 +27,8 @@ BASE_NAME = "base"
 CROP_POLICIES = ("align", "box", "none")
 AUGMENT_PRESETS = ("none", "light", "heavy")
 LOSS_WEIGHTINGS = ("fixed", "uncertainty")
+#: the class priors a run's probabilities can follow (``facemt predict --prior``)
+PRIORS = ("balanced", "training")
 
 
 @dataclass(frozen=True)

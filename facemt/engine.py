@@ -27,7 +27,7 @@ from facemt.errors import FacemtError
 from facemt.files import atomic_write_text
 from facemt.shards import take_shard
 from facemt.inference import predict_images, resolve_device
-from facemt.losses import MISSING, MultiTaskLoss, expected_calibration_error, fit_temperature
+from facemt.losses import MISSING, MultiTaskLoss, class_prior, expected_calibration_error, fit_temperature
 from facemt.model import MultiTaskNet, create_model
 from facemt.tasks import TASKS, select_tasks
 from facemt.transforms import PreprocessConfig, build_transform
@@ -285,6 +285,8 @@ class Setup:
     world: World
     #: what the training step calls: the model, wrapped for data parallelism when there are several processes.
     network: torch.nn.Module
+    #: labelled training rows per class of each head
+    class_counts: dict[str, list[int]]
 
 
 def setup_training(
@@ -327,7 +329,8 @@ def setup_training(
                               build_transform(preprocess, "none"))
         val_loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False, num_workers=0,
                                 generator=torch.Generator())
-    criterion = _criterion(config, tasks, targets, train_rows).to(device)
+    counts = class_counts(targets, train_rows)
+    criterion = _criterion(config, tasks, counts).to(device)
     optimizer = _optimizer(config, model, criterion)
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
     warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
@@ -342,15 +345,20 @@ def setup_training(
 
         network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return Setup(config, tasks, device, model, preprocess, criterion, optimizer, scheduler, train_set, val_loader,
-                 weights, steps_per_epoch, train_rows, val_rows, here, network)
+                 weights, steps_per_epoch, train_rows, val_rows, here, network, counts)
 
 
-def _criterion(config: TrainConfig, tasks: Sequence[str], targets: dict[str, np.ndarray],
-               train_rows: list[int]) -> MultiTaskLoss:
+def class_counts(targets: dict[str, np.ndarray], rows: Sequence[int]) -> dict[str, list[int]]:
+    """Labelled training rows per class of each head (stored in the checkpoint
+    as ``class_counts``: the prior a run can predict under, ``--prior``)."""
+    return {t: np.bincount(v[list(rows)][v[list(rows)] >= 0], minlength=TASKS[t].num_classes).tolist()
+            for t, v in targets.items()}
+
+
+def _criterion(config: TrainConfig, tasks: Sequence[str], counts: dict[str, list[int]]) -> MultiTaskLoss:
     priors = None
-    if config.balance_classes:  # +1: a class absent from training keeps a finite log prior
-        priors = {t: torch.bincount(torch.as_tensor(v[train_rows][v[train_rows] >= 0]),
-                                    minlength=TASKS[t].num_classes).double() + 1 for t, v in targets.items()}
+    if config.balance_classes:
+        priors = {t: torch.as_tensor(class_prior(c)) for t, c in counts.items()}
     return MultiTaskLoss({t: config.loss_weights.get(t, 1.0) for t in tasks}, config.label_smoothing,
                          learned=config.loss_weighting == "uncertainty", class_priors=priors)
 
@@ -522,7 +530,8 @@ def train(
         rows.append(_epoch_row(setup, epoch, lr, meter))
         if best.update(epoch, rows[-1], setup.model) and writes:
             save_checkpoint(out_dir, setup.model, config.backbone, setup.preprocess,
-                            {"train": config.to_dict(), "best_epoch": epoch, "metrics": _clean(rows[-1]), **extra})
+                            {"train": config.to_dict(), "best_epoch": epoch, "metrics": _clean(rows[-1]),
+                             "class_counts": setup.class_counts, **extra})
         if writes:
             atomic_write_text(Path(out_dir) / "history.csv", pd.DataFrame(rows).to_csv(index=False))
         if callback:

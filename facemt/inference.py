@@ -7,15 +7,17 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from facemt.checkpoint import load_checkpoint, resolve_run
+from facemt.config import PRIORS
 from facemt.engines import ENGINES, OnnxModel, matching_graph, quantize_int8, write_onnx
 from facemt.errors import FacemtError
 from facemt.images import ImageInput, as_rgb_image
+from facemt.losses import class_prior
 from facemt.tasks import TASKS
 from facemt.faces import Face, framing
 from facemt.model import MultiTaskNet
@@ -34,6 +36,36 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 
+def own_prior(config: Mapping[str, Any]) -> str:
+    """The prior a run's probabilities follow as trained: ``balanced`` when its
+    loss was logit-adjusted (``balance_classes``), else ``training``."""
+    return "balanced" if config.get("train", {}).get("balance_classes") else "training"
+
+
+def prior_weights(config: Mapping[str, Any], prior: str | None) -> dict[str, np.ndarray]:
+    """Per head, the factors that move a run's probabilities to ``prior``.
+
+    ``training``: each class as common as it was in the run's training rows
+    (its recorded ``class_counts``); ``balanced``: every class equally common.
+    A probability vector times the factors, renormalised, is the softmax of
+    the calibrated logits plus the log ratio of the two priors (Menon et al.
+    2021). Empty when ``prior`` is None or the run's own.
+
+    Raises:
+        FacemtError: unknown prior, or a run that does not record its class counts.
+    """
+    if prior is None or prior == own_prior(config):
+        return {}
+    if prior not in PRIORS:
+        raise FacemtError(f"unknown prior {prior!r}: choose {' or '.join(PRIORS)}")
+    counts = config.get("class_counts")
+    if not counts:
+        raise FacemtError(f"prior {prior!r} needs the run's training class counts, which this run does not record "
+                          "(it predates them): retrain it, or predict under its own prior")
+    frequencies = {t: class_prior(c) for t, c in counts.items()}
+    return {t: f if prior == "training" else 1.0 / f for t, f in frequencies.items()}
+
+
 @torch.no_grad()
 def predict_images(
     model: MultiTaskNet,
@@ -42,11 +74,14 @@ def predict_images(
     batch_size: int = 64,
     device: torch.device | str = "cpu",
     tta: bool = False,
+    weights: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Class probabilities per head for cached images (N x classes arrays).
 
     ``tta``: also run each face mirrored left-right and average the two
     probability vectors (test-time augmentation; twice the network time).
+    ``weights``: per head, factors the probabilities are multiplied by and
+    renormalised (:func:`prior_weights`).
     """
     model.eval()
     transform = build_transform(preprocess, "none")
@@ -59,7 +94,12 @@ def predict_images(
             probabilities = {t: (p + mirrored[t]) / 2 for t, p in probabilities.items()}
         for t, probs in probabilities.items():
             out[t].append(probs.cpu().numpy())
-    return {t: np.concatenate(v) if v else np.zeros((0, TASKS[t].num_classes)) for t, v in out.items()}
+    probs = {t: np.concatenate(v) if v else np.zeros((0, TASKS[t].num_classes)) for t, v in out.items()}
+    for t, w in (weights or {}).items():
+        if t in probs and len(probs[t]):
+            moved = probs[t] * w
+            probs[t] = (moved / moved.sum(1, keepdims=True)).astype(probs[t].dtype)
+    return probs
 
 
 def _frame(image: ImageInput, preprocess: PreprocessConfig, **options: Any) -> list[tuple[Face | None, np.ndarray]]:
@@ -172,11 +212,13 @@ class Predictor:
         engine: ``torch``, ``onnx`` or ``onnx-int8`` (see :func:`load`).
         tta: average each face's probabilities with its mirror image's
             (test-time augmentation, twice the network time).
+        prior: ``balanced`` or ``training``: the class frequencies the
+            probabilities assume (see :func:`load`); None: the run's own.
     """
 
     def __init__(
         self, run_dir: str | os.PathLike | None = None, device: str = "auto", batch_size: int = 32,
-        crop: str | None = None, engine: str = "torch", tta: bool = False,
+        crop: str | None = None, engine: str = "torch", tta: bool = False, prior: str | None = None,
     ) -> None:
         if engine not in ENGINES:
             raise FacemtError(f"unknown engine {engine!r}: choose {', '.join(ENGINES)}")
@@ -189,6 +231,8 @@ class Predictor:
         self.batch_size = batch_size
         self.engine = engine
         self.tta = tta
+        self.prior = prior or own_prior(self.config)
+        self.weights = prior_weights(self.config, prior)
         if engine != "torch":
             self.model = self._onnx_model(engine)
 
@@ -210,8 +254,15 @@ class Predictor:
     def tasks(self) -> tuple[str, ...]:
         return tuple(self.model.tasks)
 
+    def probabilities(self, arrays: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """Class probabilities per head (N x classes) for faces already framed
+        and cached (:func:`facemt.engine.decode_images`), with this
+        predictor's engine, ``tta`` and ``prior``."""
+        return predict_images(self.model, arrays, self.preprocess, self.batch_size, self.device, self.tta,
+                              self.weights)
+
     def _predictions(self, arrays: Sequence[np.ndarray], sources: Sequence[str | None]) -> list[Prediction]:
-        probs = predict_images(self.model, arrays, self.preprocess, self.batch_size, self.device, self.tta)
+        probs = self.probabilities(arrays)
         out = []
         for i, src in enumerate(sources):
             labels, probabilities = {}, {}
@@ -320,7 +371,7 @@ class Predictor:
 
 def load(
     run_dir: str | os.PathLike | None = None, device: str = "auto", batch_size: int = 32, crop: str | None = None,
-    engine: str = "torch", tta: bool = False,
+    engine: str = "torch", tta: bool = False, prior: str | None = None,
 ) -> Predictor:
     """Load a run folder written by ``facemt fit``, or with no argument (or
     ``"base"``) the built-in base model shipped with facemt.
@@ -334,11 +385,20 @@ def load(
             (a few seconds).
         tta: average each face's probabilities with its mirror image's
             (test-time augmentation; twice the network time).
+        prior: the class frequencies the probabilities assume. ``balanced``:
+            every class equally likely before the face is seen (what a run
+            trained with ``balance_classes`` predicts, the built-in model
+            included; suits sets with every class about equally common, such
+            as posed expression sets). ``training``: classes as common as in
+            the run's training data (FER+'s 40 % neutral faces for the
+            built-in model; suits photos taken the way the training data
+            were). None: the run's own.
 
     Raises:
-        FacemtError: the folder is not a valid facemt checkpoint.
+        FacemtError: the folder is not a valid facemt checkpoint, or ``prior``
+            is unknown or needs class counts the run does not record.
     """
-    return Predictor(run_dir, device=device, batch_size=batch_size, crop=crop, engine=engine, tta=tta)
+    return Predictor(run_dir, device=device, batch_size=batch_size, crop=crop, engine=engine, tta=tta, prior=prior)
 
 
-__all__ = ["Prediction", "Predictor", "load"]
+__all__ = ["PRIORS", "Prediction", "Predictor", "load", "prior_weights"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -134,6 +134,15 @@ class MultiTaskLoss(nn.Module):
         dist = dist.to(logits.dtype)
         q = torch.where(torch.isnan(dist).any(1, keepdim=True), hard, dist)
         return -(q * F.log_softmax(logits, 1)).sum()
+
+
+def class_prior(counts: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Class frequencies from a head's training label counts, each count + 1 so
+    that a class absent from training keeps a finite log prior. The one prior
+    both the logit-adjusted loss and prediction under another prior
+    (:func:`facemt.inference.prior_weights`) use."""
+    c = np.asarray(counts, dtype=float) + 1.0
+    return c / c.sum()
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, steps: int = 200) -> float:

@@ -303,6 +303,8 @@ def test_base_model_benchmark_reports_every_group(data_root, run_dir, tmp_path):
                         "--results", str(results)]) == 0
     numbers = json.loads(out.read_text())
     assert numbers["ferplus_test"]["n"] == 12 and 0.0 <= numbers["ferplus_test"]["accuracy"] <= 1.0
+    assert (numbers["prior"], numbers["other_prior"]) == ("training", "balanced")  # fit's default run
+    assert numbers["ferplus_test"]["other_prior"]["n"] == 12 and "other_prior" in numbers["utkface_heldout"]["gender"]
     held = numbers["utkface_heldout"]
     groups = held["gender"]["by_group"]
     assert {"race: white", "gender: female", "age group: old", "age group, gender: old female"} <= set(groups)
