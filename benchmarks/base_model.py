@@ -54,6 +54,12 @@ def softmax(z: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(1, keepdims=True)
 
 
+def greyscale(image: np.ndarray) -> np.ndarray:
+    """An RGB uint8 face as greyscale (ITU-R 601 luma, PIL's "L"), still three channels as FER+ faces arrive."""
+    luma = np.rint(image[..., :3] @ np.array([0.299, 0.587, 0.114])).clip(0, 255).astype(np.uint8)
+    return np.repeat(luma[..., None], 3, axis=2)
+
+
 def probs_of(views: list[dict[str, np.ndarray]], head: str, temperature: float = 1.0,
              weights: dict[str, np.ndarray] | None = None) -> np.ndarray:
     """Probabilities averaged over the views, as ``facemt predict --tta`` does;
@@ -110,7 +116,8 @@ def main(argv=None) -> int:
     utk = index_utkface(root / "utkface")
     test = utk_all_adults(utk)[1]
     sub = type(utk)(utk.table.iloc[test].reset_index(drop=True), [])
-    logits = logits_of(model, decode_images(sub, pre, cache, None), pre, args.tta)
+    faces = decode_images(sub, pre, cache, None)
+    logits = logits_of(model, faces, pre, args.tta)
     targets = encode_targets(sub.table, ["age_group", "gender"])
     age, gender = sub.table["age_group"].to_numpy(), sub.table["gender"].to_numpy()
     groups = {"race": (np.array([RACES[int(Path(p).name.split("_")[2])] for p in sub.table["path"]]), RACES),
@@ -129,6 +136,13 @@ def main(argv=None) -> int:
         hm["other_prior"] = head_metrics(targets[head], probs_of(logits, head, model.temperatures[head], weights),
                                          TASKS[head].classes)
         out["utkface_heldout"][head] = hm
+    # Colour against greyscale: the same held-out faces with their colour removed (FER+ and JAFFE are greyscale).
+    grey = logits_of(model, [greyscale(f) for f in faces], pre, args.tta)
+    out["utkface_greyscale"] = {head: head_metrics(targets[head], probs_of(grey, head, model.temperatures[head]),
+                                                   TASKS[head].classes) for head in ("age_group", "gender")}
+    colour_expr = probs_of(logits, "expression", t).argmax(1)
+    grey_expr = probs_of(grey, "expression", t).argmax(1)
+    out["utkface_greyscale"]["expression_agreement"] = float((colour_expr == grey_expr).mean())
     torch.set_num_threads(2)
     out["faces_per_second_batch32"] = speed(model, pre.image_size)
     out["image_size"] = pre.image_size
@@ -159,6 +173,10 @@ def main(argv=None) -> int:
                      f"{hm['ece_uncalibrated']:.3f} uncalibrated / {hm['ece']:.3f} with temperature "
                      f"{model.temperatures[head]:.2f}; under the {other} prior {100 * w['accuracy']:.1f} % "
                      f"(balanced {100 * w['balanced_accuracy']:.1f} %).")
+    g = out["utkface_greyscale"]
+    lines += ["", f"The same UTKFace held-out faces in greyscale: age group {100 * g['age_group']['accuracy']:.1f} %, "
+              f"gender {100 * g['gender']['accuracy']:.1f} %; the expression answer is the same in colour and in "
+              f"greyscale for {100 * g['expression_agreement']:.1f} % of them."]
     lines += ["", "| group | faces | age group % | gender % |", "|---|---|---|---|"]
     ag, ge = out["utkface_heldout"]["age_group"], out["utkface_heldout"]["gender"]
     for g, row in ag["by_group"].items():

@@ -305,6 +305,11 @@ def test_base_model_benchmark_reports_every_group(data_root, run_dir, tmp_path):
     assert numbers["ferplus_test"]["n"] == 12 and 0.0 <= numbers["ferplus_test"]["accuracy"] <= 1.0
     assert (numbers["prior"], numbers["other_prior"]) == ("training", "balanced")  # fit's default run
     assert numbers["ferplus_test"]["other_prior"]["n"] == 12 and "other_prior" in numbers["utkface_heldout"]["gender"]
+    colour = rng.integers(0, 255, (9, 7, 3), dtype=np.uint8)
+    assert np.array_equal(script.greyscale(colour)[..., 2], np.asarray(Image.fromarray(colour).convert("L")))
+    grey = numbers["utkface_greyscale"]
+    assert grey["gender"]["n"] == numbers["utkface_heldout"]["gender"]["n"] and 0 <= grey["expression_agreement"] <= 1
+    assert "in greyscale" in results.read_text()
     held = numbers["utkface_heldout"]
     groups = held["gender"]["by_group"]
     assert {"race: white", "gender: female", "age group: old", "age group, gender: old female"} <= set(groups)
