@@ -14,7 +14,7 @@ import torch
 
 from facemt.checkpoint import load_checkpoint
 from facemt.engines import ONNX_FILES, Graph, quantize_int8, write_onnx
-from facemt.inference import calibration_batches
+from facemt.inference import calibration_batches, own_prior
 from facemt.files import atomic_write, atomic_write_text
 from facemt.errors import FacemtError
 from facemt.tasks import schema_dict
@@ -112,6 +112,8 @@ def export(
         "outputs": list(tasks), "output_kind": "probabilities" if probabilities else "logits",
         "tasks": schema_dict(tasks), "preprocess": pre.to_dict(), "backbone": config["backbone"],
         "weights_sha256": config["weights_sha256"], "quantized": quantize,
+        # what the probabilities assume, and the counts that move them to the other prior (facemt predict --prior)
+        "prior": own_prior(config), "class_counts": config.get("class_counts"),
     }
     if check and quantize:
         with torch.no_grad():

@@ -20,6 +20,8 @@ def test_torchscript_export_matches_pytorch(run_dir, tmp_path):
     assert torch.allclose(out[2].sum(1), torch.ones(3), atol=1e-5)  # probabilities
     side = json.loads((tmp_path / "m.pt.json").read_text())
     assert side["preprocess"]["image_size"] == 32 and side["output_kind"] == "probabilities"
+    # what the probabilities assume, and the training class counts that move them to the other prior
+    assert side["prior"] == "training" and side["class_counts"] == json.loads((run_dir / "config.json").read_text())["class_counts"]
 
 
 def test_onnx_export_matches_pytorch_with_named_outputs(run_dir, tmp_path, capsys):
