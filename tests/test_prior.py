@@ -104,3 +104,19 @@ def test_a_run_without_class_counts_says_so_in_one_line(run_dir, tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert "class counts" in err and len(err.splitlines()) == 1
     assert main(["predict", PHOTO, "--model", str(old), "--json", "--device", "cpu"]) == 0  # its own prior still works
+
+
+def test_the_onnx_engine_takes_the_same_prior(run_dir):
+    pytest.importorskip("onnxruntime")
+    torch_run = facemt.load(run_dir, device="cpu", prior="balanced")
+    onnx_run = facemt.load(run_dir, engine="onnx", prior="balanced")
+    (_, face), = _frame(PHOTO, torch_run.preprocess, largest_only=True, fallback=True)
+    a, b = torch_run.probabilities([face]), onnx_run.probabilities([face])
+    own = facemt.load(run_dir, device="cpu").probabilities([face])
+    counts = read_config(run_dir)["class_counts"]
+    uneven = [t for t in torch_run.tasks if len(set(counts[t])) > 1]
+    assert uneven
+    for task in torch_run.tasks:
+        np.testing.assert_allclose(a[task], b[task], atol=1e-4)
+        # the balanced prior moves a head whose training classes were uneven, and only those
+        assert np.allclose(a[task], own[task], atol=1e-6) == (task not in uneven)
