@@ -337,3 +337,20 @@ def test_compare_pairs_runs_on_identical_folds(bench, tmp_path):
                        "--results", str(tmp_path / "R.md")]) == 0
     text = (tmp_path / "R.md").read_text()
     assert "Paired comparison against ref" in text and "+15.0" in text
+
+
+def test_framing_benchmark_recuts_every_jaffe_picture(data_root, run_dir, tmp_path):
+    """benchmarks/framing.py on a generated JAFFE-layout folder: every variant
+    scores every face of the six classes, and the results file gets the table."""
+    spec = importlib.util.spec_from_file_location("framing_bench", ROOT / "benchmarks" / "framing.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    recut = tmp_path / "recut"
+    script.recut(data_root / "jaffe", recut, 0.0, 24)
+    assert sorted(p.stem for p in recut.iterdir()) == sorted(p.stem for p in (data_root / "jaffe").iterdir())
+    assert {Image.open(p).size for p in recut.iterdir()} == {(24, 24)}
+    results = tmp_path / "R.md"
+    assert script.main(["--data-root", str(data_root), "--model", str(run_dir), "--results", str(results)]) == 0
+    rows = [line for line in results.read_text().splitlines() if line.startswith("| ") and "recall" not in line]
+    faces = len(index_jaffe(data_root / "jaffe"))
+    assert len(rows) == len(script.VARIANTS) and all(row.split(" | ")[1] == str(faces) for row in rows)
