@@ -351,8 +351,8 @@ def setup_training(
 def class_counts(targets: dict[str, np.ndarray], rows: Sequence[int]) -> dict[str, list[int]]:
     """Labelled training rows per class of each head (stored in the checkpoint
     as ``class_counts``: the prior a run can predict under, ``--prior``)."""
-    return {t: np.bincount(v[list(rows)][v[list(rows)] >= 0], minlength=TASKS[t].num_classes).tolist()
-            for t, v in targets.items()}
+    labels = {t: v[list(rows)] for t, v in targets.items()}
+    return {t: np.bincount(v[v >= 0], minlength=TASKS[t].num_classes).tolist() for t, v in labels.items()}
 
 
 def _criterion(config: TrainConfig, tasks: Sequence[str], counts: dict[str, list[int]]) -> MultiTaskLoss:

@@ -232,7 +232,7 @@ class Predictor:
         self.engine = engine
         self.tta = tta
         self.prior = prior or own_prior(self.config)
-        self.weights = prior_weights(self.config, prior)
+        self.class_weights = prior_weights(self.config, prior)
         if engine != "torch":
             self.model = self._onnx_model(engine)
 
@@ -259,7 +259,7 @@ class Predictor:
         and cached (:func:`facemt.engine.decode_images`), with this
         predictor's engine, ``tta`` and ``prior``."""
         return predict_images(self.model, arrays, self.preprocess, self.batch_size, self.device, self.tta,
-                              self.weights)
+                              self.class_weights)
 
     def _predictions(self, arrays: Sequence[np.ndarray], sources: Sequence[str | None]) -> list[Prediction]:
         probs = self.probabilities(arrays)
