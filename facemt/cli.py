@@ -142,7 +142,8 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("optim", "loss_weighting", {"choices": LOSS_WEIGHTINGS, "help": "fixed weights, or learned uncertainty "
                                  "weighting (Kendall et al. 2018) (default %(default)s)"}),
     ("optim", "balance_classes", {"action": "store_true", "help": "logit-adjusted loss: predictions follow a "
-                                  "class-balanced prior, not the training set's class frequencies"}),
+                                  "class-balanced prior, not the training set's class frequencies "
+                                  "('predict --prior' can switch either way later)"}),
     ("optim", "label_smoothing", {"type": float, "help": "default %(default)s"}),
     ("optim", "device", {"help": "auto, cpu or cuda (default %(default)s)"}),
     ("augment", "augment", {"choices": AUGMENT_PRESETS, "help": "default %(default)s"}),
