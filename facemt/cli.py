@@ -615,7 +615,7 @@ class _CVProgress(_Progress):
 
 def cmd_cv(args: argparse.Namespace, out: Console, err: Console) -> int:
     from facemt.evaluation import cross_validate
-    from facemt.report import write_report
+    from facemt.report import interval_text, write_report
 
     if not args.data:
         raise FacemtError("cv needs --data")
@@ -636,18 +636,18 @@ def cmd_cv(args: argparse.Namespace, out: Console, err: Console) -> int:
         print(json.dumps({"report": str(report_dir / "report.md"), "summary": json.loads(summary.to_json(orient="records"))},
                          indent=2))
         return EXIT_OK
+    zero = "zero_shot_mean" in summary
     table = Table(title="test accuracy % (mean ± std over folds x seeds)")
-    for col in ("split", "head", "multi-task", "single-task", "multi − single [95% CI]", "majority"):
+    columns = ["split", "head", "multi-task", "single-task", "multi − single [95% CI]"]
+    columns += ["not fine-tuned", "gain [95% CI]"] if zero else []
+    for col in columns + ["majority"]:
         table.add_column(col, justify="left" if col in ("split", "head") else "right")
     pct = lambda m, s=None: "-" if m is None or m != m else f"{100 * m:.1f}" + ("" if s is None or s != s else f" ± {100 * s:.1f}")  # noqa: E731
     for _, r in summary.iterrows():
-        diff = "-"
-        if r.get("diff_mean") == r.get("diff_mean") and r.get("diff_mean") is not None:
-            diff = f"{100 * r['diff_mean']:+.1f}"
-            if r["diff_ci_low"] == r["diff_ci_low"]:
-                diff += f" [{100 * r['diff_ci_low']:+.1f}, {100 * r['diff_ci_high']:+.1f}]"
-        table.add_row(r["protocol"], r["head"], pct(r["multitask_mean"], r["multitask_std"]),
-                      pct(r.get("single_mean"), r.get("single_std")), diff, pct(r["majority_mean"]))
+        cells = [pct(r["multitask_mean"], r["multitask_std"]), pct(r.get("single_mean"), r.get("single_std")),
+                 interval_text(r, "diff")]
+        cells += [pct(r.get("zero_shot_mean"), r.get("zero_shot_std")), interval_text(r, "gain")] if zero else []
+        table.add_row(r["protocol"], r["head"], *cells, pct(r["majority_mean"]))
     out.print(table)
     out.print(f"report written to {report_dir / 'report.md'}")
     return EXIT_OK

@@ -106,7 +106,9 @@ class CVResult:
     def summary(self) -> pd.DataFrame:
         """Per protocol and head: multi-task and single-task mean/std accuracy, the
         paired difference (multi - single) with a 95% t-interval over folds x
-        seeds, and the majority-class baseline."""
+        seeds, and the majority-class baseline; when training started from a
+        facemt model, that model untouched (``zero_shot_*``) and what
+        fine-tuning added to it (``gain_*``: multi-task - zero-shot, paired)."""
         rows = []
         r = self.records
         for (protocol, head), g in r.groupby(["protocol", "head"], sort=False):
@@ -122,6 +124,13 @@ class CVResult:
                 row.update(
                     single_mean=st.mean(), single_std=st.std(ddof=1) if len(st) > 1 else 0.0,
                     diff_mean=mean, diff_ci_low=low, diff_ci_high=high,
+                )
+            zs = g[g["model"] == "zero-shot"].set_index(["seed", "fold"])["accuracy"]
+            if len(zs):
+                mean, low, high = paired_interval((mt - zs.reindex(mt.index)).dropna())
+                row.update(
+                    zero_shot_mean=zs.mean(), zero_shot_std=zs.std(ddof=1) if len(zs) > 1 else 0.0,
+                    gain_mean=mean, gain_ci_low=low, gain_ci_high=high,
                 )
             rows.append(row)
         out = pd.DataFrame(rows)
@@ -158,7 +167,10 @@ def cross_validate(
     callback: Callable[[str, dict], None] | None = None,
 ) -> CVResult:
     """Train and test the multi-task model and (with ``baselines``) one single-task
-    model per head on identical folds and seeds.
+    model per head on identical folds and seeds. When training starts from a
+    facemt model (``init_from``: the built-in base model by default), that
+    model is also scored untouched on every test fold (records with model
+    ``zero-shot``), so the report shows what fine-tuning added.
 
     Args:
         index: labelled images.
@@ -179,7 +191,8 @@ def cross_validate(
     Raises:
         FacemtError: bad protocol settings or unusable data.
     """
-    from facemt.engine import predict_images, resolve_tasks, train
+    from facemt.checkpoint import load_checkpoint
+    from facemt.engine import initial_weights, predict_images, resolve_device, resolve_tasks, train
 
     if split not in SPLITS:
         raise FacemtError(f"unknown split {split!r}: choose {', '.join(SPLITS)}")
@@ -205,25 +218,20 @@ def cross_validate(
                 for model_name, model_tasks in models:
                     plan.append((protocol, seed, k, train_rows, test_rows, model_name, model_tasks))
     targets = encode_targets(table, tasks)
+    # Training that starts from a facemt model (the built-in base by default) is also scored without any
+    # training on each test fold: what that model gives out of the box, paired with what fine-tuning adds.
+    start = initial_weights(config)
+    untouched = load_checkpoint(start, map_location=resolve_device(config.device)) if start else None
     records, histories = [], []
     confusion: dict[tuple[str, str, str], np.ndarray] = {}
-    for i, (protocol, seed, k, train_rows, test_rows, model_name, model_tasks) in enumerate(plan):
-        label = f"{protocol} seed {seed} fold {k + 1} {model_name}" + ("" if model_name == "multitask" else f" {model_tasks[0]}")
-        if callback:
-            callback("run_start", {"run": i + 1, "runs": len(plan), "label": label, "epochs": config.epochs})
-        run_config = replace(config, tasks=model_tasks, seed=seed)
-        result = train(index, run_config, train_rows, test_rows, cache=cache, callback=callback, select_best=False)
-        hist = result.history.copy()
-        hist.insert(0, "protocol", protocol)
-        hist.insert(1, "seed", seed)
-        hist.insert(2, "fold", k)
-        hist.insert(3, "model", model_name if model_name == "multitask" else f"single:{model_tasks[0]}")
-        histories.append(hist)
-        test_images = cache.load([table["path"].iloc[j] for j in test_rows], result.preprocess)[0]
-        probs = predict_images(result.model, test_images, result.preprocess, config.batch_size)
-        metrics = evaluate_predictions(table.iloc[test_rows], probs)
+
+    def score(model, preprocess, model_name, heads, protocol, seed, k, train_rows, test_rows) -> None:
+        test_images = cache.load([table["path"].iloc[j] for j in test_rows], preprocess)[0]
+        device = next(model.parameters()).device
+        metrics = evaluate_predictions(table.iloc[test_rows],
+                                       predict_images(model, test_images, preprocess, config.batch_size, device))
         persons = sorted({p for p in table["person"].iloc[test_rows] if p is not None})
-        for head in model_tasks:
+        for head in heads:
             m = metrics[head]
             if not m["n"]:
                 continue
@@ -240,11 +248,30 @@ def cross_validate(
             })
             key = (protocol, model_name, head)
             confusion[key] = confusion.get(key, 0) + np.array(m["confusion"])
+
+    for i, (protocol, seed, k, train_rows, test_rows, model_name, model_tasks) in enumerate(plan):
+        label = f"{protocol} seed {seed} fold {k + 1} {model_name}" + ("" if model_name == "multitask" else f" {model_tasks[0]}")
+        if callback:
+            callback("run_start", {"run": i + 1, "runs": len(plan), "label": label, "epochs": config.epochs})
+        if untouched is not None and model_name == "multitask":
+            model, preprocess, _ = untouched
+            score(model, preprocess, "zero-shot", [t for t in tasks if t in model.tasks], protocol, seed, k,
+                  train_rows, test_rows)
+        run_config = replace(config, tasks=model_tasks, seed=seed)
+        result = train(index, run_config, train_rows, test_rows, cache=cache, callback=callback, select_best=False)
+        hist = result.history.copy()
+        hist.insert(0, "protocol", protocol)
+        hist.insert(1, "seed", seed)
+        hist.insert(2, "fold", k)
+        hist.insert(3, "model", model_name if model_name == "multitask" else f"single:{model_tasks[0]}")
+        histories.append(hist)
+        score(result.model, result.preprocess, model_name, model_tasks, protocol, seed, k, train_rows, test_rows)
         if callback:
             callback("run_end", {"run": i + 1, "runs": len(plan), "label": label})
     settings = {
         "train": config.to_dict(), "folds": folds, "split": split, "seeds": seeds, "baselines": baselines,
         "test_size": test_size, "tasks": list(tasks), "dataset": index.summary(), "images_decoded": cache.decoded,
+        "zero_shot": str(start) if start else None,
     }
     return CVResult(pd.DataFrame(records), pd.concat(histories, ignore_index=True), confusion, settings, messages)
 

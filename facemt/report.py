@@ -92,20 +92,25 @@ def plot_confusions(result: CVResult, protocol: str, path: Path) -> None:
     _save(fig, path)
 
 
+#: legend names of the bars of :func:`plot_comparison`
+LEGEND = {"multitask": "multi-task", "single": "single-task", "zero_shot": "not fine-tuned"}
+
+
 def plot_comparison(summary: pd.DataFrame, path: Path) -> None:
-    """Bar chart per head: multi-task vs single-task vs majority class, with std error bars."""
+    """Bar chart per head: multi-task vs single-task vs not fine-tuned vs
+    majority class, with std error bars."""
     protocols = list(dict.fromkeys(summary["protocol"]))
     fig, axes = plt.subplots(1, len(protocols), figsize=(5.5 * len(protocols), 3.8), squeeze=False)
     for ax, protocol in zip(axes[0], protocols):
         s = summary[summary["protocol"] == protocol]
         x = np.arange(len(s))
-        bars = [("multitask", "tab:blue"), ("single", "tab:green")]
-        width = 0.28
+        bars = [("multitask", "tab:blue"), ("single", "tab:green"), ("zero_shot", "tab:gray")]
+        width = 0.26
         for i, (name, color) in enumerate(bars):
             if f"{name}_mean" not in s or s[f"{name}_mean"].isna().all():
                 continue
-            ax.bar(x + (i - 0.5) * width, 100 * s[f"{name}_mean"], width, yerr=100 * s[f"{name}_std"].fillna(0),
-                   capsize=4, color=color, label=f"{name}-task" if name != "multitask" else "multi-task")
+            ax.bar(x + (i - 1) * width, 100 * s[f"{name}_mean"], width, yerr=100 * s[f"{name}_std"].fillna(0),
+                   capsize=4, color=color, label=LEGEND[name])
         ax.scatter(x, 100 * s["majority_mean"], marker="_", s=900, color="black", label="majority class", zorder=3)
         ax.set_xticks(x, s["head"])
         ax.set_ylim(0, 125)
@@ -124,6 +129,24 @@ def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def interval_text(row: pd.Series, name: str) -> str:
+    """``+1.2 [-0.4, +2.8]`` from a summary row's ``{name}_mean`` / ``_ci_low`` / ``_ci_high`` (points)."""
+    mean, low, high = row.get(f"{name}_mean"), row.get(f"{name}_ci_low"), row.get(f"{name}_ci_high")
+    if mean is None or pd.isna(mean):
+        return "-"
+    return f"{100 * mean:+.1f}" + ("" if low is None or pd.isna(low) else f" [{100 * low:+.1f}, {100 * high:+.1f}]")
+
+
+def _start(cfg: dict) -> str:
+    """Where the trained models' weights started."""
+    train = cfg["train"]
+    if cfg.get("zero_shot"):
+        return f"the facemt model `{cfg['zero_shot']}`"
+    if train.get("pretrained_file"):
+        return f"`{train['pretrained_file']}`"
+    return "the timm hub's pretrained weights" if train.get("pretrained") else "random"
+
+
 def render_markdown(result: CVResult, title: str = "facemt cross-validation report") -> str:
     """The human-readable report (tables, warnings, links to the plots)."""
     summary = result.summary()
@@ -136,7 +159,7 @@ def render_markdown(result: CVResult, title: str = "facemt cross-validation repo
     out += [
         f"Data: {ds['images']} images, {ds['persons']} persons. Backbone `{train['backbone']}`, "
         f"{train['epochs']} epochs, image size {train['image_size']}, augmentation `{train['augment']}`, "
-        f"lr {train['lr']}, pretrained: {train['pretrained_file'] or train['pretrained']}.",
+        f"lr {train['lr']}, initial weights: {_start(cfg)}.",
         f"Protocol: split `{cfg['split']}`, "
         + (f"test size {cfg['test_size']}" if cfg["test_size"] else f"{cfg['folds']} folds")
         + f", {cfg['seeds']} seed(s); every model trains a fixed number of epochs (the test fold never picks one). "
@@ -146,17 +169,18 @@ def render_markdown(result: CVResult, title: str = "facemt cross-validation repo
         "",
     ]
     has_single = "single_mean" in summary
-    header = ["split", "head", "multi-task"] + (["single-task", "multi − single (95% CI)"] if has_single else []) + ["majority class"]
+    has_zero = "zero_shot_mean" in summary
+    header = (["split", "head", "multi-task"] + (["single-task", "multi − single (95% CI)"] if has_single else [])
+              + (["not fine-tuned", "multi − not fine-tuned (95% CI)"] if has_zero else []) + ["majority class"])
     if "identity_leak_gap" in summary:
         header.append("identity-leak gap (random − subject)")
     rows = []
     for _, r in summary.iterrows():
         row = [r["protocol"], r["head"], _fmt(r["multitask_mean"], r["multitask_std"])]
         if has_single:
-            diff = "-" if pd.isna(r.get("diff_mean")) else (
-                f"{100 * r['diff_mean']:+.1f} [{100 * r['diff_ci_low']:+.1f}, {100 * r['diff_ci_high']:+.1f}]"
-                if not pd.isna(r.get("diff_ci_low")) else f"{100 * r['diff_mean']:+.1f}")
-            row += [_fmt(r.get("single_mean"), r.get("single_std")), diff]
+            row += [_fmt(r.get("single_mean"), r.get("single_std")), interval_text(r, "diff")]
+        if has_zero:
+            row += [_fmt(r.get("zero_shot_mean"), r.get("zero_shot_std")), interval_text(r, "gain")]
         row.append(_fmt(r["majority_mean"]))
         if "identity_leak_gap" in summary:
             row.append("-" if pd.isna(r["identity_leak_gap"]) else f"{100 * r['identity_leak_gap']:+.1f}")
@@ -169,6 +193,12 @@ def render_markdown(result: CVResult, title: str = "facemt cross-validation repo
         "contains 0 means no difference was shown. *Majority class* is the accuracy of always answering the "
         "training fold's most frequent class. With few persons every number is uncertain by many points.",
         "",
+    ]
+    if has_zero:
+        out += [f"*Not fine-tuned* is the model training started from (`{cfg.get('zero_shot')}`), scored untouched on "
+                "the same test folds: what `facemt predict` gives out of the box. Fine-tuning on these images "
+                "helped a head where *multi − not fine-tuned* is above zero with its whole interval.", ""]
+    out += [
         "## Other metrics (multi-task, mean over folds x seeds)",
         "",
     ]
@@ -180,7 +210,7 @@ def render_markdown(result: CVResult, title: str = "facemt cross-validation repo
                              for r in mt.itertuples()]), "",
             "Macro-F1 averages over the classes present in each test fold's labels; balanced accuracy is the "
             "mean recall over those classes.", ""]
-    out += ["## Plots", "", "![multi-task vs single-task](comparison.png)", ""]
+    out += ["## Plots", "", "![test accuracy per head and model](comparison.png)", ""]
     for protocol in dict.fromkeys(summary["protocol"]):
         out += [f"![learning curves, {protocol}](learning_curves_{protocol}.png)", "",
                 f"![confusion matrices, {protocol}](confusion_{protocol}.png)", ""]

@@ -5,6 +5,8 @@ import pandas as pd
 import pytest
 
 import facemt
+import facemt.checkpoint
+import facemt.report
 from facemt import FacemtError
 from facemt.cli import main
 from facemt.data import index_folder
@@ -74,7 +76,42 @@ def test_cv_compares_multi_and_single_task_on_identical_folds(cv_result):
     assert cv_result.warnings == [RANDOM_SPLIT_WARNING]
     summary = cv_result.summary()
     assert {"multitask_mean", "single_mean", "diff_mean", "diff_ci_low", "majority_mean", "identity_leak_gap"} <= set(summary.columns)
-    assert cv_result.config["images_decoded"] == 72  # each image decoded once for all 16 models
+    # each image decoded once per input size for all 16 models: theirs (32 px) and the untouched base's
+    assert cv_result.config["images_decoded"] == 72 * 2
+
+
+def test_cv_scores_the_untouched_starting_model_on_the_same_folds(cv_result, faces_dir):
+    from facemt.data import DataIndex, ImageCache
+    from facemt.engine import decode_images
+    from facemt.evaluation import evaluate_predictions
+
+    index = index_folder(faces_dir)
+    assert cv_result.config["zero_shot"] == str(facemt.checkpoint.base_dir())
+    zero = cv_result.records[cv_result.records["model"] == "zero-shot"]
+    assert len(zero) == 2 * 2 * 3  # protocols x folds x heads, once per fold (not per trained model)
+    base = facemt.load(device="cpu")
+    for k, (_, test_rows) in enumerate(make_folds(index.table, "subject", 2, TINY.seed)):
+        sub = DataIndex(index.table.iloc[test_rows].reset_index(drop=True), [])
+        expected = evaluate_predictions(sub.table, base.probabilities(decode_images(sub, base.preprocess, ImageCache(), None)))
+        for head, m in expected.items():
+            got = zero[(zero.protocol == "subject") & (zero.fold == k) & (zero["head"] == head)]["accuracy"]
+            assert got.item() == pytest.approx(m["accuracy"])
+    summary = cv_result.summary()
+    multitask = cv_result.records[cv_result.records["model"] == "multitask"].set_index(["protocol", "seed", "fold", "head"])
+    gains = (multitask["accuracy"] - zero.set_index(["protocol", "seed", "fold", "head"])["accuracy"]).groupby(
+        level=["protocol", "head"]).mean()
+    for row in summary.itertuples():
+        assert row.gain_mean == pytest.approx(gains[(row.protocol, row.head)])
+    report = facemt.report.render_markdown(cv_result)
+    assert "not fine-tuned" in report and "initial weights: the facemt model" in report
+
+
+def test_cv_from_imagenet_or_random_weights_has_no_zero_shot_rows(faces_dir):
+    from dataclasses import replace
+
+    result = facemt.cross_validate(index_folder(faces_dir), replace(TINY, init_from=None), folds=2, baselines=False)
+    assert set(result.records["model"]) == {"multitask"} and "zero_shot_mean" not in result.summary()
+    assert result.config["zero_shot"] is None and "not fine-tuned" not in facemt.report.render_markdown(result)
 
 
 def test_single_task_models_have_one_head(cv_result):
