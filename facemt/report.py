@@ -14,6 +14,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from facemt.config import BASE_NAME  # noqa: E402
 from facemt.files import atomic_write, atomic_write_text  # noqa: E402
 from facemt.evaluation import CVResult  # noqa: E402
 from facemt.tasks import TASKS  # noqa: E402
@@ -140,6 +141,8 @@ def interval_text(row: pd.Series, name: str) -> str:
 def _start(cfg: dict) -> str:
     """Where the trained models' weights started."""
     train = cfg["train"]
+    if cfg.get("zero_shot") == BASE_NAME:
+        return "the built-in base model"
     if cfg.get("zero_shot"):
         return f"the facemt model `{cfg['zero_shot']}`"
     if train.get("pretrained_file"):
@@ -195,7 +198,7 @@ def render_markdown(result: CVResult, title: str = "facemt cross-validation repo
         "",
     ]
     if has_zero:
-        out += [f"*Not fine-tuned* is the model training started from (`{cfg.get('zero_shot')}`), scored untouched on "
+        out += [f"*Not fine-tuned* is the model training started from ({_start(cfg)}), scored untouched on "
                 "the same test folds: what `facemt predict` gives out of the box. Fine-tuning on these images "
                 "helped a head where *multi − not fine-tuned* is above zero with its whole interval.", ""]
     out += [

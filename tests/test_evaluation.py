@@ -5,7 +5,6 @@ import pandas as pd
 import pytest
 
 import facemt
-import facemt.checkpoint
 import facemt.report
 from facemt import FacemtError
 from facemt.cli import main
@@ -86,7 +85,7 @@ def test_cv_scores_the_untouched_starting_model_on_the_same_folds(cv_result, fac
     from facemt.evaluation import evaluate_predictions
 
     index = index_folder(faces_dir)
-    assert cv_result.config["zero_shot"] == str(facemt.checkpoint.base_dir())
+    assert cv_result.config["zero_shot"] == "base"
     zero = cv_result.records[cv_result.records["model"] == "zero-shot"]
     assert len(zero) == 2 * 2 * 3  # protocols x folds x heads, once per fold (not per trained model)
     base = facemt.load(device="cpu")
@@ -103,7 +102,7 @@ def test_cv_scores_the_untouched_starting_model_on_the_same_folds(cv_result, fac
     for row in summary.itertuples():
         assert row.gain_mean == pytest.approx(gains[(row.protocol, row.head)])
     report = facemt.report.render_markdown(cv_result)
-    assert "not fine-tuned" in report and "initial weights: the facemt model" in report
+    assert "not fine-tuned" in report and "initial weights: the built-in base model" in report
 
 
 def test_cv_from_imagenet_or_random_weights_has_no_zero_shot_rows(faces_dir):
