@@ -636,16 +636,16 @@ def cmd_cv(args: argparse.Namespace, out: Console, err: Console) -> int:
         print(json.dumps({"report": str(report_dir / "report.md"), "summary": json.loads(summary.to_json(orient="records"))},
                          indent=2))
         return EXIT_OK
-    zero = "zero_shot_mean" in summary
+    single, zero = "single_mean" in summary, "zero_shot_mean" in summary
     table = Table(title="test accuracy % (mean ± std over folds x seeds)")
-    columns = ["split", "head", "multi-task", "single-task", "multi − single [95% CI]"]
+    columns = ["split", "head", "multi-task"] + (["single-task", "multi − single [95% CI]"] if single else [])
     columns += ["not fine-tuned", "gain [95% CI]"] if zero else []
     for col in columns + ["majority"]:
         table.add_column(col, justify="left" if col in ("split", "head") else "right")
     pct = lambda m, s=None: "-" if m is None or m != m else f"{100 * m:.1f}" + ("" if s is None or s != s else f" ± {100 * s:.1f}")  # noqa: E731
     for _, r in summary.iterrows():
-        cells = [pct(r["multitask_mean"], r["multitask_std"]), pct(r.get("single_mean"), r.get("single_std")),
-                 interval_text(r, "diff")]
+        cells = [pct(r["multitask_mean"], r["multitask_std"])]
+        cells += [pct(r.get("single_mean"), r.get("single_std")), interval_text(r, "diff")] if single else []
         cells += [pct(r.get("zero_shot_mean"), r.get("zero_shot_std")), interval_text(r, "gain")] if zero else []
         table.add_row(r["protocol"], r["head"], *cells, pct(r["majority_mean"]))
     out.print(table)
