@@ -299,16 +299,24 @@ def _fit_and_report(args, out: Console, err: Console, run: Path, config: TrainCo
         return EXIT_OK
     if args.json:
         print(json.dumps({"run": str(run), "tasks": list(result.tasks), "best_epoch": result.best_epoch,
-                          "metrics": result.metrics, "temperatures": dict(result.model.temperatures)}, indent=2))
+                          "metrics": result.metrics, "temperatures": dict(result.model.temperatures),
+                          "untouched_val_acc": result.untouched}, indent=2))
         return EXIT_OK
     table = Table(title=f"best epoch {result.best_epoch} (saved to {run})")
     table.add_column("head")
     table.add_column("train acc", justify="right")
     table.add_column("val acc", justify="right")
+    if result.untouched:  # the model training started from, on the same validation images
+        table.add_column("val acc before training", justify="right")
     for t in result.tasks:
-        v = result.metrics.get(f"val_{t}_acc")
-        table.add_row(t, f"{result.metrics[f'train_{t}_acc']:.3f}", "-" if v is None else f"{v:.3f}")
+        v, before = result.metrics.get(f"val_{t}_acc"), result.untouched.get(t)
+        cells = [f"{result.metrics[f'train_{t}_acc']:.3f}", "-" if v is None else f"{v:.3f}"]
+        cells += ["-" if before is None else f"{before:.3f}"] if result.untouched else []
+        table.add_row(t, *cells)
     out.print(table)
+    if result.untouched:
+        out.print("val acc before training: the starting model as it is (facemt predict without this run); "
+                  "compare subject-disjoint with 'facemt cv'.", markup=False, highlight=False)
     return EXIT_OK
 
 

@@ -6,7 +6,7 @@ import copy
 import logging
 import math
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -48,6 +48,9 @@ class TrainResult:
         best_epoch: 1-based epoch of the returned weights.
         metrics: the history row of ``best_epoch`` as a dict.
         tasks: the trained heads.
+        untouched: set by :func:`fit` when training started from a facemt
+            model: that model's accuracy per head on the same validation
+            images, before any training (what fine-tuning is measured against).
     """
 
     model: MultiTaskNet
@@ -56,6 +59,7 @@ class TrainResult:
     best_epoch: int
     metrics: dict[str, float]
     tasks: tuple[str, ...]
+    untouched: dict[str, float] = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -660,7 +664,26 @@ def fit(
                    should_stop=should_stop, resume=resume)
     if world().main:
         calibrate_run(out_dir, result.model, index, val_rows, result.preprocess, cache, config.device)
+        start = initial_weights(config)
+        if start and len(val_rows):
+            result.untouched = untouched_accuracy(start, index, val_rows, result.tasks, cache, config.device)
+            if out_dir is not None:
+                update_config(out_dir, {"untouched": {"model": BASE_NAME if Path(start) == base_dir() else start,
+                                                      "val_accuracy": result.untouched}})
     return result
+
+
+def untouched_accuracy(run_dir: str | Path, index: DataIndex, rows: Sequence[int], tasks: Sequence[str],
+                       cache: ImageCache | None = None, device: str = "auto") -> dict[str, float]:
+    """Accuracy per head of a saved model, as it is, on labelled ``rows``
+    (framed by its own preprocessing): the starting point a fine-tuned
+    model is compared with. Heads it lacks, or without labels in ``rows``, are left out."""
+    model, preprocess, _ = load_checkpoint(run_dir, map_location=resolve_device(device))
+    sub = DataIndex(index.table.iloc[list(rows)].reset_index(drop=True), [])
+    probs = predict_images(model, decode_images(sub, preprocess, cache or ImageCache(), None), preprocess,
+                           device=resolve_device(device))
+    targets = encode_targets(sub.table, [t for t in tasks if t in model.tasks])
+    return {t: float((probs[t].argmax(1)[y >= 0] == y[y >= 0]).mean()) for t, y in targets.items() if (y >= 0).any()}
 
 
 def calibrate_run(

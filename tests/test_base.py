@@ -70,6 +70,26 @@ def test_fit_starts_from_the_base_model_by_default(faces_dir, tmp_path):
     config = read_config(run)
     assert config["train"]["init_from"] == "base" and config["backbone"] == read_config(base_dir())["backbone"]
     assert config["preprocess"]["image_size"] == read_config(base_dir())["preprocess"]["image_size"]
+    # the base as it was, on the same validation images, is recorded next to the fine-tuned numbers
+    from facemt.data import DataIndex, ImageCache, encode_targets, index_folder
+    from facemt.engine import decode_images
+    from facemt.splits import validation_split
+
+    index = index_folder(faces_dir)
+    val = DataIndex(index.table.iloc[validation_split(index.table, 0.2, 0)[1]].reset_index(drop=True), [])
+    base = facemt.load(device="cpu")
+    probs = base.probabilities(decode_images(val, base.preprocess, ImageCache(), None))
+    targets = encode_targets(val.table, base.tasks)
+    assert config["untouched"]["model"] == "base"
+    assert config["untouched"]["val_accuracy"] == {t: pytest.approx(float((probs[t].argmax(1) == y).mean()))
+                                                   for t, y in targets.items()}
+
+
+def test_fit_from_other_weights_records_no_untouched_model(faces_dir, tmp_path):
+    run = tmp_path / "scratch"
+    assert main(["fit", "--data", str(faces_dir), "--out", str(run), "--epochs", "1", "--batch-size", "16",
+                 "--image-size", "32", "--device", "cpu", "--crop", "none", "--no-pretrained"]) == 0
+    assert "untouched" not in read_config(run)
 
 
 def test_tta_averages_each_face_with_its_mirror_image(base):
