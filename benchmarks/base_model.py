@@ -28,7 +28,7 @@ from facemt.checkpoint import load_checkpoint, resolve_run  # noqa: E402
 from facemt.data import ImageCache, encode_targets, index_ferplus, index_utkface  # noqa: E402
 from facemt.engine import decode_images  # noqa: E402
 from facemt.evaluation import head_metrics  # noqa: E402
-from facemt.inference import own_prior, prior_weights  # noqa: E402
+from facemt.inference import own_prior, prior_weights, reweight  # noqa: E402
 from facemt.losses import expected_calibration_error  # noqa: E402
 from facemt.tasks import TASKS  # noqa: E402
 from facemt.transforms import build_transform  # noqa: E402
@@ -65,10 +65,7 @@ def probs_of(views: list[dict[str, np.ndarray]], head: str, temperature: float =
     """Probabilities averaged over the views, as ``facemt predict --tta`` does;
     ``weights`` (per head, :func:`facemt.inference.prior_weights`) move them to another prior."""
     p = np.mean([softmax(v[head], temperature) for v in views], axis=0)
-    if weights and head in weights:
-        p = p * weights[head]
-        p = p / p.sum(1, keepdims=True)
-    return p
+    return reweight(p, weights[head]) if weights and head in weights else p
 
 
 def speed(model, size: int, batch: int = 32, repeats: int = 10) -> float:

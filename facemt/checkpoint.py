@@ -201,6 +201,13 @@ def resolve_run(model: str | os.PathLike | None) -> Path:
     return folder
 
 
+def run_name(run_dir: str | os.PathLike) -> str:
+    """How to name a run folder in reports and configs: ``"base"`` for the
+    built-in base model (not its install path), else the folder as given;
+    the inverse of :func:`resolve_run`."""
+    return BASE_NAME if Path(run_dir).resolve() == base_dir().resolve() else str(run_dir)
+
+
 def copy_half(run_dir: str | os.PathLike, out_dir: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
     """Copy a run with its weights stored as float16 (half the size; loading
     casts them back to float32). ``config.json`` is copied with the new SHA-256."""

@@ -17,7 +17,7 @@ from timm.models import group_parameters
 from torch.utils.data import DataLoader
 
 from facemt.checkpoint import (ResumeState, base_dir, discard_resume, load_checkpoint, load_resume,
-                               read_config, save_checkpoint, save_resume, update_config)
+                               read_config, run_name, save_checkpoint, save_resume, update_config)
 from facemt.checks import check_data
 from facemt.data import DataIndex, FaceDataset, ImageCache, encode_targets, is_ferplus_test, soft_targets
 from facemt.splits import validation_split
@@ -668,8 +668,7 @@ def fit(
         if start and len(val_rows):
             result.untouched = untouched_accuracy(start, index, val_rows, result.tasks, cache, config.device)
             if out_dir is not None:
-                update_config(out_dir, {"untouched": {"model": BASE_NAME if Path(start) == base_dir() else start,
-                                                      "val_accuracy": result.untouched}})
+                update_config(out_dir, {"untouched": {"model": run_name(start), "val_accuracy": result.untouched}})
     return result
 
 

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from facemt.config import BASE_NAME
 from facemt.data import DataIndex, ImageCache, encode_targets
 from facemt.splits import make_folds
 from facemt.errors import FacemtError
@@ -193,7 +191,7 @@ def cross_validate(
     Raises:
         FacemtError: bad protocol settings or unusable data.
     """
-    from facemt.checkpoint import base_dir, load_checkpoint
+    from facemt.checkpoint import load_checkpoint, run_name
     from facemt.engine import initial_weights, predict_images, resolve_device, resolve_tasks, train
 
     if split not in SPLITS:
@@ -273,8 +271,7 @@ def cross_validate(
     settings = {
         "train": config.to_dict(), "folds": folds, "split": split, "seeds": seeds, "baselines": baselines,
         "test_size": test_size, "tasks": list(tasks), "dataset": index.summary(), "images_decoded": cache.decoded,
-        # the model training started from: "base" for the built-in one, else its folder
-        "zero_shot": None if not start else BASE_NAME if Path(start) == base_dir() else str(start),
+        "zero_shot": run_name(start) if start else None,  # the model training started from
     }
     return CVResult(pd.DataFrame(records), pd.concat(histories, ignore_index=True), confusion, settings, messages)
 

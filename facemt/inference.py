@@ -66,6 +66,13 @@ def prior_weights(config: Mapping[str, Any], prior: str | None) -> dict[str, np.
     return {t: f if prior == "training" else 1.0 / f for t, f in frequencies.items()}
 
 
+def reweight(probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """N x classes probabilities multiplied by per-class ``weights`` and
+    renormalised: the softmax of the logits plus ``log weights``."""
+    moved = probs * weights
+    return (moved / moved.sum(1, keepdims=True)).astype(probs.dtype)
+
+
 @torch.no_grad()
 def predict_images(
     model: MultiTaskNet,
@@ -97,8 +104,7 @@ def predict_images(
     probs = {t: np.concatenate(v) if v else np.zeros((0, TASKS[t].num_classes)) for t, v in out.items()}
     for t, w in (weights or {}).items():
         if t in probs and len(probs[t]):
-            moved = probs[t] * w
-            probs[t] = (moved / moved.sum(1, keepdims=True)).astype(probs[t].dtype)
+            probs[t] = reweight(probs[t], w)
     return probs
 
 
