@@ -83,6 +83,14 @@ def paired_interval(diff: Sequence[float], level: float = 0.95) -> tuple[float, 
     return mean, mean - half, mean + half
 
 
+def _against(multitask: pd.Series, other: pd.Series, name: str, diff: str) -> dict:
+    """``other``'s mean and std as ``name_*``, and multitask - other paired over
+    (seed, fold) with its 95 % interval as ``diff_*``."""
+    mean, low, high = paired_interval((multitask - other.reindex(multitask.index)).dropna())
+    return {f"{name}_mean": other.mean(), f"{name}_std": other.std(ddof=1) if len(other) > 1 else 0.0,
+            f"{diff}_mean": mean, f"{diff}_ci_low": low, f"{diff}_ci_high": high}
+
+
 @dataclass
 class CVResult:
     """Everything a cross-validation produced.
@@ -120,18 +128,10 @@ class CVResult:
                 "majority_mean": g[g["model"] == "multitask"]["majority_accuracy"].mean(),
             }
             if len(st):
-                mean, low, high = paired_interval((mt - st.reindex(mt.index)).dropna())
-                row.update(
-                    single_mean=st.mean(), single_std=st.std(ddof=1) if len(st) > 1 else 0.0,
-                    diff_mean=mean, diff_ci_low=low, diff_ci_high=high,
-                )
+                row.update(_against(mt, st, "single", "diff"))
             zs = g[g["model"] == "zero-shot"].set_index(["seed", "fold"])["accuracy"]
             if len(zs):
-                mean, low, high = paired_interval((mt - zs.reindex(mt.index)).dropna())
-                row.update(
-                    zero_shot_mean=zs.mean(), zero_shot_std=zs.std(ddof=1) if len(zs) > 1 else 0.0,
-                    gain_mean=mean, gain_ci_low=low, gain_ci_high=high,
-                )
+                row.update(_against(mt, zs, "zero_shot", "gain"))
             rows.append(row)
         out = pd.DataFrame(rows)
         protocols = set(out["protocol"]) if len(out) else set()
@@ -153,6 +153,43 @@ class CVResult:
                 for (p, m, h), c in self.confusion.items()
             ],
         }
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One model to train and test in a cross-validation."""
+
+    protocol: str
+    seed: int
+    fold: int
+    train_rows: np.ndarray
+    test_rows: np.ndarray
+    model: str  # multitask or single
+    tasks: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        single = "" if self.model == "multitask" else f" {self.tasks[0]}"
+        return f"{self.protocol} seed {self.seed} fold {self.fold + 1} {self.model}{single}"
+
+    @property
+    def history_name(self) -> str:
+        return self.model if self.model == "multitask" else f"single:{self.tasks[0]}"
+
+
+def _record(table: pd.DataFrame, y: np.ndarray, run: _Run, model_name: str, head: str, metrics: dict) -> dict:
+    """One row of :attr:`CVResult.records`: a model's test metrics on one head and fold, next to the
+    accuracy of always answering the fold's most frequent training class."""
+    train_y, test_y = y[run.train_rows], y[run.test_rows]
+    majority = np.bincount(train_y[train_y >= 0], minlength=TASKS[head].num_classes).argmax()
+    test_y = test_y[test_y >= 0]
+    persons = sorted({p for p in table["person"].iloc[run.test_rows] if p is not None})
+    return {
+        "protocol": run.protocol, "seed": run.seed, "fold": run.fold, "model": model_name, "head": head,
+        "accuracy": metrics["accuracy"], "balanced_accuracy": metrics["balanced_accuracy"],
+        "macro_f1": metrics["macro_f1"], "ece": metrics["ece"], "n_test": metrics["n"],
+        "majority_accuracy": float((test_y == majority).mean()), "test_persons": " ".join(persons),
+    }
 
 
 def cross_validate(
@@ -210,13 +247,10 @@ def cross_validate(
         log.info(RANDOM_SPLIT_WARNING)
     models = [("multitask", tasks)] + ([("single", (t,)) for t in tasks] if baselines and len(tasks) > 1 else [])
     cache = cache or ImageCache()
-    plan = []
-    for protocol in protocols:
-        for s in range(seeds):
-            seed = config.seed + s
-            for k, (train_rows, test_rows) in enumerate(make_folds(table, protocol, folds, seed, test_size)):
-                for model_name, model_tasks in models:
-                    plan.append((protocol, seed, k, train_rows, test_rows, model_name, model_tasks))
+    plan = [_Run(protocol, seed, k, train_rows, test_rows, model_name, model_tasks)
+            for protocol in protocols for seed in range(config.seed, config.seed + seeds)
+            for k, (train_rows, test_rows) in enumerate(make_folds(table, protocol, folds, seed, test_size))
+            for model_name, model_tasks in models]
     targets = encode_targets(table, tasks)
     # Training that starts from a facemt model (the built-in base by default) is also scored without any
     # training on each test fold: what that model gives out of the box, paired with what fine-tuning adds.
@@ -225,49 +259,30 @@ def cross_validate(
     records, histories = [], []
     confusion: dict[tuple[str, str, str], np.ndarray] = {}
 
-    def score(model, preprocess, model_name, heads, protocol, seed, k, train_rows, test_rows) -> None:
-        test_images = cache.load([table["path"].iloc[j] for j in test_rows], preprocess)[0]
+    def score(model, preprocess, run: _Run, model_name: str, heads: Sequence[str]) -> None:
+        test_images = cache.load([table["path"].iloc[j] for j in run.test_rows], preprocess)[0]
         device = next(model.parameters()).device
-        metrics = evaluate_predictions(table.iloc[test_rows],
+        metrics = evaluate_predictions(table.iloc[run.test_rows],
                                        predict_images(model, test_images, preprocess, config.batch_size, device))
-        persons = sorted({p for p in table["person"].iloc[test_rows] if p is not None})
         for head in heads:
-            m = metrics[head]
-            if not m["n"]:
-                continue
-            train_y = targets[head][train_rows]
-            train_y = train_y[train_y >= 0]
-            majority = np.bincount(train_y, minlength=TASKS[head].num_classes).argmax()
-            test_y = targets[head][test_rows]
-            test_y = test_y[test_y >= 0]
-            records.append({
-                "protocol": protocol, "seed": seed, "fold": k, "model": model_name, "head": head,
-                "accuracy": m["accuracy"], "balanced_accuracy": m["balanced_accuracy"], "macro_f1": m["macro_f1"],
-                "ece": m["ece"], "n_test": m["n"], "majority_accuracy": float((test_y == majority).mean()),
-                "test_persons": " ".join(persons),
-            })
-            key = (protocol, model_name, head)
-            confusion[key] = confusion.get(key, 0) + np.array(m["confusion"])
+            if metrics[head]["n"]:
+                records.append(_record(table, targets[head], run, model_name, head, metrics[head]))
+                key = (run.protocol, model_name, head)
+                confusion[key] = confusion.get(key, 0) + np.array(metrics[head]["confusion"])
 
-    for i, (protocol, seed, k, train_rows, test_rows, model_name, model_tasks) in enumerate(plan):
-        label = f"{protocol} seed {seed} fold {k + 1} {model_name}" + ("" if model_name == "multitask" else f" {model_tasks[0]}")
+    for i, run in enumerate(plan):
         if callback:
-            callback("run_start", {"run": i + 1, "runs": len(plan), "label": label, "epochs": config.epochs})
-        if untouched is not None and model_name == "multitask":
+            callback("run_start", {"run": i + 1, "runs": len(plan), "label": run.label, "epochs": config.epochs})
+        if untouched is not None and run.model == "multitask":
             model, preprocess, _ = untouched
-            score(model, preprocess, "zero-shot", [t for t in tasks if t in model.tasks], protocol, seed, k,
-                  train_rows, test_rows)
-        run_config = replace(config, tasks=model_tasks, seed=seed)
-        result = train(index, run_config, train_rows, test_rows, cache=cache, callback=callback, select_best=False)
-        hist = result.history.copy()
-        hist.insert(0, "protocol", protocol)
-        hist.insert(1, "seed", seed)
-        hist.insert(2, "fold", k)
-        hist.insert(3, "model", model_name if model_name == "multitask" else f"single:{model_tasks[0]}")
-        histories.append(hist)
-        score(result.model, result.preprocess, model_name, model_tasks, protocol, seed, k, train_rows, test_rows)
+            score(model, preprocess, run, "zero-shot", [t for t in tasks if t in model.tasks])
+        result = train(index, replace(config, tasks=run.tasks, seed=run.seed), run.train_rows, run.test_rows,
+                       cache=cache, callback=callback, select_best=False)
+        ids = {"protocol": run.protocol, "seed": run.seed, "fold": run.fold, "model": run.history_name}
+        histories.append(pd.concat([pd.DataFrame(ids, index=result.history.index), result.history], axis=1))
+        score(result.model, result.preprocess, run, run.model, run.tasks)
         if callback:
-            callback("run_end", {"run": i + 1, "runs": len(plan), "label": label})
+            callback("run_end", {"run": i + 1, "runs": len(plan), "label": run.label})
     settings = {
         "train": config.to_dict(), "folds": folds, "split": split, "seeds": seeds, "baselines": baselines,
         "test_size": test_size, "tasks": list(tasks), "dataset": index.summary(), "images_decoded": cache.decoded,
