@@ -56,7 +56,7 @@ def utk_holdout(utk: DataIndex, seeds: int = 5) -> list[int]:
 def base_split(root: Path, fer_policy: str = "majority", limit: int = 0
                ) -> tuple[DataIndex, list[int], list[int], list[int]]:
     """The recipe's data: (FER2013Train + FER2013Valid + UTKFace index, training
-    rows, validation rows, held-out UTKFace rows of ``index_utkface``)."""
+    rows, validation rows, file names of the held-out UTKFace faces)."""
     fer_train = index_ferplus(root / "ferplus" / "FER2013Train", fer_policy)
     fer_valid = index_ferplus(root / "ferplus" / "FER2013Valid")
     utk = index_utkface(root / "utkface")
@@ -74,7 +74,7 @@ def base_split(root: Path, fer_policy: str = "majority", limit: int = 0
         pick = np.random.default_rng(0)
         train_rows = sorted(pick.choice(train_rows, limit, replace=False).tolist())
         val_rows = sorted(pick.choice(val_rows, limit // 4, replace=False).tolist())
-    return index, train_rows, val_rows, held
+    return index, train_rows, val_rows, [Path(utk.table["path"].iloc[i]).name for i in held]
 
 
 def main(argv=None) -> int:
@@ -113,9 +113,8 @@ def main(argv=None) -> int:
         p.error("give --weights (ImageNet backbone) or --init-from RUN")
     started = time.perf_counter()
     index, train_rows, val_rows, held = base_split(root, args.fer_policy, args.limit)
-    utk = index_utkface(root / "utkface")
     HOLDOUT.write_text("# UTKFace files the base model never trains on (benchmarks B and C)\n"
-                       + "".join(Path(utk.table["path"].iloc[i]).name + "\n" for i in held))
+                       + "".join(name + "\n" for name in held))
     config = TrainConfig(
         backbone=args.backbone, pretrained_file=None if args.init_from else args.weights,
         init_from=args.init_from, backbone_lr_scale=1.0, epochs=args.epochs, image_size=args.image_size,

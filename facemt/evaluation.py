@@ -180,8 +180,10 @@ class _Run:
 def _record(table: pd.DataFrame, y: np.ndarray, run: _Run, model_name: str, head: str, metrics: dict) -> dict:
     """One row of :attr:`CVResult.records`: a model's test metrics on one head and fold, next to the
     accuracy of always answering the fold's most frequent training class."""
-    train_y, test_y = y[run.train_rows], y[run.test_rows]
-    majority = np.bincount(train_y[train_y >= 0], minlength=TASKS[head].num_classes).argmax()
+    from facemt.engine import class_counts
+
+    majority = int(np.argmax(class_counts({head: y}, run.train_rows)[head]))
+    test_y = y[run.test_rows]
     test_y = test_y[test_y >= 0]
     persons = sorted({p for p in table["person"].iloc[run.test_rows] if p is not None})
     return {
