@@ -79,6 +79,12 @@ class _Progress:
             for source, c in info["counts"].items():
                 p.console.print(f"faces ({info['crop']}) in {source}: {c['aligned'] + c['boxed']} found, "
                                 f"{c['whole']} used whole (no face found)", markup=False, highlight=False)
+        elif event == "split":
+            n = info["train_images"] + info["val_images"]
+            persons = lambda k: f" of {info[k]} person(s)" if info[k] else ""  # noqa: E731
+            p.console.print(f"validation: {info['val_images']} images{persons('val_persons')} "
+                            f"({info['val_images'] / n:.0%} held out; --val-fraction {info['fraction']}), training: "
+                            f"{info['train_images']} images{persons('train_persons')}", markup=False, highlight=False)
         elif event == "decode":
             if self.decode_task is None:
                 self.decode_task = p.add_task("decode images", total=info["total"])
@@ -193,16 +199,18 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
         config.validate()
     except FacemtError as exc:  # the library names fields; here they are options
         raise FacemtError(_as_options(str(exc))) from None
+    from facemt.inference import resolve_device
     from facemt.model import check_backbone
 
     check_backbone(config.backbone)
+    resolve_device(config.device)  # a missing GPU is said now, not after decoding
     return config
 
 
 def _load_data(sources: Sequence[str], err: Console):
-    from facemt.data import combine, load_index
+    from facemt.data import load_sources
 
-    index = combine([load_index(s) for s in sources])
+    index = load_sources(sources)
     if index.skipped:
         err.print(f"skipped {len(index.skipped)} file(s), e.g. {index.skipped[0]} (facemt check-data --json lists all)",
                   style="yellow", markup=False, highlight=False)
@@ -261,6 +269,10 @@ def cmd_fit(args: argparse.Namespace, out: Console, err: Console) -> int:
 
     if args.resume:
         run = Path(args.resume)
+        ignored = _options_given(args, keep=("resume", "json", "verbose"))
+        if ignored:
+            raise FacemtError(f"--resume continues {run} with the data and settings it started with; drop "
+                              f"{', '.join(ignored)} (or train a new run with --out)")
         resume = load_resume(run)
         config = TrainConfig.from_dict(resume.config)
         sources = resume.extra.get("sources") or []
@@ -272,7 +284,10 @@ def cmd_fit(args: argparse.Namespace, out: Console, err: Console) -> int:
         run = Path(args.out)
         if (run / CONFIG).exists() and not args.overwrite:
             raise FacemtError(f"{run} already holds a trained model; choose another --out or pass --overwrite")
-        config, sources, resume = _train_config(args), args.data, None
+        from facemt.data import resolve_source
+
+        # Stored resolved, so that 'fit --resume' finds the data from any working directory.
+        config, sources, resume = _train_config(args), [resolve_source(s) for s in args.data], None
     here = init_from_env(config.device)  # several processes under torchrun; nothing otherwise
     if not here.main:  # one process speaks for all
         out = err = Console(quiet=True)
@@ -282,6 +297,13 @@ def cmd_fit(args: argparse.Namespace, out: Console, err: Console) -> int:
         return _fit_and_report(args, out, err, run, config, sources, resume)
     finally:
         shutdown()
+
+
+def _options_given(args: argparse.Namespace, keep: Sequence[str]) -> list[str]:
+    """The options of ``args.command`` set to something other than their defaults, as flags, except ``keep``."""
+    defaults = vars(build_parser().parse_args([args.command]))
+    return ["--" + k.replace("_", "-") for k, v in vars(args).items()
+            if k in defaults and k not in (*keep, "command", "func") and v != defaults[k]]
 
 
 def _fit_and_report(args, out: Console, err: Console, run: Path, config: TrainConfig, sources, resume) -> int:
@@ -376,9 +398,13 @@ class _Sink:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        if ok:
+        try:
+            if not ok:
+                return
             os.replace(self.tmp, self.path)
-        else:
+        except OSError as exc:
+            raise FacemtError(f"--out {self.path}: cannot write there ({exc.strerror or exc})") from None
+        finally:
             Path(self.tmp).unlink(missing_ok=True)
 
 
@@ -398,8 +424,10 @@ def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
     shard = _predict_shard(args)
     if shard is not None and out_path is None:
         raise FacemtError("a sharded prediction writes a part file: give --out FILE.csv or FILE.jsonl")
-    predictor = load(args.model, device=args.device, batch_size=args.batch_size, crop=_crop_override(args),
-                     engine=args.engine, tta=args.tta, prior=args.prior)
+    from facemt.checkpoint import resolve_run
+
+    if not resolve_run(args.model).is_dir():  # the cheap checks first: a typo is said before any work
+        raise FacemtError(f"{args.model}: no such run folder (give the --out folder of 'facemt fit')")
     files = all_files = iter_image_files(args.inputs)
     if not files:
         raise FacemtError("no image files found in the given inputs")
@@ -408,6 +436,13 @@ def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
 
         files = take_shard(all_files, *shard)
         out_path = part_path(out_path, *shard)
+    if out_path is not None:
+        from facemt.files import check_writable
+
+        check_writable(out_path, args.overwrite)
+    predictor = load(args.model, device=args.device, batch_size=args.batch_size, crop=_crop_override(args),
+                     engine=args.engine, tta=args.tta, prior=args.prior)
+    if shard is not None:
         err.print(f"shard {shard[0]}/{shard[1]}: {len(files)} of {len(all_files)} files -> {out_path}",
                   markup=False, highlight=False)
     detect = predictor.preprocess.policy.detects
@@ -444,7 +479,8 @@ def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
     if shard is not None:
         from facemt.shards import write_manifest
 
-        write_manifest(out_path, *shard, all_files, files)
+        write_manifest(out_path, *shard, all_files, files, predictor.options(
+            fallback=args.fallback, min_face=args.min_face, max_faces=args.max_faces))
     if fmt == "table":
         out.print(_prediction_table(sink.kept, predictor.tasks, detect))
     summary = (f"{len(files)} file(s): {counts['ok']} prediction(s), {counts['no_face']} without a face, "
@@ -488,6 +524,9 @@ def _predict_shard(args: argparse.Namespace) -> tuple[int, int] | None:
 def cmd_merge_predictions(args: argparse.Namespace, out: Console, err: Console) -> int:
     from facemt.shards import find_parts, merge_parts
 
+    from facemt.files import check_writable
+
+    check_writable(args.out, args.overwrite)
     parts = args.parts or find_parts(args.out)
     done = merge_parts(parts, args.out)
     if args.json:
@@ -568,7 +607,7 @@ def cmd_check_data(args: argparse.Namespace, out: Console, err: Console) -> int:
 def cmd_evaluate(args: argparse.Namespace, out: Console, err: Console) -> int:
     from facemt.data import ImageCache
     from facemt.engine import decode_images
-    from facemt.evaluation import evaluate_predictions
+    from facemt.evaluation import evaluate_predictions, evaluation_notes
     from facemt.inference import load
 
     predictor = load(_model(args), device=args.device, batch_size=args.batch_size, crop=_crop_override(args),
@@ -578,9 +617,12 @@ def cmd_evaluate(args: argparse.Namespace, out: Console, err: Console) -> int:
     with _Progress(err) as progress:
         images = decode_images(index, predictor.preprocess, cache, progress)
     metrics = evaluate_predictions(index.table, predictor.probabilities(images))
+    notes = evaluation_notes(predictor.config, predictor.tasks, index.table)
+    for note in notes:
+        err.print(f"note: {note}", style="yellow", markup=False, highlight=False)
     if args.json:
         print(json.dumps({"model": str(predictor.run_dir), "images": len(index), "crop": predictor.preprocess.crop,
-                          "tta": predictor.tta, "prior": predictor.prior,
+                          "tta": predictor.tta, "prior": predictor.prior, "notes": notes,
                           "framing": cache.framing_counts(index.table), "metrics": metrics}, indent=2))
         return EXIT_OK
     out.print(_metrics_table(f"{predictor.run_dir} on {len(index)} images ({predictor.prior} prior)", metrics))
@@ -632,6 +674,10 @@ def cmd_cv(args: argparse.Namespace, out: Console, err: Console) -> int:
     if (report_dir / "report.md").exists() and not args.overwrite:
         raise FacemtError(f"{report_dir} already holds a report; choose another --out or pass --overwrite")
     index = _load_data(args.data, err)
+    from facemt.splits import make_folds
+
+    for protocol in ("subject", "random") if args.split == "both" else (args.split,):
+        make_folds(index.table, protocol, args.folds, config.seed, args.test_size)  # said before anything is printed
     _print_summary(index, err)
     with _CVProgress(err) as progress:
         result = cross_validate(index, config, folds=args.folds, split=args.split, seeds=args.seeds,
@@ -777,6 +823,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_arg(p)
     _add_tta_arg(p)
     _add_prior_arg(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--shard", metavar="K/N",
                    help="predict only the K-th of N shards of the sorted file list, into FILE.part-K-of-N.csv "
                         "beside --out (under torchrun: the process's rank; join with merge-predictions)")
@@ -788,6 +835,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="part files (default: every finished FILE.part-K-of-N beside --out)")
     p.add_argument("--out", required=True, metavar="FILE.csv|FILE.jsonl",
                    help="the merged file (written only when every input appears exactly once)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_merge_predictions)
 

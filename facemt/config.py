@@ -123,6 +123,16 @@ class TrainConfig:
             raise FacemtError("image_size must be between 16 and 1024")
         if not 0.0 <= self.val_fraction < 1.0:
             raise FacemtError("val_fraction must be in [0, 1)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise FacemtError("dropout must be in [0, 1)")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise FacemtError("label_smoothing must be in [0, 1)")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise FacemtError("weight_decay must be at least 0")
+        if not self.warmup_epochs >= 0:
+            raise FacemtError("warmup_epochs must be at least 0")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise FacemtError(f"device must be auto, cpu or cuda (got {self.device!r})")
         if self.augment not in AUGMENT_PRESETS:
             raise FacemtError(f"augment must be one of {', '.join(AUGMENT_PRESETS)}")
         if self.loss_weighting not in LOSS_WEIGHTINGS:

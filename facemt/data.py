@@ -36,6 +36,8 @@ FACES_PATTERN = re.compile(
 )
 COLUMNS = ("path", "person", "source", *TASK_NAMES)
 PERSON_COLUMNS = ("person", "group", "subject", "id")
+#: Manifest file names that say nothing about the data: such a source is named after its folder.
+GENERIC_MANIFEST_NAMES = ("labels", "label", "manifest", "data", "index", "annotations", "metadata")
 
 
 @dataclass
@@ -124,11 +126,12 @@ def index_folder(root: str | os.PathLike) -> DataIndex:
 def read_manifest(csv_path: str | os.PathLike) -> DataIndex:
     """Read a CSV manifest: a ``path`` column (relative to the CSV's folder or
     absolute), any subset of the task columns (class names or FACES codes,
-    empty = unknown) and optionally a ``person`` / ``group`` column.
+    empty = unknown) and optionally a ``person`` / ``group`` column. Other
+    columns (e.g. ``ethnicity``) are carried into the table as they are.
 
     Raises:
-        FacemtError: unreadable CSV, no ``path`` column, or an unknown label
-            (the message names the row).
+        FacemtError: unreadable CSV, no ``path`` column, an unknown label
+            (the message names the row), or one file listed with two different labels.
     """
     csv_path = Path(csv_path)
     try:
@@ -144,13 +147,17 @@ def read_manifest(csv_path: str | os.PathLike) -> DataIndex:
     if not label_cols:
         raise FacemtError(f"{csv_path}: manifest has no label column; add one of {', '.join(TASK_NAMES)}")
     person_col = next((c for c in PERSON_COLUMNS if c in frame.columns), None)
+    # Further columns (a set's ethnicity, say) travel with the rows: reports and benchmarks can group by them.
+    extra = [c for c in frame.columns if c not in {*COLUMNS, *PERSON_COLUMNS} and c.isidentifier()]
+    source = csv_path.parent.resolve().name if csv_path.stem.lower() in GENERIC_MANIFEST_NAMES else csv_path.stem
     rows = []
     for i, rec in enumerate(frame.to_dict("records"), start=2):
         raw = str(rec["path"]).strip()
         if not raw:
             raise FacemtError(f"{csv_path}:{i}: empty path")
         path = Path(raw) if Path(raw).is_absolute() else csv_path.parent / raw
-        row = {"path": str(path.resolve()), "source": csv_path.stem, "person": None}
+        row = {"path": str(path.resolve()), "source": source, "person": None}
+        row.update({c: (str(rec[c]).strip() or None) for c in extra})
         if person_col and str(rec[person_col]).strip():
             row["person"] = str(rec[person_col]).strip()
         for task in TASK_NAMES:
@@ -165,7 +172,9 @@ def read_manifest(csv_path: str | os.PathLike) -> DataIndex:
         rows.append(row)
     if not rows:
         raise FacemtError(f"{csv_path}: manifest has no rows")
-    return DataIndex(_finish_table(rows), [])
+    table = _finish_table(rows, extra)
+    check_conflicts(table)
+    return DataIndex(table, [])
 
 
 # ------------------------------------------------------------------ adapters
@@ -414,29 +423,85 @@ def detect_adapter(root: Path, sample: int = 200) -> str:
     return best if scores[best] else "faces"
 
 
+def _parse_source(source: str | os.PathLike) -> tuple[str | None, str | None, Path]:
+    """``[NAME=][ADAPTER:]PATH`` -> (name or None, adapter or None, path)."""
+    text = str(source)
+    name = None
+    head, eq, rest = text.partition("=")
+    if eq and re.fullmatch(r"[A-Za-z0-9_.-]+", head) and not Path(text).exists():
+        name, text = head, rest
+    prefix, sep, rest = text.partition(":")
+    if sep and prefix.lower() in ADAPTERS and not Path(text).exists():
+        return name, prefix.lower(), Path(rest)
+    if sep and prefix and prefix.lower() not in ADAPTERS and not Path(text).exists() and len(prefix) > 1:
+        raise FacemtError(f"unknown data adapter {prefix!r}: choose {', '.join(ADAPTERS)} (e.g. utkface:PATH)")
+    return name, None, Path(text)
+
+
+def resolve_source(source: str | os.PathLike) -> str:
+    """The same source with its path made absolute (``NAME=`` and ``ADAPTER:`` kept), so that a
+    run's recorded sources (``fit --resume``) read the same data from any working directory."""
+    name, adapter, path = _parse_source(source)
+    return (f"{name}=" if name else "") + (f"{adapter}:" if adapter else "") + str(path.resolve())
+
+
 def load_index(source: str | os.PathLike) -> DataIndex:
-    """Index one data source: ``ADAPTER:PATH`` (``faces``, ``utkface``, ``jaffe``,
-    ``csv``) or a plain path (a ``.csv`` manifest, or a folder whose file-name
-    scheme is detected).
+    """Index one data source: ``[NAME=][ADAPTER:]PATH`` with ``ADAPTER`` one of
+    ``faces``, ``utkface``, ``jaffe``, ``ferplus``, ``csv``, or a plain path (a
+    ``.csv`` manifest, or a folder whose file-name scheme is detected).
+    ``NAME=`` names the source (``--balance-sources``, reports, person ids);
+    otherwise a source is named by its adapter, or a manifest by its file's
+    stem (by its folder when the file has a generic name such as ``labels.csv``).
 
     Raises:
         FacemtError: unknown adapter, missing path, nothing usable inside.
     """
-    text = str(source)
-    name, sep, rest = text.partition(":")
-    if sep and name.lower() in ADAPTERS and not Path(text).exists():
-        adapter, path = name.lower(), Path(rest)
-    else:
-        path = Path(text)
+    name, adapter, path = _parse_source(source)
+    if adapter is None:
         if path.suffix.lower() == ".csv":
             adapter = "csv"
         elif path.is_dir():
             adapter = "ferplus" if _ferplus_split(path) is not None else detect_adapter(path)
         else:
             adapter = "faces"
-    if sep and name and name.lower() not in ADAPTERS and not Path(text).exists() and len(name) > 1:
-        raise FacemtError(f"unknown data adapter {name!r}: choose {', '.join(ADAPTERS)} (e.g. utkface:PATH)")
-    return ADAPTERS[adapter](path)
+    index = ADAPTERS[adapter](path)
+    if name:
+        index.table["source"] = name
+    return index
+
+
+def check_conflicts(table: pd.DataFrame) -> None:
+    """One image file, one set of labels: a file listed twice is fine only with
+    the same labels and person.
+
+    Raises:
+        FacemtError: naming the first file listed with different labels or persons.
+    """
+    columns = ["person", *TASK_NAMES]
+    repeated = table[table.duplicated("path", keep=False)]
+    for path, rows in repeated.groupby("path", sort=True):
+        differ = [c for c in columns if rows[c].map(lambda v: "" if v is None else str(v)).nunique() > 1]
+        if differ:
+            values = "; ".join(f"{c}: {', '.join(sorted({str(v) for v in rows[c]}))}" for c in differ)
+            raise FacemtError(f"{path}: listed {len(rows)} times with different labels ({values}); "
+                              "keep one row per image")
+
+
+def load_sources(sources: Sequence[str | os.PathLike]) -> DataIndex:
+    """Index every ``--data`` source and join them (see :func:`load_index`).
+
+    Raises:
+        FacemtError: a source given twice, or one file with two different labels or persons.
+    """
+    seen: dict[str, str] = {}
+    for source in sources:
+        key = str(_parse_source(source)[2].resolve())
+        if key in seen:
+            raise FacemtError(f"--data {source}: the same data as --data {seen[key]}; give each source once")
+        seen[key] = str(source)
+    index = combine([load_index(s) for s in sources])
+    check_conflicts(index.table)
+    return index
 
 
 def combine(indexes: Sequence[DataIndex]) -> DataIndex:
@@ -490,6 +555,8 @@ class ImageCache:
         self._store: dict[tuple, np.ndarray] = {}
         self.workers = workers or min(4, os.cpu_count() or 1)
         self.decoded = 0
+        #: the distinct framings (working size, input size, crop policy) images were decoded for.
+        self.framings: set[tuple] = set()
         #: how each decoded path was framed: ``aligned``, ``boxed`` or ``whole``.
         self.framing: dict[str, str] = {}
 
@@ -553,6 +620,7 @@ class ImageCache:
                     self._store[key] = arr
                     results[i] = arr
                     self.decoded += 1
+                    self.framings.add(key[-3:])
                 if progress:
                     progress(done, len(paths))
         return results, errors

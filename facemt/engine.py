@@ -85,23 +85,27 @@ def initial_weights(config: TrainConfig) -> str | None:
     return str(base_dir()) if base["backbone"] == config.backbone else None
 
 
-def resolve_tasks(index: DataIndex, wanted: Sequence[str] | None) -> tuple[str, ...]:
+def resolve_tasks(index: DataIndex, wanted: Sequence[str] | None, rows: Sequence[int] | None = None
+                  ) -> tuple[str, ...]:
     """The tasks to train: the requested ones, or every head whose labels cover
-    at least two classes.
+    at least two classes (among ``rows`` when given: the training rows of a split).
+    ``fit``, ``cv`` and every benchmark apply this one rule.
 
     Raises:
         FacemtError: a requested task has no labels or only one class, or no
             head is trainable.
     """
     candidates = select_tasks(wanted) if wanted else index.tasks_present()
+    table = index.table if rows is None else index.table.iloc[list(rows)]
     tasks = []
     for t in candidates:
-        classes = index.table[t].dropna().unique()
+        classes = table[t].dropna().unique()
         if len(classes) >= 2:
             tasks.append(t)
         elif wanted:
             found = f"only {classes[0]!r}" if len(classes) else "no labels"
-            raise FacemtError(f"cannot train {t}: the data has {found}; a head needs at least two classes")
+            where = "the data has" if rows is None else "its training images have"
+            raise FacemtError(f"cannot train {t}: {where} {found}; a head needs at least two classes")
         else:
             log.warning("skipping head %s: its labels cover fewer than two classes", t)
     if not tasks:
@@ -649,6 +653,11 @@ def fit(
         for warning in report.warnings:
             log.warning(warning)
     val_persons = sorted({p for p in index.table["person"].iloc[val_rows] if p is not None})
+    if callback:
+        train_persons = {p for p in index.table["person"].iloc[train_rows] if p is not None}
+        callback("split", {"train_images": len(train_rows), "val_images": len(val_rows),
+                           "train_persons": len(train_persons), "val_persons": len(val_persons),
+                           "fraction": config.val_fraction})
     extra = {
         "sources": [str(s) for s in sources],
         "dataset": index.summary(),

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from facemt.data import DataIndex, ImageCache, encode_targets
-from facemt.splits import make_folds
+from facemt.splits import make_folds, person_groups
 from facemt.errors import FacemtError
 from facemt.losses import expected_calibration_error
 from facemt.tasks import TASKS
@@ -58,6 +58,24 @@ def evaluate_predictions(table: pd.DataFrame, probs: dict[str, np.ndarray]) -> d
     """:func:`head_metrics` for every head in ``probs`` against the table's labels."""
     targets = encode_targets(table, list(probs))
     return {t: head_metrics(targets[t], probs[t], TASKS[t].classes) for t in probs}
+
+
+def evaluation_notes(config: dict, tasks: Sequence[str], table: pd.DataFrame) -> list[str]:
+    """What a score of a saved model on labelled ``table`` leaves out or cannot
+    reach: labelled heads the model lacks, and classes in the labels that the
+    model never saw in training (its recorded ``class_counts``)."""
+    notes = []
+    missing = [t for t in TASKS if t not in tasks and table[t].notna().any()]
+    if missing:
+        notes.append(f"the data has {', '.join(missing)} labels, but the model has no such head: not scored")
+    for task, counts in (config.get("class_counts") or {}).items():
+        if task not in tasks:
+            continue
+        present = table[task].value_counts()
+        unseen = [(c, int(present[c])) for c, n in zip(TASKS[task].classes, counts) if n == 0 and c in present]
+        for c, n in unseen:
+            notes.append(f"{task}: the model saw no {c!r} images in training; it can hardly get these {n} right")
+    return notes
 
 
 # --------------------------------------------------------- cross-validation
@@ -155,6 +173,14 @@ class CVResult:
         }
 
 
+#: What the ``majority`` column means, in reports and README. The training fold's majority class is no
+#: honest bar under subject-disjoint folds: on a balanced set, leave-one-person-out always trains on more
+#: persons of the other gender, so it scores 0 % and any model looks like it learned. The whole set's
+#: most frequent class is the best a constant answer can do over all folds together.
+BASELINE = ("majority class: always answering the most frequent class of the whole labelled set "
+            "(over all folds, this is that class's share: the best any constant answer can score)")
+
+
 @dataclass(frozen=True)
 class _Run:
     """One model to train and test in a cross-validation."""
@@ -179,10 +205,10 @@ class _Run:
 
 def _record(table: pd.DataFrame, y: np.ndarray, run: _Run, model_name: str, head: str, metrics: dict) -> dict:
     """One row of :attr:`CVResult.records`: a model's test metrics on one head and fold, next to the
-    accuracy of always answering the fold's most frequent training class."""
+    accuracy of always answering the most frequent class of the whole labelled set (see :data:`BASELINE`)."""
     from facemt.engine import class_counts
 
-    majority = int(np.argmax(class_counts({head: y}, run.train_rows)[head]))
+    majority = int(np.argmax(class_counts({head: y}, np.arange(len(y)))[head]))
     test_y = y[run.test_rows]
     test_y = test_y[test_y >= 0]
     persons = sorted({p for p in table["person"].iloc[run.test_rows] if p is not None})
@@ -249,10 +275,23 @@ def cross_validate(
         log.info(RANDOM_SPLIT_WARNING)
     models = [("multitask", tasks)] + ([("single", (t,)) for t in tasks] if baselines and len(tasks) > 1 else [])
     cache = cache or ImageCache()
+    splits = {(protocol, seed): make_folds(table, protocol, folds, seed, test_size)
+              for protocol in protocols for seed in range(config.seed, config.seed + seeds)}
+    folds_run = {protocol: len(splits[protocol, config.seed]) for protocol in protocols}
+    for protocol, n in folds_run.items():
+        if not test_size and n != folds:
+            persons = len(set(person_groups(table)))
+            messages.append(f"{protocol} split: {n} folds, not {folds}: only {persons} persons, so each fold tests "
+                            "one person (leave-one-person-out)")
     plan = [_Run(protocol, seed, k, train_rows, test_rows, model_name, model_tasks)
-            for protocol in protocols for seed in range(config.seed, config.seed + seeds)
-            for k, (train_rows, test_rows) in enumerate(make_folds(table, protocol, folds, seed, test_size))
+            for (protocol, seed), protocol_folds in splits.items()
+            for k, (train_rows, test_rows) in enumerate(protocol_folds)
             for model_name, model_tasks in models]
+    for run in plan:  # the rule fit applies (a head needs two classes), for every fold before any training
+        try:
+            resolve_tasks(index, run.tasks, run.train_rows)
+        except FacemtError as exc:
+            raise FacemtError(f"{run.label}: {exc} (fewer --folds, more persons, or --tasks without it)") from None
     targets = encode_targets(table, tasks)
     # Training that starts from a facemt model (the built-in base by default) is also scored without any
     # training on each test fold: what that model gives out of the box, paired with what fine-tuning adds.
@@ -286,8 +325,9 @@ def cross_validate(
         if callback:
             callback("run_end", {"run": i + 1, "runs": len(plan), "label": run.label})
     settings = {
-        "train": config.to_dict(), "folds": folds, "split": split, "seeds": seeds, "baselines": baselines,
+        "train": config.to_dict(), "folds": folds, "folds_run": folds_run, "split": split, "seeds": seeds, "baselines": baselines,
         "test_size": test_size, "tasks": list(tasks), "dataset": index.summary(), "images_decoded": cache.decoded,
+        "framings": len(cache.framings),
         "zero_shot": run_name(start) if start else None,  # the model training started from
     }
     return CVResult(pd.DataFrame(records), pd.concat(histories, ignore_index=True), confusion, settings, messages)

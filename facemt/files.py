@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from facemt.errors import FacemtError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -25,6 +27,27 @@ def make_temp(path: Path) -> str:
     os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     return tmp
+
+
+def check_writable(path: str | os.PathLike, overwrite: bool = False, flag: str = "--out") -> Path:
+    """Say now, before any work, whether ``path`` can be written: not a folder,
+    not an existing file unless ``overwrite``, and its folder writable (a
+    temporary file is made there and removed; missing folders are created).
+
+    Raises:
+        FacemtError: naming the path and what to do.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise FacemtError(f"{flag} {path}: is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise FacemtError(f"{flag} {path}: already exists; choose another name or pass --overwrite")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Path(make_temp(path)).unlink()
+    except OSError as exc:
+        raise FacemtError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
+    return path
 
 
 def finish_file(tmp: str) -> None:

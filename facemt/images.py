@@ -30,10 +30,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(image, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        scaled = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-        image = Image.fromarray(scaled.astype(np.uint8), mode="L")
+        image = Image.fromarray(_to_uint8(np.asarray(image)), mode="L")
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
@@ -95,6 +92,22 @@ def decode_file(path: str | os.PathLike, min_side: int | None = None) -> Image.I
         raise FacemtError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from None
 
 
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    """0-255 pixels from a wider array: floats in [0, 1] are scaled by 255, values
+    already in 0-255 are kept; uint16 and anything else out of 0-255 is stretched
+    from its own minimum and maximum, as a 16-bit PNG file is by :func:`to_rgb`
+    (clipping would turn a 16-bit photo white)."""
+    values = arr.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise FacemtError("array holds NaN or infinite values: not an image")
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if np.issubdtype(arr.dtype, np.floating) and 0.0 <= lo and hi <= 1.0:
+        values = values * 255.0
+    elif arr.dtype == np.uint16 or lo < 0 or hi > 255:
+        values = (values - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(values)
+    return np.round(values).astype(np.uint8)
+
+
 def as_rgb_image(image: ImageInput, min_side: int | None = None) -> Image.Image:
     """Turn a path, PIL image or HxW / HxWxC uint8 array into an RGB PIL image."""
     if isinstance(image, (str, os.PathLike)):
@@ -108,19 +121,25 @@ def as_rgb_image(image: ImageInput, min_side: int | None = None) -> Image.Image:
             arr = arr[:, :, 0]
         if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
             raise FacemtError(f"array of shape {image.shape} is not an HxW or HxWx3/4 image")
+        if arr.dtype == np.bool_ or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+            raise FacemtError(f"array of dtype {arr.dtype} is not an image (use uint8, uint16 or float)")
         if arr.dtype != np.uint8:
-            if np.issubdtype(arr.dtype, np.floating) and arr.size and arr.max() <= 1.0:
-                arr = arr * 255.0
-            arr = np.clip(arr, 0, 255).astype(np.uint8)
+            arr = _to_uint8(arr)
         check_shape((arr.shape[1], arr.shape[0]))
         return to_rgb(Image.fromarray(arr))
     raise FacemtError(f"cannot read an image from a {type(image).__name__}")
 
 
 def iter_image_files(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand files and folders (recursively, image extensions only) into a sorted list."""
+    """Expand files and folders (recursively, image extensions only) into a sorted list.
+
+    Raises:
+        FacemtError: a path that does not exist (a user's typo, not an unreadable image).
+    """
     out: list[Path] = []
     for p in map(Path, paths):
+        if not p.exists():
+            raise FacemtError(f"{p}: no such file or folder")
         if p.is_dir():
             out.extend(sorted(q for q in p.rglob("*") if q.is_file() and is_image_file(q)))
         else:

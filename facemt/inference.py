@@ -25,14 +25,33 @@ from facemt.synth import draw_face, make_person
 from facemt.transforms import PreprocessConfig, build_transform, face_images
 
 
+#: What facemt promises across batchings, shardings, thread counts and engines (README, "Scaling out"): the
+#: same labels and rows in the same order, and probabilities equal to within this absolute tolerance. The
+#: convolution kernels of some CPUs round differently for different batch sizes, so the last digits of a
+#: probability may differ; a label differs only where two classes are tied to within the tolerance.
+PROBABILITY_TOLERANCE = 1e-5
+
+
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU."""
+    """``auto`` picks CUDA when present, else the CPU.
+
+    Raises:
+        FacemtError: an unknown device, or CUDA asked for where there is none.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise FacemtError(f"unknown device {name!r} (use auto, cpu or cuda)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise FacemtError(f"unknown device {name!r} (use auto, cpu or cuda)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FacemtError(f"--device {name}: this machine has no CUDA GPU that PyTorch can use (use cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise FacemtError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 
@@ -228,6 +247,8 @@ class Predictor:
     ) -> None:
         if engine not in ENGINES:
             raise FacemtError(f"unknown engine {engine!r}: choose {', '.join(ENGINES)}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise FacemtError(f"batch size must be a whole number of at least 1 (got {batch_size!r})")
         self.device = resolve_device(device if engine == "torch" else "cpu")
         run_dir = resolve_run(run_dir)
         self.model, self.preprocess, self.config = load_checkpoint(run_dir, map_location=self.device)
@@ -259,6 +280,13 @@ class Predictor:
     @property
     def tasks(self) -> tuple[str, ...]:
         return tuple(self.model.tasks)
+
+    def options(self, **predict_options: Any) -> dict[str, Any]:
+        """What decides this predictor's answers (the weights' SHA-256, engine,
+        framing, ``tta``, ``prior``) plus ``predict_options``: recorded with
+        each shard so that parts of different predictions are never merged."""
+        return {"weights_sha256": self.config.get("weights_sha256"), "engine": self.engine,
+                "crop": self.preprocess.crop, "tta": self.tta, "prior": self.prior, **predict_options}
 
     def probabilities(self, arrays: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         """Class probabilities per head (N x classes) for faces already framed

@@ -16,7 +16,7 @@ import pandas as pd  # noqa: E402
 
 from facemt.config import BASE_NAME  # noqa: E402
 from facemt.files import atomic_write, atomic_write_text  # noqa: E402
-from facemt.evaluation import CVResult  # noqa: E402
+from facemt.evaluation import BASELINE, CVResult  # noqa: E402
 from facemt.tasks import TASKS  # noqa: E402
 
 
@@ -164,9 +164,9 @@ def render_markdown(result: CVResult, title: str = "facemt cross-validation repo
         f"{train['epochs']} epochs, image size {train['image_size']}, augmentation `{train['augment']}`, "
         f"lr {train['lr']}, initial weights: {_start(cfg)}.",
         f"Protocol: split `{cfg['split']}`, "
-        + (f"test size {cfg['test_size']}" if cfg["test_size"] else f"{cfg['folds']} folds")
+        + (f"test size {cfg['test_size']}" if cfg["test_size"] else _folds_text(cfg))
         + f", {cfg['seeds']} seed(s); every model trains a fixed number of epochs (the test fold never picks one). "
-        f"Images decoded: {cfg['images_decoded']} (each once, shared by all folds and models).",
+        + _decoded_text(cfg),
         "",
         "## Test accuracy per head (%, mean ± std over folds x seeds)",
         "",
@@ -193,8 +193,8 @@ def render_markdown(result: CVResult, title: str = "facemt cross-validation repo
         "How to read it: *multi-task* is one network with all heads; *single-task* is one network per head, "
         "trained on the same folds with the same seeds, epochs, augmentation and backbone. The difference is "
         "paired per fold and seed; its interval is a 95% t-interval over those pairs, so an interval that "
-        "contains 0 means no difference was shown. *Majority class* is the accuracy of always answering the "
-        "training fold's most frequent class. With few persons every number is uncertain by many points.",
+        "contains 0 means no difference was shown. *" + BASELINE[0].upper() + BASELINE[1:] + ". With few persons "
+        "every number is uncertain by many points.",
         "",
     ]
     if has_zero:
@@ -219,6 +219,20 @@ def render_markdown(result: CVResult, title: str = "facemt cross-validation repo
                 f"![confusion matrices, {protocol}](confusion_{protocol}.png)", ""]
     out += ["Every fold, seed, model and head: `results.csv` / `results.json`; per-epoch curves: `history.csv`.", ""]
     return "\n".join(out)
+
+
+def _folds_text(cfg: dict) -> str:
+    """The folds that ran per protocol (fewer than asked when persons ran out)."""
+    run = cfg.get("folds_run") or {cfg["split"]: cfg["folds"]}
+    text = ", ".join(f"{n} {protocol} folds" for protocol, n in run.items())
+    return text + (f" ({cfg['folds']} asked)" if any(n != cfg["folds"] for n in run.values()) else "")
+
+
+def _decoded_text(cfg: dict) -> str:
+    images, decoded, framings = cfg["dataset"]["images"], cfg["images_decoded"], cfg.get("framings", 1)
+    how = (f"{images} images, each once per framing ({framings} framings: the models' and the not fine-tuned "
+           "model's)") if framings > 1 else f"{images} images, each once"
+    return f"Images decoded: {decoded} ({how}; shared by all folds and models)."
 
 
 def write_report(result: CVResult, out_dir: str | os.PathLike, title: str = "facemt cross-validation report") -> Path:

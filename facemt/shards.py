@@ -53,12 +53,15 @@ def _list_hash(files: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(files).encode("utf-8")).hexdigest()
 
 
-def write_manifest(part: str | os.PathLike, k: int, n: int, all_files: Sequence[str], mine: Sequence[str]) -> Path:
-    """Record which inputs the finished ``part`` covers (call after the part is in place)."""
+def write_manifest(part: str | os.PathLike, k: int, n: int, all_files: Sequence[str], mine: Sequence[str],
+                   options: dict | None = None) -> Path:
+    """Record which inputs the finished ``part`` covers and the model and options that predicted it
+    (``Predictor.options``; call after the part is in place)."""
     path = Path(str(part) + ".json")
     atomic_write_text(path, json.dumps({
         "format": MANIFEST_FORMAT, "format_version": 1, "shard": k, "shards": n, "total_files": len(all_files),
-        "files_sha256": _list_hash([str(f) for f in all_files]), "inputs": [str(f) for f in mine],
+        "files_sha256": _list_hash([str(f) for f in all_files]), "options": options or {},
+        "inputs": [str(f) for f in mine],
     }, indent=1) + "\n")
     return path
 
@@ -105,7 +108,7 @@ def merge_parts(parts: Sequence[str | os.PathLike], out: str | os.PathLike) -> d
     like the parts), rows in the order of the original sorted file list.
 
     Raises:
-        FacemtError: parts from different runs or formats, a shard given twice
+        FacemtError: parts from different runs, models, options or formats, a shard given twice
             or missing, an input in two shards or in none, rows for files a
             shard did not hold. ``out`` is then not written.
 
@@ -123,6 +126,11 @@ def merge_parts(parts: Sequence[str | os.PathLike], out: str | os.PathLike) -> d
     if len(runs) != 1:
         raise FacemtError("the parts come from different file lists or shard counts: merge one prediction at a time")
     n, total, _ = runs.pop()
+    options = [m.get("options", {}) for m in manifests]
+    differ = sorted({key for o in options for key in o if any(o.get(key) != other.get(key) for other in options)})
+    if differ:
+        raise FacemtError(f"the parts were predicted with different models or options ({', '.join(differ)}): "
+                          "predict every shard with the same model and options, then merge")
     by_shard: dict[int, tuple[Path, dict]] = {}
     for part, m in zip(parts, manifests):
         if m["shard"] in by_shard:

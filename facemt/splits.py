@@ -60,12 +60,38 @@ def subject_folds(
 
 def validation_split(table: pd.DataFrame, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Hold out about ``fraction`` of the rows for validation, subject-disjoint
-    when persons are known. ``fraction=0`` gives no validation rows."""
+    when persons are known: whole persons, as near the fraction as they allow
+    (at least one person on each side). ``fraction=0`` gives no validation rows.
+
+    A fraction of 1/K (0.5, 0.25, 0.2, 0.1, ...) holds out the first of K
+    stratified subject-disjoint folds; any other fraction takes persons in a
+    seeded order that alternates between age group x gender strata until the
+    held-out rows come nearest to the fraction.
+    """
     everything = np.arange(len(table))
-    if fraction <= 0 or len(set(person_groups(table))) < 2:
+    groups = person_groups(table)
+    if fraction <= 0 or len(set(groups)) < 2:
         return everything, everything[:0]
-    train_idx, val_idx = subject_folds(table, int(round(1 / fraction)), seed)[0]
-    return np.sort(train_idx), np.sort(val_idx)
+    folds = 1 / fraction
+    if abs(folds - round(folds)) < 1e-6:
+        train_idx, val_idx = subject_folds(table, int(round(folds)), seed)[0]
+        return np.sort(train_idx), np.sort(val_idx)
+    held = np.isin(groups, _persons_for(table, groups, fraction, seed))
+    return everything[~held], everything[held]
+
+
+def _persons_for(table: pd.DataFrame, groups: np.ndarray, fraction: float, seed: int) -> list[str]:
+    """The groups (persons) whose rows together come nearest to ``fraction`` of the table."""
+    rng = np.random.default_rng(seed)
+    key = stratify_key(table, ("age_group", "gender"))
+    first = pd.DataFrame({"group": groups, "key": key}).drop_duplicates("group")
+    strata = [list(rng.permutation(g["group"].to_numpy())) for _, g in first.groupby("key", sort=True)]
+    strata = [strata[i] for i in rng.permutation(len(strata))]
+    order = [s[i] for i in range(max(map(len, strata))) for s in strata if i < len(s)]  # round robin
+    sizes = pd.Series(groups).value_counts()
+    held = np.cumsum([sizes[g] for g in order])[:-1]  # at least one person stays for training
+    best = int(np.argmin(np.abs(held - fraction * len(table))))
+    return order[:best + 1]
 
 
 def random_folds(
@@ -75,6 +101,9 @@ def random_folds(
     or one split with ``test_size`` of the rows held out (the original 70/30 protocol)."""
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
+    if not test_size and n_splits > len(table):
+        raise FacemtError(f"--folds {n_splits}: random folds need at least one test image each, and there are "
+                          f"only {len(table)} images")
     key = stratify_key(table)
     counts = pd.Series(key).value_counts()
     # Classes too rare to stratify on are merged into one bucket.

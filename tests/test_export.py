@@ -8,6 +8,7 @@ import facemt
 from facemt import FacemtError
 from facemt.cli import main
 from facemt.export import export
+from tolerance import assert_same_predictions
 
 
 def test_torchscript_export_matches_pytorch(run_dir, tmp_path):
@@ -52,10 +53,7 @@ def test_onnx_engine_predicts_like_pytorch(run_dir, faces_dir):
     torch_preds = facemt.load(run_dir, device="cpu").predict(files)
     engine = facemt.load(run_dir, engine="onnx")
     assert engine.model.source is None  # no exported file in the run: built at load
-    for a, b in zip(torch_preds, engine.predict(files)):
-        assert a.labels == b.labels
-        for t in a.probabilities:
-            assert max(abs(a.probabilities[t][c] - b.probabilities[t][c]) for c in a.probabilities[t]) <= 1e-4
+    assert_same_predictions(torch_preds, engine.predict(files), tol=1e-4)
     with pytest.raises(FacemtError, match="unknown engine"):
         facemt.load(run_dir, engine="tensorrt")
 

@@ -29,8 +29,11 @@ FIT = ["--epochs", "30", "--image-size", "32", "--batch-size", "8", "--augment",
 
 
 def _run_cli(args, **kw):
+    # The child computes with this process's thread count, so that its training and the in-process parts of a
+    # test are the same computation (other thread counts round differently).
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), **kw.pop("env", {})}
     return subprocess.Popen([sys.executable, "-m", "facemt.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+                            stderr=subprocess.PIPE, text=True, env=env, **kw)
 
 
 def test_sigint_saves_state_and_resume_matches_uninterrupted_run(faces_dir, tmp_path):

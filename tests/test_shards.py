@@ -10,6 +10,7 @@ import pytest
 from facemt import FacemtError
 from facemt.cli import main
 from facemt.shards import merge_parts, parse_shard, part_path, take_shard
+from tolerance import assert_same_csv
 
 
 def test_shards_partition_every_file_exactly_once():
@@ -39,7 +40,9 @@ def test_merged_shards_equal_one_whole_prediction(sharded):
     folder, whole = sharded
     assert not (folder / "preds.csv").exists()  # parts only
     assert main(["merge-predictions", "--out", str(folder / "preds.csv")]) == 0
-    assert (folder / "preds.csv").read_bytes() == whole.read_bytes()
+    # One batch of 24 per shard against batches of 32, 32 and 8: kernels may round differently for other batch
+    # sizes, so rows, order and labels are exact and probabilities equal within the promised tolerance.
+    assert_same_csv((folder / "preds.csv").read_text(), whole.read_text())
     manifest = json.loads((folder / "preds.part-2-of-3.csv.json").read_text())
     assert manifest["shard"] == 2 and manifest["shards"] == 3 and manifest["total_files"] == 72
 
