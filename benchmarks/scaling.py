@@ -159,7 +159,7 @@ def median_ms(fn, repeats: int = 20) -> float:
 def engines_section(calibration: list[str]) -> list[str]:
     torch.set_num_threads(os.cpu_count() or 1)
     # int8 calibrated on real faces, as export --calibration does
-    predictors = {"torch": facemt.load(device="cpu"), "onnx": facemt.load(engine="onnx"),
+    predictors = {"torch": facemt.load(device="cpu", engine="torch"), "onnx": facemt.load(engine="onnx"),
                   "onnx-int8": quantized_predictor("int8", calibration),
                   "dynamic int8": quantized_predictor("dynamic"), "a16w8": quantized_predictor("a16w8", calibration)}
     size = predictors["torch"].preprocess.image_size
@@ -185,10 +185,11 @@ def quantized_predictor(kind: str, calibration: list[str] | None = None):
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from facemt.engines import OnnxModel, quantize_int8, write_onnx
+    from facemt.engines import OnnxModel, quantize_int8
     from facemt.inference import calibration_batches
+    from facemt.model import write_onnx
 
-    base = facemt.load(device="cpu")
+    base = facemt.load(device="cpu", engine="torch")
     with tempfile.TemporaryDirectory() as tmp:
         graph, out = Path(tmp) / "m.onnx", Path(tmp) / "q.onnx"
         write_onnx(base.model, base.preprocess.image_size, graph)
@@ -207,7 +208,7 @@ def int8_section(root: Path, calibration: list[str]) -> list[str]:
     sets = {"JAFFE (all 213; expression)": index_jaffe(root / "jaffe").table,
             "UTKFace held-out adults (first 600; age group, gender)":
                 index_utkface(root / "utkface").table.set_index("path").loc[held[:600]].reset_index()}
-    predictors = {"torch": facemt.load(device="cpu"), "onnx": facemt.load(engine="onnx"),
+    predictors = {"torch": facemt.load(device="cpu", engine="torch"), "onnx": facemt.load(engine="onnx"),
                   "onnx-int8": quantized_predictor("int8", calibration),
                   "a16w8": quantized_predictor("a16w8", calibration)}
     lines = ["\n### int8 against float32 on real faces (the built-in model)\n",

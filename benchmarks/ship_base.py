@@ -1,6 +1,8 @@
 """Ship a trained base run into the package (``facemt/base/``): a float16 copy
 of the weights (half the size) if its probabilities stay within 1e-3 of the
-float32 run's on real validation faces, else the float32 weights as they are.
+float32 run's on real validation faces, else the float32 weights as they are;
+then the ONNX graph exported from the shipped weights (``model.onnx`` + its
+sidecar naming their SHA-256), which ``facemt predict`` runs by default.
 
     python benchmarks/ship_base.py runs/base --data-root ../shared/data [--out facemt/base]
 """
@@ -17,6 +19,7 @@ import numpy as np
 from facemt.checkpoint import copy_half, load_checkpoint, update_config
 from facemt.data import ImageCache, index_ferplus
 from facemt.engine import decode_images, predict_images
+from facemt.export import export
 
 TOLERANCE = 1e-3
 
@@ -48,6 +51,8 @@ def main(argv=None) -> int:
     else:
         check["shipped"] = "float16"
     update_config(args.out, {"float16_check": check})
+    info = export(args.out, "onnx")  # after the config is final: the graph names the weights it came from
+    print(f"wrote {info['path']} (max |difference| vs PyTorch {info['max_abs_diff']:.1e})")
     return 0
 
 

@@ -14,25 +14,39 @@ import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from facemt import __version__
 from facemt.config import BASE_NAME
 from facemt.errors import FacemtError
 from facemt.files import atomic_write, atomic_write_text, finish_file, make_temp, sha256_file
-from facemt.model import MultiTaskNet, create_trunk
 from facemt.tasks import check_schema, schema_dict
 from facemt.transforms import PreprocessConfig
+
+if TYPE_CHECKING:  # reading a config or naming a run needs no PyTorch (the ONNX path never imports it)
+    import torch
+
+    from facemt.model import MultiTaskNet
 
 FORMAT = "facemt-checkpoint"
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 PREVIOUS_WEIGHTS = ".model.previous.safetensors"
+
+
+def save_file(tensors: dict, path: str, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file as save
+
+    save(tensors, path, metadata=metadata)
+
+
+def load_file(path: str, device: str = "cpu") -> dict:
+    from safetensors.torch import load_file as load
+
+    return load(path, device=device)
 
 
 def save_checkpoint(
@@ -145,6 +159,8 @@ def load_checkpoint(
         state = load_file(str(weights), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as exc:
         raise FacemtError(f"{weights}: not a readable safetensors file ({exc})") from None
+    from facemt.model import MultiTaskNet, create_trunk
+
     try:
         tasks = check_schema(config["tasks"])
         preprocess = PreprocessConfig.from_dict(config["preprocess"])
@@ -273,6 +289,8 @@ class ResumeState:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The flat tensor dict stored in ``resume.safetensors``."""
+        import torch
+
         out = {f"{prefix}/{k}": v.detach().cpu().contiguous()
                for prefix in self._PREFIXES for k, v in getattr(self, prefix).items()}
         out.update({f"optim/{idx}/{name}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()

@@ -1,4 +1,4 @@
-"""Command line: ``facemt synth | check-data | fit | predict | merge-predictions | evaluate | cv | export``. The only module that parses
+"""Command line: ``facemt synth | check-data | fit | predict | merge-predictions | evaluate | cv | explain | export``. The only module that parses
 arguments or prints."""
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from rich.table import Table
 from facemt import __version__
 from facemt.errors import FacemtError
 from facemt.config import AUGMENT_PRESETS, CROP_POLICIES, LOSS_WEIGHTINGS, PRIORS, TrainConfig
+from facemt.engines import ENGINES
 from facemt.tasks import TASK_NAMES, TASKS
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -35,6 +36,8 @@ EPILOG = """examples:
   facemt predict --model runs/demo crops/ --no-detect --json
   facemt predict photos/ --prior training --out p.csv    # classes as common as in the training data
   facemt export --model runs/demo --format onnx
+  facemt explain photo.jpg --out explanations/        # per-head heat maps (one PNG per face)
+  facemt explain photo.jpg --target expression=anger  # evidence for a chosen class
   facemt check-data --data data/faces-demo
   facemt fit --resume runs/demo                      # after Ctrl-C
   facemt evaluate --model runs/demo --data data/faces-test
@@ -612,11 +615,18 @@ def cmd_evaluate(args: argparse.Namespace, out: Console, err: Console) -> int:
 
     predictor = load(_model(args), device=args.device, batch_size=args.batch_size, crop=_crop_override(args),
                      engine=args.engine, tta=args.tta, prior=args.prior)
+    if args.explain:
+        from facemt.explain import check_method
+
+        check_method(args.method)
+        predictor.torch_model()  # an ONNX engine asked for by name is said now
     index = _load_data(args.data, err)
     cache = ImageCache()
     with _Progress(err) as progress:
         images = decode_images(index, predictor.preprocess, cache, progress)
     metrics = evaluate_predictions(index.table, predictor.probabilities(images))
+    if args.explain:
+        _class_maps(predictor, index, images, Path(args.explain), args.method, args.overwrite, err)
     notes = evaluation_notes(predictor.config, predictor.tasks, index.table)
     for note in notes:
         err.print(f"note: {note}", style="yellow", markup=False, highlight=False)
@@ -645,6 +655,25 @@ def cmd_evaluate(args: argparse.Namespace, out: Console, err: Console) -> int:
     return EXIT_OK
 
 
+def _class_maps(predictor, index, images, folder: Path, method: str, overwrite: bool, err: Console) -> None:
+    """evaluate --explain: class-average maps of the labelled faces, as a figure and arrays."""
+    from facemt.data import encode_targets
+    from facemt.explain import class_average_maps, dataset_maps, plot_class_maps, save_class_maps
+    from facemt.files import atomic_write
+
+    targets = [folder / "class_maps.png", folder / "class_maps.npz"]
+    if any(t.exists() for t in targets) and not overwrite:
+        raise FacemtError(f"--explain {folder}: already holds class maps; choose another folder or pass --overwrite")
+    labels = encode_targets(index.table, predictor.tasks)
+    maps, mean = dataset_maps(predictor.torch_model(), images, predictor.preprocess, labels, method)
+    averages = class_average_maps(maps, labels)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(targets[0], lambda tmp: plot_class_maps(averages, tmp, mean, f"{predictor.run_dir.name} on "
+                                                         f"{len(images)} faces ({method}; true class)"))
+    atomic_write(targets[1], lambda tmp: save_class_maps(averages, tmp))
+    err.print(f"class-average maps ({method}) written to {targets[0]} and {targets[1]}", markup=False, highlight=False)
+
+
 class _CVProgress(_Progress):
     """One bar over every epoch of every model in the cross-validation."""
 
@@ -670,6 +699,10 @@ def cmd_cv(args: argparse.Namespace, out: Console, err: Console) -> int:
     if not args.data:
         raise FacemtError("cv needs --data")
     config = _train_config(args)
+    if args.explain:
+        from facemt.explain import check_method
+
+        check_method(args.method)
     report_dir = Path(args.out)
     if (report_dir / "report.md").exists() and not args.overwrite:
         raise FacemtError(f"{report_dir} already holds a report; choose another --out or pass --overwrite")
@@ -681,7 +714,8 @@ def cmd_cv(args: argparse.Namespace, out: Console, err: Console) -> int:
     _print_summary(index, err)
     with _CVProgress(err) as progress:
         result = cross_validate(index, config, folds=args.folds, split=args.split, seeds=args.seeds,
-                                baselines=args.baselines, test_size=args.test_size, callback=progress)
+                                baselines=args.baselines, test_size=args.test_size, callback=progress,
+                                explain=args.method if args.explain else None)
     for warning in result.warnings:
         err.print(f"warning: {warning}", style="yellow", markup=False)
     write_report(result, report_dir)
@@ -705,6 +739,66 @@ def cmd_cv(args: argparse.Namespace, out: Console, err: Console) -> int:
     out.print(table)
     out.print(f"report written to {report_dir / 'report.md'}")
     return EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from facemt.explain import check_method, plot_explanation
+    from facemt.images import iter_image_files
+    from facemt.inference import load
+
+    check_method(args.method)
+    targets = _targets(args.target)
+    files = iter_image_files(args.inputs)
+    if not files:
+        raise FacemtError("no image files found in the given inputs")
+    folder = Path(args.out)
+    if folder.exists() and not folder.is_dir():
+        raise FacemtError(f"--out {folder}: is a file; give a folder for the PNGs")
+    predictor = load(_model(args), device=args.device, crop=_crop_override(args), engine=args.engine, prior=args.prior)
+    predictor.torch_model()  # an ONNX engine asked for by name is said now, before any work
+    written, results, failed = [], [], 0
+    with Progress(TextColumn("explain"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
+                  transient=True, disable=len(files) < 4) as progress:
+        task = progress.add_task("explain", total=len(files))
+        for path in files:
+            try:
+                explanations = predictor.explain(path, targets, args.method, all_faces=True)
+            except FacemtError as exc:
+                err.print(f"error: {exc}", markup=False, highlight=False)
+                failed += 1
+                continue
+            for e in explanations:
+                name = f"{path.stem}.face{e.face}.png" if e.face is not None else f"{path.stem}.png"
+                target = folder / name
+                if target.exists() and not args.overwrite:
+                    raise FacemtError(f"{target}: already exists; choose another --out or pass --overwrite")
+                from facemt.files import atomic_write
+
+                folder.mkdir(parents=True, exist_ok=True)
+                atomic_write(target, lambda tmp, e=e: plot_explanation(e, tmp, title=f"{path.name} ({args.method})"))
+                written.append(target)
+                results.append({**e.to_dict(), "png": str(target)})
+            progress.update(task, advance=1)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        table = Table()
+        for col in ("file", "face", *predictor.tasks, "explanation"):
+            table.add_column(col)
+        for r in results:
+            cells = [f"{r[t]['label']} ({r[t]['probability']:.2f})"
+                     + ("" if r[t]["target"] == r[t]["label"] else f", map: {r[t]['target']}") for t in predictor.tasks]
+            table.add_row(Path(r["path"]).name, "-" if r["face"] is None else str(r["face"]), *cells, r["png"])
+        out.print(table)
+    err.print(f"{len(written)} explanation(s) ({args.method}) written to {folder}", markup=False, highlight=False)
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def _targets(texts: Sequence[str] | None) -> dict[str, str]:
+    from facemt.explain import parse_targets
+    from facemt.tasks import TASKS as SCHEMA
+
+    return {t: SCHEMA[t].classes[k] for t, k in parse_targets(texts, TASK_NAMES).items()}
 
 
 def cmd_export(args: argparse.Namespace, out: Console, err: Console) -> int:
@@ -732,10 +826,12 @@ def cmd_export(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 
 def _add_engine_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine", choices=("torch", "onnx", "onnx-int8"), default="torch",
-                   help="run the network with PyTorch, or with ONNX Runtime on the CPU in float32 or int8 (uses "
-                        "the run's model.onnx / model.int8.onnx from 'facemt export' when present, else builds it at "
-                        "start-up) (default %(default)s)")
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="auto: ONNX Runtime when the model folder holds a model.onnx exported from its weights (the "
+                        "built-in model ships one; PyTorch is then never imported), else PyTorch; torch; or ONNX "
+                        "Runtime on the CPU in float32 (onnx) or int8 (onnx-int8), using the run's model.onnx / "
+                        "model.int8.onnx from 'facemt export' when present, else building it at start-up "
+                        "(default %(default)s)")
 
 
 def _add_tta_arg(p: argparse.ArgumentParser) -> None:
@@ -772,6 +868,22 @@ def _split_predict_inputs(args: argparse.Namespace) -> None:
         if args.model is not None:
             raise FacemtError(f"two models given: {first} and --model {args.model}")
         args.model, args.inputs = str(first), args.inputs[1:]
+
+
+def _explain_default() -> str:
+    from facemt.explain import DEFAULT_METHOD
+
+    return DEFAULT_METHOD
+
+
+def _add_explain_args(p: argparse.ArgumentParser, metavar: str | None, help_text: str) -> None:
+    if metavar:
+        p.add_argument("--explain", metavar=metavar, help=help_text)
+    else:
+        p.add_argument("--explain", action="store_true", help=help_text)
+    p.add_argument("--method", default=_explain_default(), metavar="METHOD",
+                   help="explanation method: gradcam-8, gradcam-16, gradcam-32 (Grad-CAM on the trunk stage of "
+                        "that stride) or integrated-gradients (default %(default)s, chosen by benchmarks/explain.py)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -863,7 +975,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_arg(p)
     _add_tta_arg(p)
     _add_prior_arg(p)
+    _add_explain_args(p, "DIR", "also write class-average maps (rows heads, columns classes: where each head finds "
+                      "the evidence for the true class) to DIR/class_maps.png and DIR/class_maps.npz")
+    p.add_argument("--overwrite", action="store_true", help="replace class maps already in --explain DIR")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("explain", help="per-head heat maps: where in the face each head finds its evidence",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="IMAGE|DIR", help="image files or folders")
+    _add_model_arg(p)
+    p.add_argument("--out", default="explanations", help="folder for one PNG per face (default %(default)s)")
+    p.add_argument("--target", action="append", metavar="TASK=CLASS",
+                   help="explain this class instead of the predicted one, e.g. expression=anger (repeatable)")
+    p.add_argument("--method", default=_explain_default(), metavar="METHOD",
+                   help="gradcam-8, gradcam-16, gradcam-32 (Grad-CAM on the trunk stage of that stride) or "
+                        "integrated-gradients (default %(default)s, chosen by benchmarks/explain.py)")
+    p.add_argument("--crop", choices=CROP_POLICIES, help="override the run's crop policy")
+    p.add_argument("--no-detect", action="store_true", help="same as --crop none")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")
+    _add_engine_arg(p)
+    _add_prior_arg(p)
+    p.add_argument("--overwrite", action="store_true", help="replace PNGs already in --out")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON: per face and head the label, the explained class, its map "
+                        "(28x28 in the aligned frame) and the matrix taking map pixels to photo pixels")
+    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("export", help="export a run to ONNX or TorchScript", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -894,6 +1030,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also train one single-task model per head on the same folds (default on)")
     p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     p.add_argument("--json", action="store_true", help="print the summary table as JSON")
+    _add_explain_args(p, None, "also map where each multi-task model finds the evidence for its test faces' true "
+                      "class, per head; the report adds the class averages (class_maps.png, class_maps.npz)")
     p.set_defaults(func=cmd_cv)
     return parser
 

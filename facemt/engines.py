@@ -1,15 +1,16 @@
-"""The graph of a run as one exportable module, and ONNX Runtime as an
-inference engine: ``onnx`` (float32) and ``onnx-int8`` (static QDQ
-quantization, calibrated on face images framed as the run frames them).
+"""ONNX Runtime as an inference engine: ``onnx`` (float32) and ``onnx-int8``
+(static QDQ quantization, calibrated on face images framed as the run frames
+them). Nothing here imports PyTorch: a model folder with a matching graph
+predicts without it (``--engine auto``). The graph itself is written by
+:mod:`facemt.export`.
 
 An engine model quacks like the PyTorch one where prediction needs it
-(``tasks``, ``eval()``, ``probabilities(batch)``), so the predictor, evaluation
-and export use either without knowing which.
+(``tasks``, ``eval()``, ``probabilities(batch)``; batches and results are
+NumPy arrays here), so the predictor and evaluation use either.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import tempfile
@@ -18,45 +19,25 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-import torch
-from torch import nn
 
 from facemt.errors import FacemtError
-from facemt.model import MultiTaskNet
+from facemt.files import sha256_file
 
-ENGINES = ("torch", "onnx", "onnx-int8")
+#: ``auto``: ONNX Runtime when the model folder holds a graph exported from its weights (the built-in model
+#: ships one), else PyTorch.
+ENGINES = ("auto", "torch", "onnx", "onnx-int8")
 ONNX_FILES = {"onnx": "model.onnx", "onnx-int8": "model.int8.onnx"}
-OPSET = 17
 #: Quantized operators: the trunk's (convolutions, activations, residual adds, pooling) and the heads'
 #: matrix products; softmax and the temperature division stay float, so probabilities still sum to 1.
 QUANTIZED_OPS = ["Conv", "Clip", "Relu", "Add", "Mul", "GlobalAveragePool", "AveragePool", "MaxPool", "Flatten",
                  "Reshape", "Gemm", "MatMul", "Concat", "Sigmoid"]
 
 
-class Graph(nn.Module):
-    """The network with a fixed output order (the heads in schema order) and,
-    by default, calibrated softmax probabilities instead of logits."""
+def onnxruntime_available() -> bool:
+    """Whether ONNX Runtime is installed (without importing it)."""
+    import importlib.util
 
-    def __init__(self, model: MultiTaskNet, probabilities: bool = True) -> None:
-        super().__init__()
-        self.model, self.tasks, self.probabilities = model, model.tasks, probabilities
-
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model.probabilities(image) if self.probabilities else self.model(image)
-        return tuple(out[t] for t in self.tasks)
-
-
-def write_onnx(model: MultiTaskNet, image_size: int, target: str | os.PathLike | io.BytesIO,
-               probabilities: bool = True) -> None:
-    """Export ``model`` as ONNX: input ``image`` (N x 3 x S x S), one output per head, any batch size."""
-    graph = Graph(model.cpu().eval(), probabilities).eval()
-    dummy = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    tasks = list(model.tasks)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(graph, (dummy,), target, input_names=["image"], output_names=tasks,
-                          dynamic_axes={"image": {0: "batch"}, **{t: {0: "batch"} for t in tasks}},
-                          opset_version=OPSET, dynamo=False)
+    return importlib.util.find_spec("onnxruntime") is not None
 
 
 def _ort():
@@ -103,7 +84,8 @@ class OnnxModel:
     def __init__(self, graph: str | os.PathLike | bytes, tasks: Sequence[str], threads: int | None = None) -> None:
         ort = _ort()
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
+        # as many threads as PyTorch would use (OMP_NUM_THREADS, else ONNX Runtime's default: one per core)
+        options.intra_op_num_threads = threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
         source = graph if isinstance(graph, bytes) else str(graph)
         try:
             self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
@@ -118,18 +100,27 @@ class OnnxModel:
     def eval(self) -> "OnnxModel":
         return self
 
-    def probabilities(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        outputs = self.session.run(list(self.tasks), {"image": batch.detach().cpu().numpy().astype(np.float32)})
-        return {t: torch.from_numpy(np.asarray(o)) for t, o in zip(self.tasks, outputs)}
+    def probabilities(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Per head, N x classes probabilities of a N x 3 x S x S float32 batch."""
+        outputs = self.session.run(list(self.tasks), {"image": np.ascontiguousarray(batch, dtype=np.float32)})
+        return {t: np.asarray(o) for t, o in zip(self.tasks, outputs)}
 
 
 def matching_graph(run_dir: Path, engine: str, weights_sha256: str) -> Path | None:
     """The run's exported graph for ``engine`` if ``facemt export`` wrote one
-    from these very weights with probability outputs; else None."""
+    from these very weights with probability outputs; else None.
+
+    Raises:
+        FacemtError: the graph's bytes do not match the SHA-256 its sidecar records.
+    """
     path = run_dir / ONNX_FILES[engine]
+    sidecar = path.with_name(path.name + ".json")
     try:
-        info = json.loads(path.with_name(path.name + ".json").read_text(encoding="utf-8"))
+        info = json.loads(sidecar.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     ok = path.is_file() and info.get("weights_sha256") == weights_sha256 and info.get("output_kind") == "probabilities"
+    if ok and "sha256" in info and sha256_file(path) != info["sha256"]:
+        raise FacemtError(f"{path}: SHA-256 does not match {sidecar.name} (file corrupt or replaced); "
+                          "export it again or delete both")
     return path if ok else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -128,6 +128,9 @@ class CVResult:
     confusion: dict[tuple[str, str, str], np.ndarray]
     config: dict
     warnings: list[str] = field(default_factory=list)
+    #: with ``explain``: per head and true class the mean map of the multi-task models' test faces
+    #: (:func:`facemt.explain.class_average_maps`) and ``mean_face``, the average test face they lie on.
+    class_maps: dict | None = None
 
     def summary(self) -> pd.DataFrame:
         """Per protocol and head: multi-task and single-task mean/std accuracy, the
@@ -230,6 +233,7 @@ def cross_validate(
     test_size: float | None = None,
     cache: ImageCache | None = None,
     callback: Callable[[str, dict], None] | None = None,
+    explain: str | None = None,
 ) -> CVResult:
     """Train and test the multi-task model and (with ``baselines``) one single-task
     model per head on identical folds and seeds. When training starts from a
@@ -249,6 +253,9 @@ def cross_validate(
         cache: decoded images shared by every model.
         callback: receives ``run_start`` / ``run_end`` events plus every
             training event of :func:`facemt.engine.train`.
+        explain: an explanation method (:data:`facemt.explain.METHODS`): every
+            multi-task model also maps its test faces' evidence for their true
+            class per head; ``class_maps`` holds the class averages.
 
     Returns:
         a :class:`CVResult`.
@@ -299,6 +306,11 @@ def cross_validate(
     untouched = load_checkpoint(start, map_location=resolve_device(config.device)) if start else None
     records, histories = [], []
     confusion: dict[tuple[str, str, str], np.ndarray] = {}
+    explained: dict[str, Any] = {"maps": {}, "labels": {}, "mean": 0.0, "faces": 0}
+    if explain:
+        from facemt.explain import check_method
+
+        check_method(explain)
 
     def score(model, preprocess, run: _Run, model_name: str, heads: Sequence[str]) -> None:
         test_images = cache.load([table["path"].iloc[j] for j in run.test_rows], preprocess)[0]
@@ -322,6 +334,17 @@ def cross_validate(
         ids = {"protocol": run.protocol, "seed": run.seed, "fold": run.fold, "model": run.history_name}
         histories.append(pd.concat([pd.DataFrame(ids, index=result.history.index), result.history], axis=1))
         score(result.model, result.preprocess, run, run.model, run.tasks)
+        if explain and run.model == "multitask":
+            from facemt.explain import dataset_maps
+
+            test_images = cache.load([table["path"].iloc[j] for j in run.test_rows], result.preprocess)[0]
+            maps, mean = dataset_maps(result.model, test_images, result.preprocess,
+                                      {t: targets[t][run.test_rows] for t in run.tasks}, explain, config.batch_size)
+            for t in run.tasks:
+                explained["maps"].setdefault(t, []).append(maps[t])
+                explained["labels"].setdefault(t, []).append(targets[t][run.test_rows])
+            explained["mean"] += mean * len(test_images)
+            explained["faces"] += len(test_images)
         if callback:
             callback("run_end", {"run": i + 1, "runs": len(plan), "label": run.label})
     settings = {
@@ -330,5 +353,14 @@ def cross_validate(
         "framings": len(cache.framings),
         "zero_shot": run_name(start) if start else None,  # the model training started from
     }
-    return CVResult(pd.DataFrame(records), pd.concat(histories, ignore_index=True), confusion, settings, messages)
+    class_maps = None
+    if explain:
+        from facemt.explain import class_average_maps
+
+        settings["explain"] = explain
+        class_maps = {"heads": class_average_maps({t: np.concatenate(v) for t, v in explained["maps"].items()},
+                                                  {t: np.concatenate(v) for t, v in explained["labels"].items()}),
+                      "mean_face": explained["mean"] / max(1, explained["faces"]), "method": explain}
+    return CVResult(pd.DataFrame(records), pd.concat(histories, ignore_index=True), confusion, settings, messages,
+                    class_maps)
 

@@ -13,17 +13,16 @@ import numpy as np
 import torch
 
 from facemt.checkpoint import load_checkpoint
-from facemt.engines import ONNX_FILES, Graph, quantize_int8, write_onnx
+from facemt.engines import ONNX_FILES, quantize_int8
+from facemt.model import Graph, write_onnx
 from facemt.inference import calibration_batches, own_prior
-from facemt.files import atomic_write, atomic_write_text
+from facemt.files import atomic_write, atomic_write_text, sha256_file
 from facemt.errors import FacemtError
 from facemt.tasks import schema_dict
 
 log = logging.getLogger(__name__)
 FORMATS = ("onnx", "torchscript")
 TOLERANCE = 1e-4
-
-
 def _run_exported(fmt: str, path: Path, batch: torch.Tensor, tasks: tuple[str, ...]) -> list[np.ndarray]:
     if fmt == "torchscript":
         module = torch.jit.load(str(path), map_location="cpu")
@@ -131,5 +130,6 @@ def export(
         if not diff <= TOLERANCE:
             path.unlink(missing_ok=True)
             raise FacemtError(f"exported {fmt} graph differs from PyTorch by {diff:.2e} (> {TOLERANCE:g}); file removed")
+    info["sha256"] = sha256_file(path)  # the graph's own bytes: a damaged file is never run
     atomic_write_text(path.with_name(path.name + ".json"), json.dumps(info, indent=2) + "\n")
     return {**info, "path": str(path)}

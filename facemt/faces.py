@@ -195,17 +195,21 @@ def alignment_matrix(face: Face, policy: CropPolicy, side: int, input_size: int)
 def crop_box(image: Image.Image, box: tuple[int, int, int, int], margin: float) -> Image.Image:
     """A square crop around ``box`` grown by ``margin`` x its size on every side;
     parts outside the image are filled by replicating the border."""
-    x, y, w, h = box
-    side = max(w, h) * (1 + 2 * margin)
-    cx, cy = x + w / 2, y + h / 2
-    left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
-    size = max(1, int(round(side)))
+    left, top, size = _box_crop(box, margin)
     arr = np.asarray(image)
     pad = max(0, -left, -top, left + size - arr.shape[1], top + size - arr.shape[0])
     if pad:
         arr = cv2.copyMakeBorder(arr, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
     crop = arr[top + pad : top + pad + size, left + pad : left + pad + size]
     return Image.fromarray(np.ascontiguousarray(crop))
+
+
+def _box_crop(box: tuple[int, int, int, int], margin: float) -> tuple[int, int, int]:
+    """``crop_box``'s square: left, top and side in the picture's pixels."""
+    x, y, w, h = box
+    side = max(w, h) * (1 + 2 * margin)
+    cx, cy = x + w / 2, y + h / 2
+    return int(round(cx - side / 2)), int(round(cy - side / 2)), max(1, int(round(side)))
 
 
 def shrink(image: Image.Image, side: int) -> np.ndarray:
@@ -225,11 +229,55 @@ def face_image(image: Image.Image, face: Face | None, policy: CropPolicy, side: 
         return shrink(image, side)
     if policy.mode == "box":
         return shrink(crop_box(image, face.box, policy.margin), side)
-    matrix = alignment_matrix(face, policy, side, input_size)
-    out = cv2.warpAffine(np.asarray(image), matrix, (side, side), flags=cv2.INTER_AREA
-                         if matrix[0, 0] ** 2 + matrix[0, 1] ** 2 < 1 else cv2.INTER_CUBIC,
+    return warp(np.asarray(image), alignment_matrix(face, policy, side, input_size), side)
+
+
+def warp(picture: np.ndarray, matrix: np.ndarray, side: int) -> np.ndarray:
+    """``side`` x ``side`` image of ``picture`` under the 2x3 similarity ``matrix``, the same at any photo size.
+
+    ``cv2.warpAffine`` has no area interpolation (asked for ``INTER_AREA`` it
+    silently interpolates bilinearly), so shrinking a large photo by a big
+    factor in the warp would alias: fine false detail, like skin texture that
+    small web photos never show. The part of the photo the output needs is
+    therefore cut out and shrunk with area interpolation first, so that the
+    warp itself only rotates and shifts (scale 1); enlarging uses bicubic.
+    """
+    matrix = np.asarray(matrix, dtype=np.float64)
+    scale = float(np.hypot(matrix[0, 0], matrix[0, 1]))
+    if scale < 1:
+        corners = cv2.transform(np.array([[[0, 0], [side, 0], [0, side], [side, side]]], np.float64),
+                                cv2.invertAffineTransform(matrix))[0]
+        pad = 2 / scale  # the interpolation's neighbours, in photo pixels
+        h, w = picture.shape[:2]
+        x0, y0 = (max(0, int(np.floor(v - pad))) for v in corners.min(0))
+        x1, y1 = min(w, int(np.ceil(corners[:, 0].max() + pad))), min(h, int(np.ceil(corners[:, 1].max() + pad)))
+        if x1 > x0 and y1 > y0:  # else the face lies outside the photo: the plain warp replicates its border
+            part = picture[y0:y1, x0:x1]
+            size = (max(1, round(part.shape[1] * scale)), max(1, round(part.shape[0] * scale)))
+            small = cv2.resize(part, size, interpolation=cv2.INTER_AREA)
+            fx, fy = size[0] / part.shape[1], size[1] / part.shape[0]
+            # photo = small / f + (x0, y0): the same output under the matrix for the small picture
+            matrix = np.hstack([matrix[:, :1] / fx, matrix[:, 1:2] / fy, (matrix[:, :2] @ [x0, y0] + matrix[:, 2])[:, None]])
+            picture = small
+    out = cv2.warpAffine(picture, matrix, (side, side), flags=cv2.INTER_LINEAR if scale < 1 else cv2.INTER_CUBIC,
                          borderMode=cv2.BORDER_REPLICATE)
     return np.ascontiguousarray(out)
+
+
+def face_to_photo(photo_size: tuple[int, int], face: Face | None, policy: CropPolicy, side: int,
+                  input_size: int) -> np.ndarray:
+    """3x3 affine matrix from a framed face image's pixels (what :func:`face_image`
+    returns) back to the photo's pixels, for every crop policy."""
+    if face is not None and policy.mode == "align":
+        return np.vstack([cv2.invertAffineTransform(alignment_matrix(face, policy, side, input_size)), [0, 0, 1]])
+    if face is not None and policy.mode == "box":
+        left, top, size = _box_crop(face.box, policy.margin)
+        width = height = size
+    else:
+        (width, height), left, top = photo_size, 0, 0
+    scale = side / min(width, height)
+    shrunk = (max(1, round(width * scale)), max(1, round(height * scale))) if scale < 1 else (width, height)
+    return np.array([[width / shrunk[0], 0, left], [0, height / shrunk[1], top], [0, 0, 1]], dtype=np.float64)
 
 
 def extract_faces(

@@ -7,22 +7,25 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
-import torch
 
-from facemt.checkpoint import load_checkpoint, resolve_run
+from facemt.checkpoint import load_checkpoint, read_config, resolve_run
 from facemt.config import PRIORS
-from facemt.engines import ENGINES, OnnxModel, matching_graph, quantize_int8, write_onnx
+from facemt.engines import ENGINES, OnnxModel, matching_graph, onnxruntime_available, quantize_int8
 from facemt.errors import FacemtError
 from facemt.images import ImageInput, as_rgb_image
-from facemt.losses import class_prior
-from facemt.tasks import TASKS
-from facemt.faces import Face, framing
-from facemt.model import MultiTaskNet
+from facemt.tasks import TASKS, check_schema, class_prior
+from facemt.faces import Face, face_to_photo, framing
 from facemt.synth import draw_face, make_person
 from facemt.transforms import PreprocessConfig, build_transform, face_images
+
+if TYPE_CHECKING:  # the ONNX path (--engine auto with a shipped graph) never imports PyTorch or timm
+    import torch
+
+    from facemt.explain import Explanation
+    from facemt.model import MultiTaskNet
 
 
 #: What facemt promises across batchings, shardings, thread counts and engines (README, "Scaling out"): the
@@ -32,12 +35,14 @@ from facemt.transforms import PreprocessConfig, build_transform, face_images
 PROBABILITY_TOLERANCE = 1e-5
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str = "auto") -> "torch.device":
     """``auto`` picks CUDA when present, else the CPU.
 
     Raises:
         FacemtError: an unknown device, or CUDA asked for where there is none.
     """
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -92,39 +97,55 @@ def reweight(probs: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return (moved / moved.sum(1, keepdims=True)).astype(probs.dtype)
 
 
-@torch.no_grad()
 def predict_images(
-    model: MultiTaskNet,
+    model: "MultiTaskNet | OnnxModel",
     images: Sequence[np.ndarray],
     preprocess: PreprocessConfig,
     batch_size: int = 64,
-    device: torch.device | str = "cpu",
+    device: "torch.device | str" = "cpu",
     tta: bool = False,
     weights: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Class probabilities per head for cached images (N x classes arrays).
+    """Class probabilities per head for cached images (N x classes arrays),
+    with a PyTorch model or an ONNX Runtime one: the same batches, mirror
+    images and priors for both.
 
     ``tta``: also run each face mirrored left-right and average the two
     probability vectors (test-time augmentation; twice the network time).
     ``weights``: per head, factors the probabilities are multiplied by and
     renormalised (:func:`prior_weights`).
     """
-    model.eval()
+    network = _network(model, device)
     transform = build_transform(preprocess, "none")
     out: dict[str, list[np.ndarray]] = {t: [] for t in model.tasks}
     for start in range(0, len(images), batch_size):
-        batch = torch.stack([transform(im) for im in images[start : start + batch_size]]).to(device)
-        probabilities = model.probabilities(batch)
+        batch = np.stack([transform.array(im) for im in images[start : start + batch_size]])
+        probabilities = network(batch)
         if tta:
-            mirrored = model.probabilities(batch.flip(-1))
+            mirrored = network(np.ascontiguousarray(batch[..., ::-1]))
             probabilities = {t: (p + mirrored[t]) / 2 for t, p in probabilities.items()}
         for t, probs in probabilities.items():
-            out[t].append(probs.cpu().numpy())
+            out[t].append(probs)
     probs = {t: np.concatenate(v) if v else np.zeros((0, TASKS[t].num_classes)) for t, v in out.items()}
     for t, w in (weights or {}).items():
         if t in probs and len(probs[t]):
             probs[t] = reweight(probs[t], w)
     return probs
+
+
+def _network(model: "MultiTaskNet | OnnxModel", device: "torch.device | str") -> Callable[[np.ndarray], dict]:
+    """N x 3 x S x S float32 batch -> per head N x classes probabilities, for either engine."""
+    if isinstance(model, OnnxModel):
+        return model.probabilities
+    import torch
+
+    model.eval()
+
+    def run(batch: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            return {t: p.cpu().numpy() for t, p in model.probabilities(torch.from_numpy(batch).to(device)).items()}
+
+    return run
 
 
 def _frame(image: ImageInput, preprocess: PreprocessConfig, **options: Any) -> list[tuple[Face | None, np.ndarray]]:
@@ -146,7 +167,7 @@ def calibration_batches(
         expressions = TASKS["expression"].classes
         images = [np.asarray(draw_face(people[i // 4], expressions[i % len(expressions)], rng)) for i in range(64)]
     transform = build_transform(preprocess, "none")
-    tensors = [transform(_frame(im, preprocess, largest_only=True, fallback=True)[0][1]).numpy() for im in images]
+    tensors = [transform.array(_frame(im, preprocess, largest_only=True, fallback=True)[0][1]) for im in images]
     return [np.stack(tensors[i:i + batch_size]) for i in range(0, len(tensors), batch_size)]
 
 
@@ -234,7 +255,8 @@ class Predictor:
         device: ``auto``, ``cpu`` or ``cuda``.
         batch_size: images per forward pass.
         crop: override the run's crop policy (``align``, ``box`` or ``none``).
-        engine: ``torch``, ``onnx`` or ``onnx-int8`` (see :func:`load`).
+        engine: ``auto``, ``torch``, ``onnx`` or ``onnx-int8`` (see :func:`load`);
+            ``self.engine`` is the one chosen.
         tta: average each face's probabilities with its mirror image's
             (test-time augmentation, twice the network time).
         prior: ``balanced`` or ``training``: the class frequencies the
@@ -243,43 +265,130 @@ class Predictor:
 
     def __init__(
         self, run_dir: str | os.PathLike | None = None, device: str = "auto", batch_size: int = 32,
-        crop: str | None = None, engine: str = "torch", tta: bool = False, prior: str | None = None,
+        crop: str | None = None, engine: str = "auto", tta: bool = False, prior: str | None = None,
     ) -> None:
         if engine not in ENGINES:
             raise FacemtError(f"unknown engine {engine!r}: choose {', '.join(ENGINES)}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise FacemtError(f"batch size must be a whole number of at least 1 (got {batch_size!r})")
-        self.device = resolve_device(device if engine == "torch" else "cpu")
-        run_dir = resolve_run(run_dir)
-        self.model, self.preprocess, self.config = load_checkpoint(run_dir, map_location=self.device)
+        self.run_dir = resolve_run(run_dir)
+        self.config = read_config(self.run_dir)
+        try:
+            self.preprocess = PreprocessConfig.from_dict(self.config["preprocess"])
+            tasks = check_schema(self.config["tasks"])
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise FacemtError(f"{self.run_dir / 'config.json'}: invalid field ({exc})") from None
         if crop is not None and crop != self.preprocess.crop:
             self.preprocess = dataclasses.replace(self.preprocess, crop=crop)
-        self.run_dir = Path(run_dir)
         self.batch_size = batch_size
-        self.engine = engine
+        self.engine = self._engine(engine, device)
         self.tta = tta
         self.prior = prior or own_prior(self.config)
         self.class_weights = prior_weights(self.config, prior)
-        if engine != "torch":
-            self.model = self._onnx_model(engine)
+        self.requested_engine, self._torch = engine, None
+        if self.engine == "torch":
+            self.device = resolve_device(device)
+            self.model = load_checkpoint(self.run_dir, map_location=self.device)[0]
+        else:
+            if device not in ("auto", "cpu"):
+                raise FacemtError(f"--engine {self.engine} runs on the CPU: drop --device {device} or use --engine torch")
+            self.device = "cpu"
+            self.model = self._onnx_model(self.engine, tasks)
 
-    def _onnx_model(self, engine: str) -> OnnxModel:
+    def _engine(self, engine: str, device: str) -> str:
+        """``auto``: ONNX Runtime on the CPU when the folder holds a graph exported from these weights
+        (no PyTorch import, a fast start), else PyTorch."""
+        if engine != "auto":
+            return engine
+        found = matching_graph(self.run_dir, "onnx", self.config["weights_sha256"])
+        return "onnx" if found is not None and device in ("auto", "cpu") and onnxruntime_available() else "torch"
+
+    def _onnx_model(self, engine: str, tasks: Sequence[str]) -> OnnxModel:
         """The run's exported graph when ``facemt export`` wrote it from these
         weights, else one built now (int8: calibrated on generated faces)."""
         found = matching_graph(self.run_dir, engine, self.config["weights_sha256"])
         if found is not None:
-            return OnnxModel(found, self.tasks)
+            return OnnxModel(found, tasks)
+        from facemt.model import write_onnx
+
+        model = load_checkpoint(self.run_dir)[0]
         with tempfile.TemporaryDirectory() as tmp:
             graph = Path(tmp) / "model.onnx"
-            write_onnx(self.model, self.preprocess.image_size, graph)
+            write_onnx(model, self.preprocess.image_size, graph)
             if engine == "onnx-int8":
                 quantize_int8(graph, Path(tmp) / "int8.onnx", calibration_batches(self.preprocess))
                 graph = Path(tmp) / "int8.onnx"
-            return OnnxModel(graph.read_bytes(), self.tasks)
+            return OnnxModel(graph.read_bytes(), tasks)
 
     @property
     def tasks(self) -> tuple[str, ...]:
         return tuple(self.model.tasks)
+
+    def torch_model(self) -> "MultiTaskNet":
+        """The PyTorch network (explanations need gradients): this predictor's own, or with
+        ``engine="auto"`` the folder's weights loaded on first use.
+
+        Raises:
+            FacemtError: the predictor was asked for an ONNX engine by name.
+        """
+        if self.engine == "torch":
+            return self.model
+        if self.requested_engine != "auto":
+            raise FacemtError(f"explanations need PyTorch gradients, which --engine {self.engine} does not have: "
+                              "use --engine torch (or auto)")
+        if self._torch is None:
+            self._torch = load_checkpoint(self.run_dir)[0]
+        return self._torch
+
+    def explain(self, image: ImageInput, targets: Mapping[str, str] | None = None, method: str | None = None,
+                all_faces: bool = False) -> "Explanation | list[Explanation]":
+        """Per head, where in the face the evidence for a class lies (see :mod:`facemt.explain`).
+
+        Args:
+            image: a path, PIL image or array.
+            targets: task -> class to explain (default: each head's predicted class).
+            method: one of :data:`facemt.explain.METHODS` (default: :data:`facemt.explain.DEFAULT_METHOD`).
+            all_faces: every face found (a list), not only the largest.
+
+        Returns:
+            an :class:`facemt.explain.Explanation` (its ``maps`` are MAP_SIDE x MAP_SIDE arrays in the aligned
+            frame; ``to_photo`` maps them back onto the photo), or a list with ``all_faces``.
+
+        Raises:
+            FacemtError: unreadable image, unknown target or method, an ONNX engine asked for by name.
+        """
+        import torch
+
+        from facemt.explain import DEFAULT_METHOD, Explanation, head_maps, map_to_input
+
+        model = self.torch_model()
+        wanted = {t: TASKS[t].index(c) for t, c in (targets or {}).items()}
+        unknown = set(wanted) - set(self.tasks)
+        if unknown:
+            raise FacemtError(f"no {', '.join(sorted(unknown))} head to explain (the model has {', '.join(self.tasks)})")
+        picture = as_rgb_image(image, None if self.preprocess.policy.detects else self.preprocess.working_side)
+        framed = face_images(picture, self.preprocess, largest_only=not all_faces, fallback=True)
+        arrays = [a for _, a in framed]
+        probs = predict_images(model, arrays, self.preprocess, self.batch_size, self.device, self.tta,
+                               self.class_weights)
+        transform = build_transform(self.preprocess, "none")
+        batch = torch.from_numpy(np.stack([transform.array(a) for a in arrays])).to(next(model.parameters()).device)
+        chosen = {t: [wanted.get(t, int(np.argmax(p))) for p in probs[t]] for t in self.tasks}
+        maps = head_maps(model, batch, chosen, method or DEFAULT_METHOD)
+        out = []
+        for i, (face, array) in enumerate(framed):
+            labels = {t: TASKS[t].classes[int(np.argmax(probs[t][i]))] for t in self.tasks}
+            probabilities = {t: {c: float(v) for c, v in zip(TASKS[t].classes, probs[t][i])} for t in self.tasks}
+            network_input = transform.image(array)
+            to_photo = (face_to_photo(picture.size, face, self.preprocess.policy, self.preprocess.working_side,
+                                      self.preprocess.image_size)
+                        @ transform.input_to_image(array) @ map_to_input(self.preprocess.image_size))
+            out.append(Explanation(
+                self._source(image), labels, probabilities, {t: TASKS[t].classes[chosen[t][i]] for t in self.tasks},
+                {t: maps[t][i] for t in self.tasks}, network_input, to_photo[:2],
+                face=i if face is not None else None, box=face.box if face is not None else None,
+                framing=framing(self.preprocess.policy, face)))
+        return out if all_faces else out[0]
 
     def options(self, **predict_options: Any) -> dict[str, Any]:
         """What decides this predictor's answers (the weights' SHA-256, engine,
@@ -405,18 +514,21 @@ class Predictor:
 
 def load(
     run_dir: str | os.PathLike | None = None, device: str = "auto", batch_size: int = 32, crop: str | None = None,
-    engine: str = "torch", tta: bool = False, prior: str | None = None,
+    engine: str = "auto", tta: bool = False, prior: str | None = None,
 ) -> Predictor:
     """Load a run folder written by ``facemt fit``, or with no argument (or
     ``"base"``) the built-in base model shipped with facemt.
 
     Args:
         crop: override the run's crop policy (``align``, ``box``, ``none``).
-        engine: ``torch`` (PyTorch, any device), ``onnx`` (ONNX Runtime,
-            float32, CPU) or ``onnx-int8`` (ONNX Runtime, int8, CPU). The ONNX
-            engines use the run's ``model.onnx`` / ``model.int8.onnx`` written
-            by ``facemt export`` when present, else build the graph at load
-            (a few seconds).
+        engine: ``auto`` (the default: ONNX Runtime when the folder holds a
+            ``model.onnx`` exported from its weights, as the built-in model
+            does, and ``device`` is ``auto`` or ``cpu``; PyTorch and timm are
+            then never imported; else PyTorch), ``torch`` (PyTorch, any
+            device), ``onnx`` (ONNX Runtime, float32, CPU) or ``onnx-int8``
+            (ONNX Runtime, int8, CPU). The ONNX engines use the run's
+            ``model.onnx`` / ``model.int8.onnx`` written by ``facemt export``
+            when present, else build the graph at load (a few seconds).
         tta: average each face's probabilities with its mirror image's
             (test-time augmentation; twice the network time).
         prior: the class frequencies the probabilities assume. ``balanced``:

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from facemt.errors import FacemtError
-from facemt.tasks import select_tasks
+from facemt.tasks import class_prior, select_tasks  # noqa: F401  (class_prior: one prior for loss and prediction)
 
 MISSING = -1
 
@@ -134,15 +134,6 @@ class MultiTaskLoss(nn.Module):
         dist = dist.to(logits.dtype)
         q = torch.where(torch.isnan(dist).any(1, keepdim=True), hard, dist)
         return -(q * F.log_softmax(logits, 1)).sum()
-
-
-def class_prior(counts: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Class frequencies from a head's training label counts, each count + 1 so
-    that a class absent from training keeps a finite log prior. The one prior
-    both the logit-adjusted loss and prediction under another prior
-    (:func:`facemt.inference.prior_weights`) use."""
-    c = np.asarray(counts, dtype=float) + 1.0
-    return c / c.sum()
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, steps: int = 200) -> float:

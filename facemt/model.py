@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import difflib
+import io
 import logging
 import os
 import socket
+import warnings
 from pathlib import Path
 from typing import Sequence
 from urllib.parse import urlparse
@@ -149,3 +151,33 @@ def create_model(
     data_config = timm.data.resolve_model_data_config(trunk)
     model = MultiTaskNet(trunk, select_tasks(tasks), dropout=dropout)
     return model, resolve_preprocess(data_config, image_size, crop)
+
+
+#: ONNX opset of exported graphs (the ONNX engines and `facemt export`).
+OPSET = 17
+
+
+class Graph(nn.Module):
+    """The network with a fixed output order (the heads in schema order) and,
+    by default, calibrated softmax probabilities instead of logits."""
+
+    def __init__(self, model: MultiTaskNet, probabilities: bool = True) -> None:
+        super().__init__()
+        self.model, self.tasks, self.probabilities = model, model.tasks, probabilities
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model.probabilities(image) if self.probabilities else self.model(image)
+        return tuple(out[t] for t in self.tasks)
+
+
+def write_onnx(model: MultiTaskNet, image_size: int, target: str | os.PathLike | io.BytesIO,
+               probabilities: bool = True) -> None:
+    """Export ``model`` as ONNX: input ``image`` (N x 3 x S x S), one output per head, any batch size."""
+    graph = Graph(model.cpu().eval(), probabilities).eval()
+    dummy = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    tasks = list(model.tasks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph, (dummy,), target, input_names=["image"], output_names=tasks,
+                          dynamic_axes={"image": {0: "batch"}, **{t: {0: "batch"} for t in tasks}},
+                          opset_version=OPSET, dynamo=False)

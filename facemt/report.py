@@ -217,6 +217,13 @@ def render_markdown(result: CVResult, title: str = "facemt cross-validation repo
     for protocol in dict.fromkeys(summary["protocol"]):
         out += [f"![learning curves, {protocol}](learning_curves_{protocol}.png)", "",
                 f"![confusion matrices, {protocol}](confusion_{protocol}.png)", ""]
+    if result.class_maps:
+        out += ["## Where each head looks", "",
+                f"Class-average maps ({result.class_maps['method']}): for every test face of every fold, the "
+                "multi-task model's evidence for the face's true class, per head, averaged per class over the "
+                "aligned faces (every face is aligned to one frame, so the maps add up pixel by pixel), drawn on "
+                "the mean test face. Arrays: `class_maps.npz` (`TASK/CLASS` and `TASK/CLASS/count`).", "",
+                "![class-average maps](class_maps.png)", ""]
     out += ["Every fold, seed, model and head: `results.csv` / `results.json`; per-epoch curves: `history.csv`.", ""]
     return "\n".join(out)
 
@@ -248,5 +255,13 @@ def write_report(result: CVResult, out_dir: str | os.PathLike, title: str = "fac
     for protocol in dict.fromkeys(summary["protocol"]):
         plot_learning_curves(result.histories, protocol, out / f"learning_curves_{protocol}.png")
         plot_confusions(result, protocol, out / f"confusion_{protocol}.png")
+    if result.class_maps:
+        from facemt.explain import plot_class_maps, save_class_maps
+
+        maps = result.class_maps
+        atomic_write(out / "class_maps.png", lambda tmp: plot_class_maps(
+            maps["heads"], tmp, maps["mean_face"], f"where each head finds its evidence ({maps['method']}; test "
+            "faces of every fold, true class)"), )
+        atomic_write(out / "class_maps.npz", lambda tmp: save_class_maps(maps["heads"], tmp))
     atomic_write_text(out / "report.md", render_markdown(result, title))
     return out

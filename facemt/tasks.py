@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
+
 from facemt.errors import FacemtError
 
 
@@ -90,3 +92,12 @@ def check_schema(schema: Mapping[str, Sequence[str]]) -> tuple[str, ...]:
                 f"this facemt version's schema"
             )
     return tuple(n for n in TASK_NAMES if n in schema)
+
+
+def class_prior(counts: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Class frequencies from a head's training label counts, each count + 1 so
+    that a class absent from training keeps a finite log prior. The one prior
+    both the logit-adjusted loss and prediction under another prior
+    (:func:`facemt.inference.prior_weights`) use."""
+    c = np.asarray(counts, dtype=float) + 1.0
+    return c / c.sum()

@@ -11,15 +11,19 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import cv2
 import numpy as np
-import torch
 from PIL import Image
 
 from facemt import faces
 from facemt.config import AUGMENT_PRESETS
 from facemt.errors import FacemtError
 from facemt.faces import CropPolicy, Face
+
+if TYPE_CHECKING:  # prediction on ONNX Runtime uses the arrays and never imports PyTorch
+    import torch
 
 
 _CV2_INTERPOLATION = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST}
@@ -173,17 +177,37 @@ class EvalPipeline:
         self.mean = np.asarray(cfg.mean, dtype=np.float32) * 255.0
         self.scale = np.reciprocal(np.asarray(cfg.std, dtype=np.float32) * 255.0)
 
-    def __call__(self, image: np.ndarray, seed: int | None = None) -> torch.Tensor:
+    def __call__(self, image: np.ndarray, seed: int | None = None) -> "torch.Tensor":
+        import torch
+
+        return torch.from_numpy(self.array(image))
+
+    def array(self, image: np.ndarray) -> np.ndarray:
+        """The network input of one cached image: a CHW float32 array."""
+        out = (self.image(image).astype(np.float32) - self.mean) * self.scale
+        return np.ascontiguousarray(out.transpose(2, 0, 1))
+
+    def _geometry(self, image: np.ndarray) -> tuple[float, tuple[int, int], int, int]:
         h, w = image.shape[:2]
         factor = self.cfg.working_side / min(h, w)
         size = (max(1, round(h * factor)), max(1, round(w * factor)))
-        if size != (h, w):
-            image = cv2.resize(image, (size[1], size[0]), interpolation=self.interpolation)
         crop = self.cfg.image_size  # <= working_side, which the shorter side now has
-        top, left = (size[0] - crop) // 2, (size[1] - crop) // 2
-        image = image[top:top + crop, left:left + crop]
-        out = (image.astype(np.float32) - self.mean) * self.scale
-        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
+        return factor, size, (size[0] - crop) // 2, (size[1] - crop) // 2
+
+    def image(self, image: np.ndarray) -> np.ndarray:
+        """The network input as the HxWx3 uint8 picture it is made from (resized, centre-cropped)."""
+        _, size, top, left = self._geometry(image)
+        if size != image.shape[:2]:
+            image = cv2.resize(image, (size[1], size[0]), interpolation=self.interpolation)
+        crop = self.cfg.image_size
+        return image[top:top + crop, left:left + crop]
+
+    def input_to_image(self, image: np.ndarray) -> np.ndarray:
+        """3x3 affine from network-input pixels back to the pixels of the cached ``image``."""
+        _, size, top, left = self._geometry(image)
+        fy, fx = size[0] / image.shape[0], size[1] / image.shape[1]
+        # pixel centres: cv2.resize takes x to (x + 0.5) * f - 0.5, the crop then drops ``left``
+        return np.array([[1 / fx, 0, (left + 0.5) / fx - 0.5], [0, 1 / fy, (top + 0.5) / fy - 0.5], [0, 0, 1]])
 
 
 class Pipeline:
@@ -196,7 +220,9 @@ class Pipeline:
     def __init__(self, compose) -> None:
         self.compose = compose
 
-    def __call__(self, image: np.ndarray, seed: int | None = None) -> torch.Tensor:
+    def __call__(self, image: np.ndarray, seed: int | None = None) -> "torch.Tensor":
+        import torch
+
         if seed is not None:
             self.compose.set_random_seed(seed)
         out = self.compose(image=image)["image"]

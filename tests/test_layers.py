@@ -13,7 +13,7 @@ FLOORS = [
     {"__init__", "errors", "config", "tasks", "files"},
     {"images", "faces", "synth", "distributed", "shards"},
     {"transforms", "losses", "model", "data"},
-    {"checkpoint", "checks", "splits", "engines"},
+    {"checkpoint", "checks", "splits", "engines", "explain"},
     {"inference"},
     {"engine"},
     {"evaluation", "export"},
