@@ -204,6 +204,10 @@ def crop_box(image: Image.Image, box: tuple[int, int, int, int], margin: float) 
     return Image.fromarray(np.ascontiguousarray(crop))
 
 
+#: A shrinking alignment warp runs at this many times the output resolution, then is area-reduced.
+SUPERSAMPLE = 4
+
+
 def _box_crop(box: tuple[int, int, int, int], margin: float) -> tuple[int, int, int]:
     """``crop_box``'s square: left, top and side in the picture's pixels."""
     x, y, w, h = box
@@ -238,30 +242,38 @@ def warp(picture: np.ndarray, matrix: np.ndarray, side: int) -> np.ndarray:
     ``cv2.warpAffine`` has no area interpolation (asked for ``INTER_AREA`` it
     silently interpolates bilinearly), so shrinking a large photo by a big
     factor in the warp would alias: fine false detail, like skin texture that
-    small web photos never show. The part of the photo the output needs is
-    therefore cut out and shrunk with area interpolation first, so that the
-    warp itself only rotates and shifts (scale 1); enlarging uses bicubic.
+    small web photos never show, and an answer that changes with the photo's
+    resolution. A shrinking warp is therefore done at :data:`SUPERSAMPLE` times
+    the output resolution, from the part of the photo it needs shrunk with area
+    interpolation to that scale first, and then area-reduced to ``side``;
+    enlarging uses bicubic interpolation.
     """
     matrix = np.asarray(matrix, dtype=np.float64)
     scale = float(np.hypot(matrix[0, 0], matrix[0, 1]))
-    if scale < 1:
-        corners = cv2.transform(np.array([[[0, 0], [side, 0], [0, side], [side, side]]], np.float64),
-                                cv2.invertAffineTransform(matrix))[0]
-        pad = 2 / scale  # the interpolation's neighbours, in photo pixels
+    if scale >= 1:
+        return np.ascontiguousarray(cv2.warpAffine(picture, matrix, (side, side), flags=cv2.INTER_CUBIC,
+                                                   borderMode=cv2.BORDER_REPLICATE))
+    k = SUPERSAMPLE
+    # output pixel i covers supersampled pixels k*i .. k*i + k - 1, whose centre is k*i + (k - 1) / 2
+    fine = np.hstack([matrix[:, :2] * k, matrix[:, 2:] * k + (k - 1) / 2])
+    fine_scale = scale * k
+    if fine_scale < 1:
+        corners = cv2.transform(np.array([[[0, 0], [side * k, 0], [0, side * k], [side * k, side * k]]], np.float64),
+                                cv2.invertAffineTransform(fine))[0]
+        pad = 2 / fine_scale  # the interpolation's neighbours, in photo pixels
         h, w = picture.shape[:2]
         x0, y0 = (max(0, int(np.floor(v - pad))) for v in corners.min(0))
         x1, y1 = min(w, int(np.ceil(corners[:, 0].max() + pad))), min(h, int(np.ceil(corners[:, 1].max() + pad)))
         if x1 > x0 and y1 > y0:  # else the face lies outside the photo: the plain warp replicates its border
             part = picture[y0:y1, x0:x1]
-            size = (max(1, round(part.shape[1] * scale)), max(1, round(part.shape[0] * scale)))
+            size = (max(1, round(part.shape[1] * fine_scale)), max(1, round(part.shape[0] * fine_scale)))
             small = cv2.resize(part, size, interpolation=cv2.INTER_AREA)
             fx, fy = size[0] / part.shape[1], size[1] / part.shape[0]
-            # photo = small / f + (x0, y0): the same output under the matrix for the small picture
-            matrix = np.hstack([matrix[:, :1] / fx, matrix[:, 1:2] / fy, (matrix[:, :2] @ [x0, y0] + matrix[:, 2])[:, None]])
-            picture = small
-    out = cv2.warpAffine(picture, matrix, (side, side), flags=cv2.INTER_LINEAR if scale < 1 else cv2.INTER_CUBIC,
-                         borderMode=cv2.BORDER_REPLICATE)
-    return np.ascontiguousarray(out)
+            # a pixel (x, y) of ``small`` is photo pixel ((x + 0.5) / fx - 0.5 + x0, (y + 0.5) / fy - 0.5 + y0)
+            to_photo = np.array([[1 / fx, 0, 0.5 / fx - 0.5 + x0], [0, 1 / fy, 0.5 / fy - 0.5 + y0], [0, 0, 1]])
+            fine, picture = fine @ to_photo, small
+    out = cv2.warpAffine(picture, fine, (side * k, side * k), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return np.ascontiguousarray(cv2.resize(out, (side, side), interpolation=cv2.INTER_AREA))
 
 
 def face_to_photo(photo_size: tuple[int, int], face: Face | None, policy: CropPolicy, side: int,

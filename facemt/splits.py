@@ -18,10 +18,17 @@ log = logging.getLogger(__name__)
 
 
 def person_groups(table: pd.DataFrame) -> np.ndarray:
-    """Group label per row: the person where known, else the row itself (its own group)."""
-    return np.array(
-        [f"person:{p}" if p is not None else f"row:{i}" for i, p in enumerate(table["person"])], dtype=object
-    )
+    """Group label per row: the person where known, else the row itself (its own group).
+
+    Person ids belong to their source: when the table joins several sources
+    (``--data`` given more than once), person ``01`` of one set and person
+    ``01`` of another are two people, never one group in a split.
+    """
+    persons = table["person"].tolist()
+    sources = table["source"].tolist() if "source" in table else [None] * len(table)
+    several = len({s for s, p in zip(sources, persons) if p is not None}) > 1
+    return np.array([f"row:{i}" if p is None else f"person:{s}/{p}" if several else f"person:{p}"
+                     for i, (s, p) in enumerate(zip(sources, persons))], dtype=object)
 
 
 def stratify_key(table: pd.DataFrame, tasks: Sequence[str] = TASK_NAMES) -> np.ndarray:

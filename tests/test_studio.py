@@ -1,0 +1,73 @@
+"""Studio sets as data (facemt CSV manifests named labels.csv, extra columns, person ids per set) and the
+studio benchmark end to end on generated folders."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from facemt.data import load_sources
+from facemt.splits import make_folds, person_groups
+from facemt.synth import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+ETHNICITIES = ("white", "black")
+
+
+@pytest.fixture(scope="module")
+def studio_root(faces_dir, tmp_path_factory):
+    """Two studio-like sets of generated faces: ``cfd`` (gender, expression, ethnicity; 6 persons) and
+    ``nimstim`` (age group, gender, expression; 5 other persons), each a labels.csv whose persons are called
+    01, 02, ... in both."""
+    root = tmp_path_factory.mktemp("studio")
+    other = tmp_path_factory.mktemp("more_faces")
+    generate(other, persons=5, size=(48, 60), seed=2)
+    for name, folder in (("cfd", faces_dir), ("nimstim", other)):
+        rows = []
+        for f in sorted(folder.glob("*.jpg")):
+            person, age, gender, expression, _ = f.stem.split("_")
+            rows.append({"path": str(f), "age_group": age if name == "nimstim" else "", "gender": gender,
+                         "expression": expression, "person": f"{int(person):02d}",
+                         "ethnicity": ETHNICITIES[int(person) > 4] if name == "cfd" else ""})
+        (root / name).mkdir()
+        pd.DataFrame(rows).to_csv(root / name / "labels.csv", index=False)
+    return root
+
+
+def test_studio_manifests_load_as_they_are(studio_root):
+    index = load_sources([str(studio_root / "cfd" / "labels.csv"), str(studio_root / "nimstim" / "labels.csv")])
+    table = index.table
+    assert set(table["source"]) == {"cfd", "nimstim"}  # named by folder: both files are labels.csv
+    assert set(table["ethnicity"].dropna()) == set(ETHNICITIES)  # an extra column is carried
+    assert table["age_group"][table["source"] == "cfd"].isna().all()
+    # person 01 of cfd and person 01 of nimstim are two people: never one group in a split
+    groups = person_groups(table)
+    assert len(set(groups)) == 11 and table["person"].nunique() == 6
+    for train, test in make_folds(table, "subject", 3, seed=0):
+        assert not set(groups[train]) & set(groups[test])
+    renamed = load_sources([f"lab={studio_root / 'cfd' / 'labels.csv'}"])
+    assert set(renamed.table["source"]) == {"lab"}
+
+
+def test_studio_benchmark_runs_end_to_end(studio_root, run_dir, tmp_path):
+    spec = importlib.util.spec_from_file_location("studio_bench", ROOT / "benchmarks" / "studio.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    split = tmp_path / "split.txt"
+    assert script.main(["--data-root", str(studio_root), "--split", str(split), "--write-split"]) == 0
+    chosen = script.read_split(split)
+    assert chosen and all(c.split("/")[0] in ("cfd", "nimstim") for c in chosen)
+    results = tmp_path / "RESULTS.md"
+    assert script.main(["--data-root", str(studio_root), "--split", str(split), "--model", str(run_dir),
+                        "--fine-tune", "--epochs", "1", "--json", str(tmp_path / "s.json"),
+                        "--results", str(results)]) == 0
+    rows = pd.DataFrame(json.loads((tmp_path / "s.json").read_text()))
+    cfd = rows[rows["set"] == "cfd (test persons)"]
+    assert {"female recall", "male recall"} <= set(cfd[cfd["head"] == "gender"]["group"])
+    assert any(" x " in g for g in cfd["group"])  # gender accuracy per gender x ethnicity
+    assert set(rows[rows["group"] == "cv multitask"]["set"]) == {"cfd (all persons)", "nimstim (all persons)"}
+    assert rows["accuracy"].between(0, 1).all() and "### Studio benchmark" in results.read_text()
