@@ -281,7 +281,7 @@ class Predictor:
         if crop is not None and crop != self.preprocess.crop:
             self.preprocess = dataclasses.replace(self.preprocess, crop=crop)
         self.batch_size = batch_size
-        self.engine = self._engine(engine, device)
+        self.engine, graph = self._engine(engine, device)
         self.tta = tta
         self.prior = prior or own_prior(self.config)
         self.class_weights = prior_weights(self.config, prior)
@@ -293,20 +293,22 @@ class Predictor:
             if device not in ("auto", "cpu"):
                 raise FacemtError(f"--engine {self.engine} runs on the CPU: drop --device {device} or use --engine torch")
             self.device = "cpu"
-            self.model = self._onnx_model(self.engine, tasks)
+            self.model = self._onnx_model(self.engine, tasks, graph)
 
-    def _engine(self, engine: str, device: str) -> str:
-        """``auto``: ONNX Runtime on the CPU when the folder holds a graph exported from these weights
-        (no PyTorch import, a fast start), else PyTorch."""
-        if engine != "auto":
-            return engine
-        found = matching_graph(self.run_dir, "onnx", self.config["weights_sha256"])
-        return "onnx" if found is not None and device in ("auto", "cpu") and onnxruntime_available() else "torch"
+    def _engine(self, engine: str, device: str) -> tuple[str, Path | None]:
+        """The engine to run, and the folder's matching graph when it is ONNX and one was found (checked
+        once here). ``auto``: ONNX Runtime on the CPU when the folder holds a graph exported from these
+        weights (no PyTorch import, a fast start), else PyTorch."""
+        if engine == "torch" or (engine == "auto" and (device not in ("auto", "cpu") or not onnxruntime_available())):
+            return "torch", None
+        found = matching_graph(self.run_dir, "onnx" if engine == "auto" else engine, self.config["weights_sha256"])
+        if engine == "auto":
+            return ("onnx", found) if found is not None else ("torch", None)
+        return engine, found
 
-    def _onnx_model(self, engine: str, tasks: Sequence[str]) -> OnnxModel:
+    def _onnx_model(self, engine: str, tasks: Sequence[str], found: Path | None) -> OnnxModel:
         """The run's exported graph when ``facemt export`` wrote it from these
         weights, else one built now (int8: calibrated on generated faces)."""
-        found = matching_graph(self.run_dir, engine, self.config["weights_sha256"])
         if found is not None:
             return OnnxModel(found, tasks)
         from facemt.model import write_onnx
