@@ -53,10 +53,12 @@ def utk_holdout(utk: DataIndex, seeds: int = 5) -> list[int]:
     return sorted(rows)
 
 
-def base_split(root: Path, fer_policy: str = "majority", limit: int = 0
+def base_split(root: Path, fer_policy: str = "majority", limit: int = 0, studio: bool = False, fer_limit: int = 0
                ) -> tuple[DataIndex, list[int], list[int], list[int]]:
     """The recipe's data: (FER2013Train + FER2013Valid + UTKFace index, training
-    rows, validation rows, file names of the held-out UTKFace faces)."""
+    rows, validation rows, file names of the held-out UTKFace faces). With
+    ``studio``, also the studio sets' persons outside ``benchmarks/studio_test_persons.txt``
+    (a tenth of those persons validate); ``fer_limit`` draws that many FER2013Train rows."""
     fer_train = index_ferplus(root / "ferplus" / "FER2013Train", fer_policy)
     fer_valid = index_ferplus(root / "ferplus" / "FER2013Valid")
     utk = index_utkface(root / "utkface")
@@ -66,10 +68,30 @@ def base_split(root: Path, fer_policy: str = "majority", limit: int = 0
     rng.shuffle(rest)
     utk_val, utk_train = np.sort(rest[: len(rest) // 10]), np.sort(rest[len(rest) // 10:])
     parts = [fer_train, fer_valid, utk]
+    studio_train, studio_val = [], []
+    if studio:
+        from studio import read_split, studio_index, test_rows
+
+        sets = studio_index(root)
+        tested = set(test_rows(sets.table, read_split()))
+        keys = sets.table["source"].astype(str) + "/" + sets.table["person"].astype(str)
+        persons = sorted(set(keys[[i for i in range(len(keys)) if i not in tested]]))
+        val_persons = set(np.random.default_rng(FIXED_SPLIT_SEED).permutation(persons)[: len(persons) // 10])
+        for i, key in enumerate(keys):
+            if i not in tested:
+                (studio_val if key in val_persons else studio_train).append(i)
+        sets.table["source"] = "studio"  # one source: --balance-sources weighs studio, FER+ and UTKFace alike
+        parts.append(sets)
     index = combine(parts)
     offsets = np.cumsum([0] + [len(x) for x in parts])
-    train_rows = list(range(offsets[0], offsets[1])) + [int(offsets[2] + i) for i in utk_train]
+    fer_rows = list(range(offsets[0], offsets[1]))
+    if fer_limit:
+        fer_rows = sorted(np.random.default_rng(FIXED_SPLIT_SEED).choice(fer_rows, fer_limit, replace=False).tolist())
+    train_rows = fer_rows + [int(offsets[2] + i) for i in utk_train]
     val_rows = list(range(offsets[1], offsets[2])) + [int(offsets[2] + i) for i in utk_val]
+    if studio:
+        train_rows += [int(offsets[3] + i) for i in studio_train]
+        val_rows += [int(offsets[3] + i) for i in studio_val]
     if limit:
         pick = np.random.default_rng(0)
         train_rows = sorted(pick.choice(train_rows, limit, replace=False).tolist())
@@ -97,13 +119,18 @@ def main(argv=None) -> int:
     p.add_argument("--fer-policy", choices=("majority", "clear", "soft"), default="majority",
                    help="FER+ training labels: majority vote, clear majority only, or vote distributions as soft "
                         "targets; validation always uses the majority label (default %(default)s)")
+    p.add_argument("--studio", action="store_true",
+                   help="also train on the studio sets' persons that benchmarks/studio_test_persons.txt does not test")
+    p.add_argument("--fer-limit", type=int, default=0, help="draw this many FER2013Train rows (0 = all)")
+    p.add_argument("--balance-sources", action="store_true", help="every source equally often per epoch")
+    p.add_argument("--backbone-lr-scale", type=float, default=1.0)
     p.add_argument("--record-counts", metavar="RUN", nargs="+",
                    help="train nothing: write the class counts of this recipe's training rows into each RUN's "
                         "config.json (for a base trained before runs recorded them; needed by --prior)")
     args = p.parse_args(argv)
     root = Path(args.data_root)
     if args.record_counts:
-        index, train_rows, _, _ = base_split(root, args.fer_policy, args.limit)
+        index, train_rows, _, _ = base_split(root, args.fer_policy, args.limit, args.studio, args.fer_limit)
         counts = class_counts(encode_targets(index.table, TASK_NAMES), train_rows)
         for run in args.record_counts:
             update_config(run, {"class_counts": counts})
@@ -112,14 +139,15 @@ def main(argv=None) -> int:
     if not (args.weights or args.init_from):
         p.error("give --weights (ImageNet backbone) or --init-from RUN")
     started = time.perf_counter()
-    index, train_rows, val_rows, held = base_split(root, args.fer_policy, args.limit)
+    index, train_rows, val_rows, held = base_split(root, args.fer_policy, args.limit, args.studio, args.fer_limit)
     HOLDOUT.write_text("# UTKFace files the base model never trains on (benchmarks B and C)\n"
                        + "".join(name + "\n" for name in held))
     config = TrainConfig(
         backbone=args.backbone, pretrained_file=None if args.init_from else args.weights,
-        init_from=args.init_from, backbone_lr_scale=1.0, epochs=args.epochs, image_size=args.image_size,
+        init_from=args.init_from, backbone_lr_scale=args.backbone_lr_scale, epochs=args.epochs, image_size=args.image_size,
         batch_size=args.batch_size, lr=args.lr, augment="heavy", crop="align", balance_classes=True,
         tasks=("age_group", "gender", "expression"), warmup_epochs=args.warmup_epochs, device=args.device, seed=0,
+        balance_sources=args.balance_sources,
     )
     # a second cycle records the first one's recipe before its own: the whole way from ImageNet weights
     earlier = json.loads((Path(args.init_from) / "config.json").read_text()).get(
@@ -127,7 +155,8 @@ def main(argv=None) -> int:
     extra = {
         "sources": [f"{'ferplus' if args.fer_policy == 'majority' else 'ferplus-' + args.fer_policy}:"
                     f"{root / 'ferplus' / 'FER2013Train'}", f"ferplus:{root / 'ferplus' / 'FER2013Valid'}",
-                    f"utkface:{root / 'utkface'}"],
+                    f"utkface:{root / 'utkface'}"] + ([str(root / s / "labels.csv") for s in ("cfd", "nimstim", "rafd",
+                                                      "ckplus48")] if args.studio else []),
         "recipe": earlier + "benchmarks/pretrain.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "dataset": index.summary(),
         "split": {"train_images": len(train_rows), "val_images": len(val_rows),
