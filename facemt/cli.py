@@ -870,10 +870,12 @@ def _split_predict_inputs(args: argparse.Namespace) -> None:
         args.model, args.inputs = str(first), args.inputs[1:]
 
 
-def _explain_default() -> str:
+def _add_method_arg(p: argparse.ArgumentParser) -> None:
     from facemt.explain import DEFAULT_METHOD
 
-    return DEFAULT_METHOD
+    p.add_argument("--method", default=DEFAULT_METHOD, metavar="METHOD",
+                   help="explanation method: gradcam-8, gradcam-16, gradcam-32 (Grad-CAM on the trunk stage of "
+                        "that stride) or integrated-gradients (default %(default)s, chosen by benchmarks/explain.py)")
 
 
 def _add_explain_args(p: argparse.ArgumentParser, metavar: str | None, help_text: str) -> None:
@@ -881,9 +883,7 @@ def _add_explain_args(p: argparse.ArgumentParser, metavar: str | None, help_text
         p.add_argument("--explain", metavar=metavar, help=help_text)
     else:
         p.add_argument("--explain", action="store_true", help=help_text)
-    p.add_argument("--method", default=_explain_default(), metavar="METHOD",
-                   help="explanation method: gradcam-8, gradcam-16, gradcam-32 (Grad-CAM on the trunk stage of "
-                        "that stride) or integrated-gradients (default %(default)s, chosen by benchmarks/explain.py)")
+    _add_method_arg(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -987,9 +987,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="explanations", help="folder for one PNG per face (default %(default)s)")
     p.add_argument("--target", action="append", metavar="TASK=CLASS",
                    help="explain this class instead of the predicted one, e.g. expression=anger (repeatable)")
-    p.add_argument("--method", default=_explain_default(), metavar="METHOD",
-                   help="gradcam-8, gradcam-16, gradcam-32 (Grad-CAM on the trunk stage of that stride) or "
-                        "integrated-gradients (default %(default)s, chosen by benchmarks/explain.py)")
+    _add_method_arg(p)
     p.add_argument("--crop", choices=CROP_POLICIES, help="override the run's crop policy")
     p.add_argument("--no-detect", action="store_true", help="same as --crop none")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default %(default)s)")

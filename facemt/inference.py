@@ -364,10 +364,10 @@ class Predictor:
         from facemt.explain import DEFAULT_METHOD, Explanation, head_maps, map_to_input
 
         model = self.torch_model()
-        wanted = {t: TASKS[t].index(c) for t, c in (targets or {}).items()}
-        unknown = set(wanted) - set(self.tasks)
+        unknown = set(targets or {}) - set(self.tasks)
         if unknown:
             raise FacemtError(f"no {', '.join(sorted(unknown))} head to explain (the model has {', '.join(self.tasks)})")
+        wanted = {t: TASKS[t].index(c) for t, c in (targets or {}).items()}
         picture = as_rgb_image(image, None if self.preprocess.policy.detects else self.preprocess.working_side)
         framed = face_images(picture, self.preprocess, largest_only=not all_faces, fallback=True)
         arrays = [a for _, a in framed]
