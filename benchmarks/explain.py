@@ -73,30 +73,39 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def deletion(model, batch: torch.Tensor, maps: np.ndarray, task: str, target: np.ndarray, fraction: float,
-             seed: int = 0) -> tuple[float, float]:
-    """Mean drop of the target class's probability when the most salient / random map cells are blanked.
+             seed: int = 0) -> dict[str, float]:
+    """Mean drop of the target class's probability when map cells are blanked to the mean pixel: the most
+    salient (``top``), as many random cells (``random``), a random square of the same area (``square``) and
+    the least salient (``bottom``).
 
-    Both delete whole cells of the MAP_SIDE x MAP_SIDE map (each a block of input pixels), so that the random
-    baseline removes the same area in pieces of the same size: scattered single pixels would act as noise
-    and hurt more than any compact region."""
+    Every choice deletes whole cells of the MAP_SIDE x MAP_SIDE map (blocks of input pixels). Scattered
+    random cells look like noise to the network and can hurt more than any compact region, so the compact
+    controls (a random square; the least salient cells) are reported too."""
     n, _, s, _ = batch.shape
-    cells = maps.shape[-1] * maps.shape[-2]
+    side = maps.shape[-1]
+    cells = side * side
     k = max(1, int(round(fraction * cells)))
     rng = np.random.default_rng(seed)
-    order = np.argsort(-maps.reshape(n, -1), axis=1, kind="stable")[:, :k]
-    chance = np.stack([rng.choice(cells, k, replace=False) for _ in range(n)])
+    ranked = np.argsort(-maps.reshape(n, -1), axis=1, kind="stable")
+    edge = int(round(np.sqrt(k)))
+    squares = []
+    for _ in range(n):
+        r, c = rng.integers(0, side - edge + 1, size=2)
+        squares.append((np.arange(r, r + edge)[:, None] * side + np.arange(c, c + edge)[None]).ravel())
+    choices = {"top": ranked[:, :k], "random": np.stack([rng.choice(cells, k, replace=False) for _ in range(n)]),
+               "square": np.stack(squares), "bottom": ranked[:, -k:]}
     y = torch.from_numpy(target)
+    out = {}
     with torch.no_grad():
         before = model.probabilities(batch)[task][torch.arange(n), y]
-        drops = []
-        for chosen in (order, chance):
+        for name, chosen in choices.items():
             keep = np.ones((n, cells), np.float32)
             np.put_along_axis(keep, chosen, 0.0, axis=1)
-            mask = torch.nn.functional.interpolate(torch.from_numpy(keep.reshape(n, 1, *maps.shape[-2:])),
+            mask = torch.nn.functional.interpolate(torch.from_numpy(keep.reshape(n, 1, side, side)),
                                                    size=(s, s), mode="nearest")
             after = model.probabilities(batch * mask)[task][torch.arange(n), y]  # 0 = the mean pixel
-            drops.append(float((before - after).mean()))
-    return drops[0], drops[1]
+            out[name] = float((before - after).mean())
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,11 +147,11 @@ def main(argv: list[str] | None = None) -> int:
             for name, other in variants.items():
                 row[f"rank_corr_{name}"] = rank_correlation(maps[task], head_maps(other, batch, predicted, method)[task])
             for fraction in FRACTIONS:
-                top, chance = deletion(model, batch, maps[task], task, predicted[task], fraction)
-                row[f"drop_top_{int(fraction * 100)}"] = top
-                row[f"drop_random_{int(fraction * 100)}"] = chance
-            row["deletion_ratio_10"] = row["drop_top_10"] / row["drop_random_10"] if row["drop_random_10"] > 0 \
-                else float("inf")
+                for name, drop in deletion(model, batch, maps[task], task, predicted[task], fraction).items():
+                    row[f"drop_{name}_{int(fraction * 100)}"] = drop
+            for control in ("random", "square", "bottom"):
+                row[f"ratio_10_vs_{control}"] = (row["drop_top_10"] / row[f"drop_{control}_10"]
+                                                 if row[f"drop_{control}_10"] > 0 else float("inf"))
             rows.append(row)
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     frame = pd.DataFrame(rows)
@@ -174,13 +183,16 @@ def main(argv: list[str] | None = None) -> int:
              "correlation: trained vs re-initialised (lower = the map depends on what the model learned). "
              "Deletion: probability drop of the explained class when the top vs random 5/10/20 % of the 28x28 map's "
              "cells (blocks of input pixels) are blanked to the mean pixel.", "",
-             "| method | head | rank corr, new heads | rank corr, new heads + last stages | drop 5 % top / random | "
-             "drop 10 % top / random | drop 20 % top / random | ratio at 10 % | s (all heads) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| method | head | rank corr, new heads | rank corr, new heads + last stages | drop at 5 / 10 / 20 %: "
+             "top | random cells | random square | least salient | top / random at 10 % | top / square | "
+             "top / least | s (all heads) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    triple = lambda r, name: " / ".join(f"{getattr(r, f'drop_{name}_{p}'):.3f}" for p in (5, 10, 20))  # noqa: E731
     for r in frame.itertuples():
-        lines.append(f"| {r.method} | {r.head} | {r.rank_corr_heads:.2f} | {r.rank_corr_stages:.2f} | {r.drop_top_5:.3f} / {r.drop_random_5:.3f} "
-                     f"| {r.drop_top_10:.3f} / {r.drop_random_10:.3f} | {r.drop_top_20:.3f} / {r.drop_random_20:.3f} "
-                     f"| {r.deletion_ratio_10:.1f}x | {r.seconds_all_heads:.1f} |")
+        lines.append(f"| {r.method} | {r.head} | {r.rank_corr_heads:.2f} | {r.rank_corr_stages:.2f} | "
+                     f"{triple(r, 'top')} | {triple(r, 'random')} | {triple(r, 'square')} | {triple(r, 'bottom')} | "
+                     f"{r.ratio_10_vs_random:.2f}x | {r.ratio_10_vs_square:.2f}x | {r.ratio_10_vs_bottom:.2f}x | "
+                     f"{r.seconds_all_heads:.1f} |")
     lines += ["", f"Class-average maps ({DEFAULT_METHOD}) for {len(images)} faces, all heads: {class_seconds:.1f} s; "
               f"`facemt explain grace_hopper.jpg` (whole command, one face): {command_seconds:.1f} s."]
     text = "\n".join(lines) + "\n"
