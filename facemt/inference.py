@@ -148,6 +148,12 @@ def _network(model: "MultiTaskNet | OnnxModel", device: "torch.device | str") ->
     return run
 
 
+def _answers(probs: Mapping[str, np.ndarray], i: int) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+    """Row ``i`` of per-head probabilities as (label per head, {class: probability} per head)."""
+    labels = {t: TASKS[t].classes[int(np.argmax(p[i]))] for t, p in probs.items()}
+    return labels, {t: {c: float(v) for c, v in zip(TASKS[t].classes, p[i])} for t, p in probs.items()}
+
+
 def _frame(image: ImageInput, preprocess: PreprocessConfig, **options: Any) -> list[tuple[Face | None, np.ndarray]]:
     """(face, prepared array) per face of one input, framed by the crop policy."""
     picture = as_rgb_image(image, None if preprocess.policy.detects else preprocess.working_side)
@@ -379,8 +385,7 @@ class Predictor:
         maps = head_maps(model, batch, chosen, method or DEFAULT_METHOD)
         out = []
         for i, (face, array) in enumerate(framed):
-            labels = {t: TASKS[t].classes[int(np.argmax(probs[t][i]))] for t in self.tasks}
-            probabilities = {t: {c: float(v) for c, v in zip(TASKS[t].classes, probs[t][i])} for t in self.tasks}
+            labels, probabilities = _answers(probs, i)
             network_input = transform.image(array)
             to_photo = (face_to_photo(picture.size, face, self.preprocess.policy, self.preprocess.working_side,
                                       self.preprocess.image_size)
@@ -408,16 +413,7 @@ class Predictor:
 
     def _predictions(self, arrays: Sequence[np.ndarray], sources: Sequence[str | None]) -> list[Prediction]:
         probs = self.probabilities(arrays)
-        out = []
-        for i, src in enumerate(sources):
-            labels, probabilities = {}, {}
-            for task in self.tasks:
-                classes = TASKS[task].classes
-                p = probs[task][i]
-                labels[task] = classes[int(np.argmax(p))]
-                probabilities[task] = {c: float(v) for c, v in zip(classes, p)}
-            out.append(Prediction(src, labels, probabilities))
-        return out
+        return [Prediction(src, *_answers(probs, i)) for i, src in enumerate(sources)]
 
     @staticmethod
     def _source(image: ImageInput) -> str | None:
