@@ -99,6 +99,15 @@ def base_split(root: Path, fer_policy: str = "majority", limit: int = 0, studio:
     return index, train_rows, val_rows, [Path(utk.table["path"].iloc[i]).name for i in held]
 
 
+class GreyCache(ImageCache):
+    """Every decoded face as greyscale, as FER+ faces arrive (the colour-vs-greyscale study)."""
+
+    def _decode(self, path, cfg):
+        from base_model import greyscale
+
+        return greyscale(super()._decode(path, cfg))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-root", required=True)
@@ -124,6 +133,13 @@ def main(argv=None) -> int:
     p.add_argument("--fer-limit", type=int, default=0, help="draw this many FER2013Train rows (0 = all)")
     p.add_argument("--balance-sources", action="store_true", help="every source equally often per epoch")
     p.add_argument("--backbone-lr-scale", type=float, default=1.0)
+    p.add_argument("--crop", choices=("align", "box"), default="align",
+                   help="framing: aligned faces, or the detector's box with a 40 %% margin (hair in)")
+    p.add_argument("--prior", choices=("balanced", "training"), default="balanced",
+                   help="balanced: logit-adjusted loss, class-balanced predictions (the recipe); training: plain "
+                        "cross-entropy, predictions follow the training frequencies")
+    p.add_argument("--grey", action="store_true",
+                   help="train and validate on greyscale faces (ITU-R 601 luma in three channels), for a study")
     p.add_argument("--record-counts", metavar="RUN", nargs="+",
                    help="train nothing: write the class counts of this recipe's training rows into each RUN's "
                         "config.json (for a base trained before runs recorded them; needed by --prior)")
@@ -145,7 +161,8 @@ def main(argv=None) -> int:
     config = TrainConfig(
         backbone=args.backbone, pretrained_file=None if args.init_from else args.weights,
         init_from=args.init_from, backbone_lr_scale=args.backbone_lr_scale, epochs=args.epochs, image_size=args.image_size,
-        batch_size=args.batch_size, lr=args.lr, augment="heavy", crop="align", balance_classes=True,
+        batch_size=args.batch_size, lr=args.lr, augment="heavy", crop=args.crop,
+        balance_classes=args.prior == "balanced",
         tasks=("age_group", "gender", "expression"), warmup_epochs=args.warmup_epochs, device=args.device, seed=0,
         balance_sources=args.balance_sources,
     )
@@ -177,7 +194,7 @@ def main(argv=None) -> int:
                   f"train loss {sum(v for k, v in row.items() if k.startswith('train_') and k.endswith('_loss')):.3f} "
                   f"val {accs}", flush=True)
 
-    cache = ImageCache()
+    cache = GreyCache() if args.grey else ImageCache()
     result = train(index, config, train_rows, val_rows, out_dir=args.out, cache=cache, callback=progress, extra=extra)
     temperatures = calibrate_run(args.out, result.model, index, val_rows, result.preprocess, cache, device=args.device)
     wall = time.perf_counter() - started

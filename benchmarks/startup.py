@@ -39,8 +39,12 @@ def _wall(argv: list[str]) -> float:
 
 
 def cold_rows(photo: str, repeats: int) -> list[dict]:
-    """Per engine: a whole `facemt predict PHOTO` process, and load() + one prediction in a new Python."""
-    rows = []
+    """Per engine: a whole `facemt predict PHOTO` process, and load() + one prediction in a new Python;
+    and the floor under the PyTorch engine: a new Python importing torch and timm, nothing else."""
+    floor = [_wall([sys.executable, "-c", "import torch, timm"]) for _ in range(repeats)]
+    rows = [{"measure": "python -c 'import torch, timm' (what --engine torch loads first), wall (s)",
+             "engine": "torch", "median": statistics.median(floor), "min": min(floor), "max": max(floor),
+             "n": repeats}]
     for engine in ENGINES:
         cli = [_wall([sys.executable, "-m", "facemt", "predict", photo, "--engine", engine]) for _ in range(repeats)]
         api = [float(subprocess.run([sys.executable, "-c", API.format(engine=engine, photo=photo)], check=True,
@@ -80,6 +84,9 @@ def markdown(frame: pd.DataFrame, argv: list[str]) -> str:
     for measure, group in frame.groupby("measure", sort=False):
         cells = []
         for engine in ENGINES:
+            if not (group["engine"] == engine).any():
+                cells.append("")
+                continue
             r = group[group["engine"] == engine].iloc[0]
             spread = "" if pd.isna(r["min"]) else f" ({r['min']:.2f}-{r['max']:.2f})"
             cells.append(f"{r['median']:.2f}{spread}")

@@ -48,16 +48,64 @@ def _ort():
     return onnxruntime
 
 
+#: How facemt quantizes by default (``export --quantize int8``, ``--engine onnx-int8`` without an exported
+#: graph): chosen by ``benchmarks/int8.py`` on real faces.
+INT8_DEFAULTS = {"per_channel": True, "float_ends": False, "method": "minmax", "float_stride": 0}
+
+
+def end_nodes(onnx_file: str | os.PathLike) -> list[str]:
+    """Names of the graph's first and last layers: the operators that read the input image, and the
+    heads' matrix products (``Gemm``/``MatMul``) with everything after them."""
+    import onnx
+
+    graph = onnx.load(str(onnx_file), load_external_data=False).graph
+    inputs = {i.name for i in graph.input}
+    names = [n.name for n in graph.node if inputs.intersection(n.input)]
+    return names + [n.name for n in graph.node if n.op_type in ("Gemm", "MatMul")]
+
+
+def early_nodes(onnx_file: str | os.PathLike, stride: int) -> list[str]:
+    """Names of the operators whose output lies at ``stride`` or finer: the input side divided by the
+    output's side is at most ``stride`` (the stem and first blocks of a convolutional trunk)."""
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_file), load_external_data=False))
+    graph = model.graph
+    side = graph.input[0].type.tensor_type.shape.dim[-1].dim_value
+    sides = {}
+    for value in list(graph.value_info) + list(graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) == 4 and dims[-1].dim_value:
+            sides[value.name] = dims[-1].dim_value
+    return [n.name for n in graph.node if n.output and n.output[0] in sides and side / sides[n.output[0]] <= stride]
+
+
 def quantize_int8(onnx_file: str | os.PathLike, out: str | os.PathLike, batches: Iterable[np.ndarray],
-                  activation_bits: int = 8) -> None:
-    """Static int8 quantization (QDQ, per-channel int8 weights, unsigned
-    ``activation_bits``-bit activations) calibrated on ``batches`` of network
-    inputs (N x 3 x S x S float32). 16-bit activations agree better with float32
-    but ran slower than float32 on the 2-core benchmark machine, as did dynamic
-    quantization (see benchmarks/README.md); facemt's ``onnx-int8`` uses 8."""
+                  activation_bits: int = 8, per_channel: bool = INT8_DEFAULTS["per_channel"],
+                  float_ends: bool = INT8_DEFAULTS["float_ends"], method: str = INT8_DEFAULTS["method"],
+                  float_stride: int = INT8_DEFAULTS["float_stride"], keep_float: Sequence[str] = ()) -> None:
+    """Static int8 quantization (QDQ, int8 weights, unsigned ``activation_bits``-bit
+    activations) calibrated on ``batches`` of network inputs (N x 3 x S x S float32).
+
+    Args:
+        per_channel: one weight scale per output channel (else one per tensor).
+        float_ends: keep the first convolution and the heads in float32.
+        method: activation ranges from ``minmax``, ``entropy`` or ``percentile`` calibration.
+        float_stride: keep the layers at output stride ``float_stride`` or finer in float32 (0: none).
+        keep_float: further operators (by node name) left in float32.
+
+    16-bit activations agree better with float32 but ran slower than float32 on the
+    2-core benchmark machine, as did dynamic quantization (see benchmarks/README.md).
+    """
     _ort()
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    if method not in methods:
+        raise FacemtError(f"calibration method {method!r}: use one of {', '.join(methods)}")
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -72,8 +120,11 @@ def quantize_int8(onnx_file: str | os.PathLike, out: str | os.PathLike, batches:
         quant_pre_process(str(onnx_file), str(prepared))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            op_types_to_quantize=QUANTIZED_OPS,
+            quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                            op_types_to_quantize=QUANTIZED_OPS, calibrate_method=methods[method],
+                            nodes_to_exclude=((end_nodes(prepared) if float_ends else [])
+                                              + (early_nodes(prepared, float_stride) if float_stride else [])
+                                              + list(keep_float)),
                             weight_type=QuantType.QInt8,
                             activation_type=QuantType.QUInt16 if activation_bits == 16 else QuantType.QUInt8)
 

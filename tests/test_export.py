@@ -84,3 +84,46 @@ def test_int8_export_is_used_by_the_int8_engine(run_dir, faces_dir, tmp_path, ca
     assert scores["torch"].keys() == scores["onnx-int8"].keys()
     with pytest.raises(FacemtError, match="only int8"):
         export(run, "torchscript", quantize="int8")
+
+
+def _weight_scales(path) -> dict[str, tuple[int, ...]]:
+    """Per Conv/Gemm node of a QDQ graph: the shape of its weight's int8 scale, () when the weight is float."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    made_by = {o: n for n in graph.node for o in n.output}
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    out = {}
+    for node in graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            dq = made_by.get(node.input[1])
+            out[node.name] = tuple(inits[dq.input[1]].shape) or (1,) if dq is not None and dq.op_type == "DequantizeLinear" else ()
+    return out
+
+
+def test_int8_options_choose_scales_and_float_layers(run_dir, faces_dir, tmp_path):
+    pytest.importorskip("onnx")
+    from facemt.engines import end_nodes, quantize_int8
+    from facemt.inference import calibration_batches
+    from facemt.model import write_onnx
+
+    predictor = facemt.load(run_dir, device="cpu", engine="torch")
+    graph = tmp_path / "m.onnx"
+    write_onnx(predictor.model, predictor.preprocess.image_size, graph)
+    batches = calibration_batches(predictor.preprocess, sorted(faces_dir.glob("*.jpg"))[:8], batch_size=4)
+    scales = {}
+    for name, options in {"channel": {}, "tensor": {"per_channel": False}, "ends": {"float_ends": True},
+                          "early": {"float_stride": 4}}.items():
+        quantize_int8(graph, tmp_path / f"{name}.onnx", batches, **options)
+        scales[name] = _weight_scales(tmp_path / f"{name}.onnx")
+    ends = set(end_nodes(graph))
+    assert ends and any("Gemm" in n for n in ends) and any("Conv" in n for n in ends)
+    assert all(s for s in scales["channel"].values())  # every layer quantized ...
+    assert any(s[0] > 1 for s in scales["channel"].values())  # ... with one scale per output channel
+    assert all(s in ((), (1,)) for s in scales["tensor"].values()) and any(scales["tensor"].values())
+    assert {n for n, s in scales["ends"].items() if not s} == ends  # the first layer and the heads stay float
+    early = {n for n, s in scales["early"].items() if not s}
+    assert early and early < set(scales["early"]) and all(n not in early for n in ends if "Gemm" in n)
+    with pytest.raises(FacemtError, match="calibration method"):
+        quantize_int8(graph, tmp_path / "x.onnx", batches, method="kl")

@@ -71,3 +71,55 @@ def test_studio_benchmark_runs_end_to_end(studio_root, run_dir, tmp_path):
     assert any(" x " in g for g in cfd["group"])  # gender accuracy per gender x ethnicity
     assert set(rows[rows["group"] == "cv multitask"]["set"]) == {"cfd (all persons)", "nimstim (all persons)"}
     assert rows["accuracy"].between(0, 1).all() and "### Studio benchmark" in results.read_text()
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_studio_ablation_table_reads_the_studio_benchmark_rows(tmp_path, capsys):
+    ablate = _script("ablate_studio")
+    rows = {"reference": [{"set": "cfd (test persons)", "head": "gender", "group": "female recall", "n": 10,
+                           "accuracy": 0.9},
+                          {"set": "cfd (test persons)", "head": "gender", "group": "female x black", "n": 4,
+                           "accuracy": 0.75},
+                          {"set": "cfd (test persons)", "head": "gender", "group": "male x white", "n": 5,
+                           "accuracy": 1.0}],
+            "grey": [{"set": "cfd (test persons)", "head": "gender", "group": "female recall", "n": 10,
+                      "accuracy": 0.5}]}
+    for name, r in rows.items():  # finished variants are read back, not retrained
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    assert ablate.main(["--data-root", str(tmp_path), "--init-from", "nowhere", "--only", "reference,grey",
+                        "--out", str(tmp_path), "--results", str(tmp_path / "R.md")]) == 0
+    text = (tmp_path / "R.md").read_text()
+    reference = next(line for line in text.splitlines() if line.startswith("| reference |"))
+    assert "| 90 (10) |" in reference and "75 (female x black, 4)" in reference
+    grey = next(line for line in text.splitlines() if line.startswith("| grey |"))
+    assert "| 50 (10) |" in grey and grey.rstrip().endswith("| - |")
+    with pytest.raises(SystemExit):
+        ablate.main(["--data-root", str(tmp_path), "--init-from", "x", "--only", "colour"])
+    assert "unknown variants" in capsys.readouterr().err
+
+
+def test_pretrain_grey_study_decodes_faces_without_colour(faces_dir):
+    import sys
+
+    import numpy as np
+
+    from facemt.transforms import PreprocessConfig
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        pretrain = _script("pretrain")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    face = str(sorted(faces_dir.glob("*.jpg"))[0])
+    cfg = PreprocessConfig(image_size=32, crop="none")
+    colour = pretrain.ImageCache().load([face], cfg)[0][0]
+    grey = pretrain.GreyCache().load([face], cfg)[0][0]
+    assert np.ptp(colour.astype(int), axis=2).max() > 10  # the generated face has colour ...
+    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()  # ... the study drops it
+    assert np.abs(grey[..., 0].astype(int) - colour.mean(2)).mean() < 20
