@@ -3,13 +3,17 @@ of the weights (half the size) if its probabilities stay within 1e-3 of the
 float32 run's on real validation faces, else the float32 weights as they are;
 then the ONNX graph exported from the shipped weights (``model.onnx`` + its
 sidecar naming their SHA-256), which ``facemt predict`` runs by default.
+An int8 graph of other weights is removed: ``benchmarks/int8.py --ship`` writes
+the int8 graph of these (``--engine onnx-int8``; calibrated on real faces).
 
     python benchmarks/ship_base.py runs/base --data-root ../shared/data [--out facemt/base]
+    python benchmarks/int8.py --data-root ../shared/data --ship "real-256 stride<=8 float, percentile"
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -53,6 +57,12 @@ def main(argv=None) -> int:
     update_config(args.out, {"float16_check": check})
     info = export(args.out, "onnx")  # after the config is final: the graph names the weights it came from
     print(f"wrote {info['path']} (max |difference| vs PyTorch {info['max_abs_diff']:.1e})")
+    int8 = Path(args.out) / "model.int8.onnx"
+    sidecar = int8.with_name(int8.name + ".json")
+    if sidecar.is_file() and json.loads(sidecar.read_text()).get("weights_sha256") != info["weights_sha256"]:
+        int8.unlink(missing_ok=True)
+        sidecar.unlink()
+        print("removed the int8 graph of the earlier weights: write a new one with benchmarks/int8.py --ship")
     return 0
 
 

@@ -27,7 +27,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
-ENGINES = ("auto", "torch", "onnx")
+ENGINES = ("auto", "torch", "onnx", "onnx-int8")
 API = ("import sys, time; t = time.perf_counter(); import facemt; "
        "facemt.load(engine={engine!r}).predict({photo!r}); print(time.perf_counter() - t)")
 

@@ -49,8 +49,11 @@ def _ort():
 
 
 #: How facemt quantizes by default (``export --quantize int8``, ``--engine onnx-int8`` without an exported
-#: graph): chosen by ``benchmarks/int8.py`` on real faces.
-INT8_DEFAULTS = {"per_channel": True, "float_ends": False, "method": "minmax", "float_stride": 0}
+#: graph), chosen by ``benchmarks/int8.py`` on real faces: per-channel weight scales, activation ranges
+#: from percentile calibration, and the layers at output stride 8 or finer (the stem and first blocks,
+#: a small share of the work) left in float32. Plain min-max int8 of every layer changed 4-5 % of
+#: top-1 answers on some heads; this keeps at least 98 % unchanged on every head and test set measured.
+INT8_DEFAULTS = {"per_channel": True, "float_ends": False, "method": "percentile", "float_stride": 8}
 
 
 def end_nodes(onnx_file: str | os.PathLike) -> list[str]:
@@ -107,13 +110,17 @@ def quantize_int8(onnx_file: str | os.PathLike, out: str | os.PathLike, batches:
     if method not in methods:
         raise FacemtError(f"calibration method {method!r}: use one of {', '.join(methods)}")
 
+    images = np.concatenate([np.asarray(b, dtype=np.float32) for b in batches])
+    # equal batches: onnxruntime's histogram calibrators stack every batch's outputs into one array
+    size = max(d for d in range(1, min(32, len(images)) + 1) if len(images) % d == 0)
+
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.batches = iter(batches)
+            self.starts = iter(range(0, len(images), size))
 
         def get_next(self):
-            batch = next(self.batches, None)
-            return None if batch is None else {"image": np.ascontiguousarray(batch, dtype=np.float32)}
+            start = next(self.starts, None)
+            return None if start is None else {"image": np.ascontiguousarray(images[start:start + size])}
 
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"

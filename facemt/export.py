@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from facemt.checkpoint import load_checkpoint
-from facemt.engines import ONNX_FILES, quantize_int8
+from facemt.engines import INT8_DEFAULTS, ONNX_FILES, quantize_int8
 from facemt.model import Graph, write_onnx
 from facemt.inference import calibration_batches, own_prior
 from facemt.files import atomic_write, atomic_write_text, sha256_file
@@ -114,6 +114,8 @@ def export(
         # what the probabilities assume, and the counts that move them to the other prior (facemt predict --prior)
         "prior": own_prior(config), "class_counts": config.get("class_counts"),
     }
+    if quantize:
+        info["int8"] = dict(INT8_DEFAULTS)  # how it was quantized (see facemt.engines.quantize_int8)
     if check and quantize:
         with torch.no_grad():
             expected = [o.numpy() for o in graph(dummy)]

@@ -68,6 +68,9 @@ def test_int8_export_is_used_by_the_int8_engine(run_dir, faces_dir, tmp_path, ca
     assert "top-1 agreement" in capsys.readouterr().out
     side = json.loads((run / "model.int8.onnx.json").read_text())
     assert side["quantized"] == "int8" and side["weights_sha256"] == json.loads((run / "config.json").read_text())["weights_sha256"]
+    from facemt.engines import INT8_DEFAULTS
+
+    assert side["int8"] == INT8_DEFAULTS  # the graph says how it was quantized
     predictor = facemt.load(run, engine="onnx-int8")
     assert predictor.model.source == run / "model.int8.onnx"
     p = predictor.predict(sorted(faces_dir.glob("*.jpg"))[0])
@@ -113,9 +116,10 @@ def test_int8_options_choose_scales_and_float_layers(run_dir, faces_dir, tmp_pat
     write_onnx(predictor.model, predictor.preprocess.image_size, graph)
     batches = calibration_batches(predictor.preprocess, sorted(faces_dir.glob("*.jpg"))[:8], batch_size=4)
     scales = {}
+    plain = {"per_channel": True, "float_ends": False, "method": "minmax", "float_stride": 0}
     for name, options in {"channel": {}, "tensor": {"per_channel": False}, "ends": {"float_ends": True},
                           "early": {"float_stride": 4}}.items():
-        quantize_int8(graph, tmp_path / f"{name}.onnx", batches, **options)
+        quantize_int8(graph, tmp_path / f"{name}.onnx", batches, **{**plain, **options})
         scales[name] = _weight_scales(tmp_path / f"{name}.onnx")
     ends = set(end_nodes(graph))
     assert ends and any("Gemm" in n for n in ends) and any("Conv" in n for n in ends)

@@ -36,6 +36,27 @@ def test_the_shipped_graph_matches_the_shipped_weights(faces):
     assert_same_predictions(torch_engine.predict([PHOTO, *faces]), fast.predict([PHOTO, *faces]), tol=1e-4)
 
 
+def test_the_shipped_int8_graph_is_opt_in_and_agrees_with_float32(faces):
+    """The int8 graph (benchmarks/int8.py --ship) is of the shipped weights, is what --engine onnx-int8 runs
+    (not rebuilt at start-up), stays out of ``auto``, and mostly gives float32's answers."""
+    import numpy as np
+
+    from facemt.engines import INT8_DEFAULTS
+
+    side = json.loads((base_dir() / "model.int8.onnx.json").read_text())
+    assert side["weights_sha256"] == read_config(base_dir())["weights_sha256"] and side["quantized"] == "int8"
+    assert {k: side["int8"][k] for k in INT8_DEFAULTS} == INT8_DEFAULTS  # shipped as facemt quantizes
+    int8, fast = facemt.load(engine="onnx-int8"), facemt.load()
+    assert int8.model.source == base_dir() / "model.int8.onnx" and fast.model.source == base_dir() / "model.onnx"
+    a, b = fast.predict([PHOTO, *faces]), int8.predict([PHOTO, *faces])
+    assert a[0].labels == b[0].labels
+    for task in fast.tasks:
+        pa = np.array([list(p.probabilities[task].values()) for p in a])
+        pb = np.array([list(p.probabilities[task].values()) for p in b])
+        assert np.abs(pa - pb).max() < 0.25 and (pa.argmax(1) == pb.argmax(1)).mean() >= 0.9
+        assert not np.allclose(pa, pb, atol=1e-4)  # it is a different, quantized network
+
+
 def test_both_engines_agree_on_every_option(faces):
     for options in ({"tta": True}, {"prior": "training"}, {"batch_size": 5}):
         a = list(facemt.load(engine="torch", **options).predict_files(faces))
