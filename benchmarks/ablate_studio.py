@@ -31,6 +31,8 @@ REFERENCE = ["--studio", "--balance-sources", "--backbone-lr-scale", "0.3"]
 #: variant -> (what changes, pretrain.py arguments)
 VARIANTS = {
     "reference": ("base v2's recipe", REFERENCE),
+    "reference-seed1": ("base v2's recipe, another training seed: how far two identical recipes differ",
+                        REFERENCE + ["--seed", "1"]),
     "no-studio": ("no studio faces in training", ["--balance-sources", "--backbone-lr-scale", "0.3"]),
     "unbalanced": ("sources in their natural proportions (no --balance-sources)",
                    ["--studio", "--backbone-lr-scale", "0.3"]),

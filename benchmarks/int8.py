@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", type=Path, required=True)
     p.add_argument("--model", default="base")
     p.add_argument("--per-set", type=int, default=800, help="test faces per set at most (default %(default)s)")
-    p.add_argument("--only", help="comma-separated variants (default: all)")
+    p.add_argument("--only", action="append", metavar="VARIANT", help="run this variant (repeatable; default: all)")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--cache", type=Path, default=Path("runs/int8_inputs.npz"), help="framed inputs kept here")
     p.add_argument("--results", type=Path)
@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{k} {len(v)}" for k, v in x.items()), flush=True)
     generated = np.concatenate(calibration_batches(pre))
     reference = {name: probabilities(predictor.model, v) for name, v in x.items()}
-    names = args.only.split(",") if args.only else list(VARIANTS)
+    names = args.only or list(VARIANTS)
+    if set(names) - set(VARIANTS) or (args.ship and args.ship not in names):
+        p.error(f"choose --only / --ship among {list(VARIANTS)} (--ship among those run)")
     rows, speed = [], []
     one, batch = x["UTKFace held-out"][:1], x["UTKFace held-out"][:32]
     with tempfile.TemporaryDirectory() as tmp:
@@ -196,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"batch 32 {ms['32'][0]:.1f} -> {ms['32'][1]:.1f} ms; batch 1 {ms['1'][0]:.2f} -> {ms['1'][1]:.2f} ms",
                   flush=True)
             if args.ship == name:
-                ship(predictor, out, name, kind, count, options)
+                ship(predictor, out, name, kind, count, options,
+                     {"chosen_sets": worst["agreement"], "fresh_sets": fresh["agreement"]})
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
                             text=True).stdout.strip()
     lines = [f"\n## int8 against float32 on real faces: `python benchmarks/int8.py {' '.join(argv)}` "
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def ship(predictor, graph: Path, name: str, kind: str, count: int, options: dict) -> None:
+def ship(predictor, graph: Path, name: str, kind: str, count: int, options: dict, agreement: dict) -> None:
     """The variant as the model folder's ``model.int8.onnx`` + sidecar (written beside the float graph's)."""
     import shutil
 
@@ -244,7 +247,8 @@ def ship(predictor, graph: Path, name: str, kind: str, count: int, options: dict
     target = folder / "model.int8.onnx"
     shutil.copyfile(graph, target)
     info = json.loads((folder / "model.onnx.json").read_text())
-    info.update(file=target.name, quantized="int8", sha256=sha256_file(target),
+    info.pop("max_abs_diff", None)  # the float graph's check against PyTorch
+    info.update(top1_agreement_min_percent=agreement,file=target.name, quantized="int8", sha256=sha256_file(target),
                 int8={"variant": name, "calibration": f"{count} {kind} faces (benchmarks/int8.py)", **options})
     atomic_write_text(folder / "model.int8.onnx.json", json.dumps(info, indent=2) + "\n")
     print(f"wrote {target}", flush=True)

@@ -138,6 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--prior", choices=("balanced", "training"), default="balanced",
                    help="balanced: logit-adjusted loss, class-balanced predictions (the recipe); training: plain "
                         "cross-entropy, predictions follow the training frequencies")
+    p.add_argument("--seed", type=int, default=0, help="training seed (batch order, augmentation, dropout)")
     p.add_argument("--grey", action="store_true",
                    help="train and validate on greyscale faces (ITU-R 601 luma in three channels), for a study")
     p.add_argument("--record-counts", metavar="RUN", nargs="+",
@@ -163,7 +164,7 @@ def main(argv=None) -> int:
         init_from=args.init_from, backbone_lr_scale=args.backbone_lr_scale, epochs=args.epochs, image_size=args.image_size,
         batch_size=args.batch_size, lr=args.lr, augment="heavy", crop=args.crop,
         balance_classes=args.prior == "balanced",
-        tasks=("age_group", "gender", "expression"), warmup_epochs=args.warmup_epochs, device=args.device, seed=0,
+        tasks=("age_group", "gender", "expression"), warmup_epochs=args.warmup_epochs, device=args.device, seed=args.seed,
         balance_sources=args.balance_sources,
     )
     # a second cycle records the first one's recipe before its own: the whole way from ImageNet weights

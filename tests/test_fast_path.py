@@ -114,5 +114,8 @@ def test_startup_benchmark_runs_end_to_end(faces, tmp_path):
     assert script.main(["--folder", str(faces[0].parent), "--limit", "6", "--repeats", "1",
                         "--csv", str(tmp_path / "s.csv"), "--results", str(results)]) == 0
     frame = pd.read_csv(tmp_path / "s.csv")
-    assert set(frame["engine"]) == {"auto", "torch", "onnx"} and len(frame) == 9 and (frame["median"] > 0).all()
+    engines = {"auto", "torch", "onnx", "onnx-int8"}
+    # three measures per engine, and the floor under the PyTorch engine (importing torch and timm)
+    assert set(frame["engine"]) == engines and len(frame) == 3 * len(engines) + 1 and (frame["median"] > 0).all()
+    assert frame["measure"].str.contains("import torch, timm").sum() == 1
     assert "| facemt predict PHOTO, cold, wall (s) |" in results.read_text()
