@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
              f"python benchmarks/ablate_studio.py {' '.join(argv)}", "```", "",
              f"Each variant: `--init-from {args.init_from}`, {args.epochs} epochs on {args.limit} faces "
              f"(FER2013Train limited to {args.fer_limit} before the draw); recall or accuracy % (n faces) on the "
-             f"studio test persons, JAFFE and the UTKFace held-out faces. Wall time: "
-             f"{time.perf_counter() - started:.0f} s.", "",
+             f"studio test persons, JAFFE and the UTKFace held-out faces. Wall time of this invocation (variants "
+             f"finished by an earlier one are read back from {args.out}): {time.perf_counter() - started:.0f} s.", "",
              *[f"- `{n}`: {VARIANTS[n][0]} (`{' '.join(VARIANTS[n][1])}`)" for n in names], "", *table(results)]
     if args.results:
         publish(lines, str(args.results))
