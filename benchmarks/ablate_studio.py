@@ -40,6 +40,9 @@ VARIANTS = {
     "grey": ("greyscale training faces", REFERENCE + ["--grey"]),
     "box": ("detector box + 40 % margin (hair in) instead of aligned faces", REFERENCE + ["--crop", "box"]),
     "144px": ("144 px input instead of 112", REFERENCE + ["--image-size", "144"]),
+    "aux-age": ("an auxiliary age-in-years head (5-year bins of UTKFace's exact ages, loss weight 0.5), removed "
+                "after training", REFERENCE + ["--aux-age-weight", "0.5"]),
+    "aux-age-1": ("the same with loss weight 1", REFERENCE + ["--aux-age-weight", "1"]),
 }
 #: (column, set, head, group) read from studio.py's rows
 COLUMNS = [

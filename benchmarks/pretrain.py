@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -99,6 +100,63 @@ def base_split(root: Path, fer_policy: str = "majority", limit: int = 0, studio:
     return index, train_rows, val_rows, [Path(utk.table["path"].iloc[i]).name for i in held]
 
 
+#: The auxiliary age head's classes (``--aux-age-weight``): 5-year bins of UTKFace's exact ages, 19 to 79+.
+AGE_BIN_EDGES = tuple(range(19, 80, 5))
+AUX = "age_years"
+
+
+def add_age_years_head() -> tuple[str, ...]:
+    """Register the study-only head ``age_years`` in this process's schema (never in the package's): one
+    class per 5-year bin, trained on UTKFace's ages in years (gap ages included), masked elsewhere."""
+    import facemt.tasks as schema
+
+    if AUX not in schema.TASKS:
+        names = tuple(f"{lo}-{lo + 4}" for lo in AGE_BIN_EDGES[:-1]) + (f"{AGE_BIN_EDGES[-1]}+",)
+        schema.TASKS[AUX] = schema.Task(AUX, names, tuple(f"b{i}" for i in range(len(names))))
+        schema.TASK_NAMES = (*schema.TASK_NAMES, AUX)
+    return schema.TASKS[AUX].classes
+
+
+def age_bins(index: DataIndex) -> list:
+    """Each row's ``age_years`` class: UTKFace rows by the age in their file name, None elsewhere."""
+    from facemt.data import parse_utkface_name
+
+    classes = add_age_years_head()
+    out = []
+    for path, source in zip(index.table["path"], index.table["source"]):
+        if source != "utkface":
+            out.append(None)
+            continue
+        age = parse_utkface_name(Path(path).name)["age"]
+        out.append(classes[int(np.searchsorted(AGE_BIN_EDGES, age, side="right")) - 1])
+    return out
+
+
+def drop_aux_head(run_dir: str, weight: float) -> None:
+    """Rewrite the run without its ``age_years`` head (the three FACES heads stay as trained), so it loads
+    and predicts like any facemt run; config.json records the study."""
+    from facemt.checkpoint import load_checkpoint, read_config, save_checkpoint
+
+    model, pre, config = load_checkpoint(run_dir)
+    del model.heads[AUX]
+    model.tasks = tuple(t for t in model.tasks if t != AUX)
+    model.temperatures.pop(AUX, None)
+    extra = {k: v for k, v in read_config(run_dir).items()
+             if k not in ("format", "format_version", "facemt_version", "created", "backbone", "dropout", "tasks",
+                          "preprocess", "weights_sha256")}
+
+    def without(value):
+        if isinstance(value, dict):
+            return {k: without(v) for k, v in value.items() if k != AUX}
+        if isinstance(value, list):
+            return [without(v) for v in value if v != AUX]
+        return value
+
+    extra = without(extra)
+    extra["aux_age"] = {"weight": weight, "bins": list(add_age_years_head()), "head": "trained, then removed"}
+    save_checkpoint(run_dir, model, config["backbone"], pre, extra)
+
+
 class GreyCache(ImageCache):
     """Every decoded face as greyscale, as FER+ faces arrive (the colour-vs-greyscale study)."""
 
@@ -138,6 +196,9 @@ def main(argv=None) -> int:
     p.add_argument("--prior", choices=("balanced", "training"), default="balanced",
                    help="balanced: logit-adjusted loss, class-balanced predictions (the recipe); training: plain "
                         "cross-entropy, predictions follow the training frequencies")
+    p.add_argument("--aux-age-weight", type=float, default=0.0,
+                   help="study: also train an age-in-years head (5-year bins of UTKFace's exact ages, masked on "
+                        "other sources) with this loss weight, then remove it from the saved run (0 = none)")
     p.add_argument("--seed", type=int, default=0, help="training seed (batch order, augmentation, dropout)")
     p.add_argument("--grey", action="store_true",
                    help="train and validate on greyscale faces (ITU-R 601 luma in three channels), for a study")
@@ -157,6 +218,10 @@ def main(argv=None) -> int:
         p.error("give --weights (ImageNet backbone) or --init-from RUN")
     started = time.perf_counter()
     index, train_rows, val_rows, held = base_split(root, args.fer_policy, args.limit, args.studio, args.fer_limit)
+    tasks = ("age_group", "gender", "expression")
+    if args.aux_age_weight:
+        index.table[AUX] = pd.Series(age_bins(index), index=index.table.index, dtype=object)
+        tasks += (AUX,)
     HOLDOUT.write_text("# UTKFace files the base model never trains on (benchmarks B and C)\n"
                        + "".join(name + "\n" for name in held))
     config = TrainConfig(
@@ -164,7 +229,8 @@ def main(argv=None) -> int:
         init_from=args.init_from, backbone_lr_scale=args.backbone_lr_scale, epochs=args.epochs, image_size=args.image_size,
         batch_size=args.batch_size, lr=args.lr, augment="heavy", crop=args.crop,
         balance_classes=args.prior == "balanced",
-        tasks=("age_group", "gender", "expression"), warmup_epochs=args.warmup_epochs, device=args.device, seed=args.seed,
+        tasks=tasks, loss_weights={AUX: args.aux_age_weight} if args.aux_age_weight else {},
+        warmup_epochs=args.warmup_epochs, device=args.device, seed=args.seed,
         balance_sources=args.balance_sources,
     )
     # a second cycle records the first one's recipe before its own: the whole way from ImageNet weights
@@ -198,6 +264,8 @@ def main(argv=None) -> int:
     cache = GreyCache() if args.grey else ImageCache()
     result = train(index, config, train_rows, val_rows, out_dir=args.out, cache=cache, callback=progress, extra=extra)
     temperatures = calibrate_run(args.out, result.model, index, val_rows, result.preprocess, cache, device=args.device)
+    if args.aux_age_weight:
+        drop_aux_head(args.out, args.aux_age_weight)
     wall = time.perf_counter() - started
     print(json.dumps({"best_epoch": result.best_epoch, "temperatures": temperatures, "wall_s": round(wall)}), flush=True)
     return 0

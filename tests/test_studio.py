@@ -123,3 +123,47 @@ def test_pretrain_grey_study_decodes_faces_without_colour(faces_dir):
     assert np.ptp(colour.astype(int), axis=2).max() > 10  # the generated face has colour ...
     assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()  # ... the study drops it
     assert np.abs(grey[..., 0].astype(int) - colour.mean(2)).mean() < 20
+
+
+def test_aux_age_study_head_is_trained_on_utk_ages_then_removed(tmp_path):
+    """pretrain.py --aux-age-weight: the study's age_years head lives only in that process's schema; the saved
+    run has the three FACES heads, unchanged, and loads anywhere. Run in a subprocess: the study patches the
+    schema of the process it runs in."""
+    import subprocess
+    import sys
+
+    import facemt
+
+    run = tmp_path / "run"
+    table = pd.DataFrame({"path": ["/x/25_1_0_2017.jpg.chip.jpg", "/x/80_0_0_2017.jpg.chip.jpg", "/y/a.jpg"],
+                          "source": ["utkface", "utkface", "studio"]})
+    table.to_csv(tmp_path / "rows.csv", index=False)
+    code = f"""
+import sys, json
+import pandas as pd
+sys.path.insert(0, {str(ROOT / 'benchmarks')!r})
+import pretrain
+from facemt.checkpoint import save_checkpoint
+from facemt.data import DataIndex
+from facemt.model import create_model
+index = DataIndex(pd.read_csv({str(tmp_path / 'rows.csv')!r}), [])
+bins = pretrain.age_bins(index)
+model, pre = create_model("resnet18", ("age_group", "gender", "expression", "age_years"), image_size=32)
+model.temperatures = {{"age_group": 1.5, "gender": 1.0, "expression": 1.0, "age_years": 2.0}}
+save_checkpoint({str(run)!r}, model, "resnet18", pre, {{"calibration": {{"temperature": model.temperatures}},
+                "train": {{"tasks": list(model.tasks), "loss_weights": {{"age_years": 0.5}}}}}})
+pretrain.drop_aux_head({str(run)!r}, 0.5)
+print(json.dumps({{"bins": bins, "head": model.heads["age_years"].weight.shape[0],
+                   "gender": model.heads["gender"].weight.sum().item()}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["bins"] == ["24-28", "79+", None] and result["head"] == 13  # masked where not UTKFace
+    predictor = facemt.load(run, engine="torch")  # this process knows nothing of age_years
+    assert predictor.tasks == ("age_group", "gender", "expression")
+    assert predictor.model.temperatures["age_group"] == 1.5
+    assert abs(predictor.model.heads["gender"].weight.sum().item() - result["gender"]) < 1e-5
+    config = json.loads((run / "config.json").read_text())
+    assert config["aux_age"]["weight"] == 0.5 and config["train"] == {"tasks": ["age_group", "gender", "expression"],
+                                                                      "loss_weights": {}}
+    assert "age_years" not in json.dumps(config["calibration"])
