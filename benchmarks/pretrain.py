@@ -198,7 +198,8 @@ def main(argv=None) -> int:
                         "cross-entropy, predictions follow the training frequencies")
     p.add_argument("--aux-age-weight", type=float, default=0.0,
                    help="study: also train an age-in-years head (5-year bins of UTKFace's exact ages, masked on "
-                        "other sources) with this loss weight, then remove it from the saved run (0 = none)")
+                        "other sources) with this loss weight, then remove it from the saved run; keeps the last "
+                        "epoch (0 = none)")
     p.add_argument("--seed", type=int, default=0, help="training seed (batch order, augmentation, dropout)")
     p.add_argument("--grey", action="store_true",
                    help="train and validate on greyscale faces (ITU-R 601 luma in three channels), for a study")
@@ -262,7 +263,10 @@ def main(argv=None) -> int:
                   f"val {accs}", flush=True)
 
     cache = GreyCache() if args.grey else ImageCache()
-    result = train(index, config, train_rows, val_rows, out_dir=args.out, cache=cache, callback=progress, extra=extra)
+    # the best epoch is picked by the mean validation accuracy of every head: with the study's head that mean
+    # would count age bins, so those runs keep their last epoch
+    result = train(index, config, train_rows, val_rows, out_dir=args.out, cache=cache, callback=progress, extra=extra,
+                   select_best=not args.aux_age_weight)
     temperatures = calibrate_run(args.out, result.model, index, val_rows, result.preprocess, cache, device=args.device)
     if args.aux_age_weight:
         drop_aux_head(args.out, args.aux_age_weight)
