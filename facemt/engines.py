@@ -75,6 +75,8 @@ def early_nodes(onnx_file: str | os.PathLike, stride: int) -> list[str]:
     model = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_file), load_external_data=False))
     graph = model.graph
     side = graph.input[0].type.tensor_type.shape.dim[-1].dim_value
+    if not side:  # a symbolic input size: strides cannot be told
+        raise FacemtError(f"{onnx_file}: the graph's input size is not fixed; float_stride needs it")
     sides = {}
     for value in list(graph.value_info) + list(graph.output):
         dims = value.type.tensor_type.shape.dim
