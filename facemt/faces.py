@@ -80,18 +80,30 @@ def check_detector_file(path: str | Path) -> None:
         )
 
 
+#: The longer side every picture is scanned at by the default detector (see :class:`FaceDetector`).
+DETECTION_SIDE = 416
+
+
 class FaceDetector:
-    """YuNet (``cv2.FaceDetectorYN``). Faces come back largest first.
+    """YuNet (``cv2.FaceDetectorYN``) at a canonical scale. Faces come back largest first.
+
+    The picture is always rescaled (up or down) so that its longer side is
+    ``side`` pixels, then padded, before it is scanned: the detector's input
+    depends on the picture's content and aspect ratio, never on its pixel
+    count, so the same photo saved at any size gets the same box and
+    landmarks (in its own pixels). With ``mirror`` the left-right mirror
+    image is scanned too and each face's box and landmarks are the mean of
+    the two scans, which halves the detector's own landmark noise.
 
     Args:
         model_path: the ONNX file; the packaged one by default (its SHA-256 is
             checked when the first detector of a process is built).
         score_threshold: faces scoring below it are not reported.
-        max_side: pictures are scanned at most this large (results are mapped back).
-        min_side: smaller pictures are enlarged to this shorter side before
-            scanning (a 48-pixel crop is too small for the detector).
-        pad: every side is padded by this fraction (border replicated) before
-            scanning, so faces that fill a tight crop are still found.
+        side: the longer side every picture is scanned at.
+        pad: every side is padded by this fraction of ``side`` (border
+            replicated) before scanning, so faces that fill a tight crop are
+            still found.
+        mirror: also scan the mirror image and average the two.
     """
 
     _checked: set[str] = set()
@@ -100,16 +112,18 @@ class FaceDetector:
         self,
         model_path: str | Path | None = None,
         score_threshold: float = 0.6,
-        max_side: int = 640,
-        min_side: int = 160,
+        side: int = DETECTION_SIDE,
         pad: float = 0.15,
+        mirror: bool = True,
     ) -> None:
         path = Path(model_path) if model_path is not None else detector_path()
         if str(path) not in self._checked:
             check_detector_file(path)
             self._checked.add(str(path))
+        if isinstance(side, bool) or not isinstance(side, int) or side < 32:
+            raise FacemtError(f"detection side must be a whole number of at least 32 pixels (got {side!r})")
         self.path, self.score_threshold = path, score_threshold
-        self.max_side, self.min_side, self.pad = max_side, min_side, pad
+        self.side, self.pad, self.mirror = side, pad, mirror
         self._local = threading.local()  # a cv2 detector keeps state per input size: one per thread
 
     def _net(self, size: tuple[int, int]):
@@ -124,6 +138,22 @@ class FaceDetector:
         net.setInputSize(size)
         return net
 
+    def _canonical(self, bgr: np.ndarray) -> np.ndarray:
+        """The picture rescaled so that its longer side is ``side``."""
+        h, w = bgr.shape[:2]
+        scale = self.side / max(w, h)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        return cv2.resize(bgr, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
+
+    def _scan(self, bgr: np.ndarray) -> np.ndarray:
+        """N x 15 YuNet rows (box x, y, w, h, five landmarks, score) in ``bgr``'s pixels."""
+        pad = int(round(self.pad * self.side))
+        padded = cv2.copyMakeBorder(bgr, pad, pad, pad, pad, cv2.BORDER_REPLICATE) if pad else bgr
+        _, rows = self._net((padded.shape[1], padded.shape[0])).detect(np.ascontiguousarray(padded))
+        rows = np.zeros((0, 15)) if rows is None else np.asarray(rows, dtype=np.float64)
+        rows[:, [0, 1, *range(4, 14)]] -= pad  # points and the box's corner; not its size
+        return rows
+
     def detect(self, image: Image.Image, min_face: int = 0, max_faces: int | None = None) -> list[Face]:
         """Detect faces in an RGB picture.
 
@@ -135,26 +165,60 @@ class FaceDetector:
         """
         rgb = np.asarray(image.convert("RGB"))
         h, w = rgb.shape[:2]
-        scale = min(self.max_side / max(w, h), max(1.0, self.min_side / min(w, h)))
-        pad = int(round(self.pad * max(w, h) * scale)) if min(w, h) * scale <= 2 * self.min_side else 0
-        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-        if scale != 1.0:
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            bgr = cv2.resize(bgr, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
-        if pad:
-            bgr = cv2.copyMakeBorder(bgr, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
-        _, rows = self._net((bgr.shape[1], bgr.shape[0])).detect(bgr)
+        bgr = self._canonical(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        size = (bgr.shape[1], bgr.shape[0])
+        rows = self._scan(bgr)
+        if self.mirror and len(rows):
+            rows = _average_mirrored(rows, _mirror_rows(self._scan(bgr[:, ::-1]), size[0]))
+        # scan pixel centres -> picture pixel centres (the resize maps centres onto centres)
+        fx, fy = w / size[0], h / size[1]
         faces = []
-        for row in [] if rows is None else rows:
-            xy = (np.asarray(row[:14], dtype=np.float64).reshape(7, 2) - pad) / scale
-            x, y = xy[0]
-            bw, bh = row[2] / scale, row[3] / scale
+        for row in rows:
+            x, y, bw, bh = row[0] * fx, row[1] * fy, row[2] * fx, row[3] * fy
             if bw < min_face:
                 continue
+            points = (row[4:14].reshape(5, 2) + 0.5) * (fx, fy) - 0.5
             box = (int(round(x)), int(round(y)), max(1, int(round(bw))), max(1, int(round(bh))))
-            faces.append(Face(box, float(row[14]), tuple((float(a), float(b)) for a, b in xy[2:])))
+            faces.append(Face(box, float(row[14]), tuple((float(a), float(b)) for a, b in points)))
         faces.sort(key=lambda f: f.box[2] * f.box[3], reverse=True)
         return faces[:max_faces] if max_faces is not None else faces
+
+
+#: The five landmarks of a mirrored face, in the unmirrored order (the eyes and mouth corners swap).
+_MIRRORED_POINTS = [1, 0, 2, 4, 3]
+
+
+def _mirror_rows(rows: np.ndarray, width: int) -> np.ndarray:
+    """YuNet rows found in a mirrored scan, in the unmirrored scan's pixels."""
+    out = rows.copy()
+    out[:, 0] = width - rows[:, 0] - rows[:, 2]
+    points = rows[:, 4:14].reshape(-1, 5, 2)[:, _MIRRORED_POINTS].copy()
+    points[..., 0] = width - 1 - points[..., 0]
+    out[:, 4:14] = points.reshape(-1, 10)
+    return out
+
+
+def _average_mirrored(rows: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
+    """Each face of ``rows`` averaged with the mirrored scan's face that overlaps it most
+    (intersection over union above 0.5); a face without such a partner is kept as it is."""
+    out = rows.copy()
+    for i, row in enumerate(rows):
+        if not len(mirrored):
+            break
+        overlap = [box_iou(row[:4], other[:4]) for other in mirrored]
+        j = int(np.argmax(overlap))
+        if overlap[j] > 0.5:
+            out[i] = (row + mirrored[j]) / 2
+    return out
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two (x, y, width, height) boxes."""
+    x0, y0 = max(a[0], b[0]), max(a[1], b[1])
+    x1, y1 = min(a[0] + a[2], b[0] + b[2]), min(a[1] + a[3], b[1] + b[3])
+    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return float(inter / union) if union > 0 else 0.0
 
 
 def _quiet_opencv() -> None:
