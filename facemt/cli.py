@@ -345,8 +345,13 @@ def _fit_and_report(args, out: Console, err: Console, run: Path, config: TrainCo
     return EXIT_OK
 
 
-def _csv_header() -> list[str]:
-    header = ["path", "status", "face", "framing", "score", "box_x", "box_y", "box_w", "box_h", "error"]
+#: Columns a CSV gets after ``path`` when videos are among the inputs (empty on photos' rows).
+_VIDEO_COLUMNS = ["frame", "time_s", "track"]
+
+
+def _csv_header(video: bool = False) -> list[str]:
+    header = ["path", *(_VIDEO_COLUMNS if video else []), "status", "face", "framing", "score",
+              "box_x", "box_y", "box_w", "box_h", *(["landmarks"] if video else []), "error"]
     for t in TASK_NAMES:
         header += [t] + [f"{t}_p_{c}" for c in TASKS[t].classes]
     return header
@@ -358,6 +363,10 @@ def _csv_row(p) -> dict[str, Any]:
                            "score": "" if p.score is None else p.score}
     for k, v in zip(("box_x", "box_y", "box_w", "box_h"), p.box or ("", "", "", "")):
         row[k] = v
+    for k in _VIDEO_COLUMNS:
+        value = getattr(p, k, None)
+        row[k] = "" if value is None else round(value, 4) if k == "time_s" else value
+    row["landmarks"] = json.dumps(p.landmarks) if p.landmarks else ""
     for t, label in p.labels.items():
         row[t] = label
         row.update({f"{t}_p_{c}": f"{v:.6f}" for c, v in p.probabilities[t].items()})
@@ -368,9 +377,9 @@ class _Sink:
     """Writes predictions as they come: CSV or JSON lines to a file (atomically, on
     success) or CSV to stdout; keeps what the table or a JSON array needs."""
 
-    def __init__(self, fmt: str, path: Path | None, tasks: Sequence[str]) -> None:
+    def __init__(self, fmt: str, path: Path | None, tasks: Sequence[str], video: bool = False) -> None:
         self.fmt, self.path, self.kept = fmt, path, []
-        self.header = [h for h in _csv_header() if h.split("_p_")[0] not in set(TASK_NAMES) - set(tasks)]
+        self.header = [h for h in _csv_header(video) if h.split("_p_")[0] not in set(TASK_NAMES) - set(tasks)]
         self.tmp = None
         if path is not None:
             from facemt.files import make_temp
@@ -412,8 +421,8 @@ class _Sink:
 
 
 def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from facemt.images import iter_image_files
     from facemt.inference import load
+    from facemt.video import is_video_file, iter_media_files
 
     out_path = Path(args.out) if args.out else None
     if out_path is not None:
@@ -431,18 +440,22 @@ def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
 
     if not resolve_run(args.model).is_dir():  # the cheap checks first: a typo is said before any work
         raise FacemtError(f"{args.model}: no such run folder (give the --out folder of 'facemt fit')")
-    files = all_files = iter_image_files(args.inputs)
+    files = all_files = iter_media_files(args.inputs)
     if not files:
-        raise FacemtError("no image files found in the given inputs")
+        raise FacemtError("no image or video files found in the given inputs")
+    videos = any(is_video_file(f) for f in all_files)
+    _check_video_options(args, videos)
     if shard is not None:
         from facemt.shards import part_path, take_shard
 
         files = take_shard(all_files, *shard)
         out_path = part_path(out_path, *shard)
-    if out_path is not None:
-        from facemt.files import check_writable
+    from facemt.files import check_writable
 
+    if out_path is not None:
         check_writable(out_path, args.overwrite)
+    if args.plot:
+        check_writable(args.plot, args.overwrite, flag="--plot")
     predictor = load(args.model, device=args.device, batch_size=args.batch_size, crop=_crop_override(args),
                      engine=args.engine, tta=args.tta, prior=args.prior)
     if shard is not None:
@@ -453,37 +466,19 @@ def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
         from facemt.faces import default_detector
 
         default_detector()  # fail now, not per file, if the detector model is damaged
-    sink = _Sink(fmt, out_path, predictor.tasks)
-    counts = {"ok": 0, "no_face": 0, "error": 0}
-    started = time.monotonic()
-    files_done, finished = 0, False
-    try:
-        with Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TextColumn("eta"), TimeRemainingColumn(), console=err, transient=out_path is None,
-                      disable=len(files) < 2 * args.batch_size) as progress:
-            task = progress.add_task("predict", total=len(files))
-            last = None
-            for p in predictor.predict_files(files, fallback=args.fallback, min_face=args.min_face,
-                                             max_faces=args.max_faces):
-                counts[p.status] += 1
-                if p.error:
-                    err.print(f"error: {p.error}", markup=False, highlight=False)
-                sink.write(p)
-                if p.source != last:
-                    files_done += 1
-                    last = p.source
-                    progress.update(task, completed=files_done)
-                    if out_path is not None and not err.is_terminal and files_done % 500 == 0:
-                        err.print(f"predicted {files_done}/{len(files)} files{_timing(started, files_done, len(files))}",
-                                  markup=False, highlight=False)
-        finished = True
-    finally:
-        sink.close(finished)
+    sink = _Sink(fmt, out_path, predictor.tasks, video=videos)
+    counts, timeline = _predict_to(sink, predictor, files, args, out_path, err)
     if shard is not None:
         from facemt.shards import write_manifest
 
         write_manifest(out_path, *shard, all_files, files, predictor.options(
-            fallback=args.fallback, min_face=args.min_face, max_faces=args.max_faces))
+            fallback=args.fallback, min_face=args.min_face, max_faces=args.max_faces,
+            **({"fps": args.fps, "smooth": args.smooth} if videos else {})))
+    if args.plot:
+        from facemt.video import plot_timeline, to_frame
+
+        plot_timeline(to_frame(timeline, predictor.tasks), args.plot)
+        err.print(f"timeline written to {args.plot}", markup=False, highlight=False)
     if fmt == "table":
         out.print(_prediction_table(sink.kept, predictor.tasks, detect))
     summary = (f"{len(files)} file(s): {counts['ok']} prediction(s), {counts['no_face']} without a face, "
@@ -495,6 +490,90 @@ def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
     return EXIT_PARTIAL if counts["error"] else EXIT_OK
 
 
+def _check_video_options(args: argparse.Namespace, videos: bool) -> None:
+    """--fps, --smooth and --plot are for videos, and must be positive."""
+    given = [flag for flag, value in (("--fps", args.fps), ("--smooth", args.smooth), ("--plot", args.plot))
+             if value is not None]
+    if given and not videos:
+        raise FacemtError(f"{', '.join(given)} apply to videos, and no video is among the inputs")
+    for flag, value in (("--fps", args.fps), ("--smooth", args.smooth)):
+        if value is not None and not value > 0:
+            raise FacemtError(f"{flag} must be a positive number (got {value})")
+
+
+def _units(predictor, files: Sequence[Path], fps: float | None) -> int:
+    """Progress units: one per photo, one per sampled frame of a video."""
+    from facemt.video import expected_samples, is_video_file, open_video
+
+    total = 0
+    for f in files:
+        if not is_video_file(f):
+            total += 1
+            continue
+        try:
+            capture, info = open_video(f)
+            capture.release()
+            total += max(1, expected_samples(info, fps))
+        except FacemtError:
+            total += 1
+    return total
+
+
+def _predictions(predictor, files: Sequence[Path], args: argparse.Namespace):
+    """Every row of photos and videos in file order: runs of photos in batches,
+    each video streamed; an unreadable or truncated video ends with an error row."""
+    from facemt.video import VideoPrediction, is_video_file, predict_video
+
+    options = {"fallback": args.fallback, "min_face": args.min_face, "max_faces": args.max_faces}
+    photos: list[Path] = []
+    for f in [*files, None]:
+        if f is not None and not is_video_file(f):
+            photos.append(f)
+            continue
+        if photos:
+            yield from predictor.predict_files(photos, **options)
+            photos = []
+        if f is not None:
+            try:
+                yield from predict_video(predictor, f, fps=args.fps, smooth=args.smooth, **options)
+            except FacemtError as exc:
+                yield VideoPrediction(str(f), error=str(exc))
+
+
+def _predict_to(sink: "_Sink", predictor, files: Sequence[Path], args: argparse.Namespace, out_path: Path | None,
+                err: Console) -> tuple[dict[str, int], list]:
+    """Stream the rows into ``sink`` with a progress bar; returns the counts per status
+    and the video rows a ``--plot`` needs."""
+    counts = {"ok": 0, "no_face": 0, "error": 0}
+    timeline: list = []
+    total = _units(predictor, files, args.fps)
+    started = time.monotonic()
+    done, finished, last = 0, False, None
+    try:
+        with Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TextColumn("eta"), TimeRemainingColumn(), console=err, transient=out_path is None,
+                      disable=total < 2 * args.batch_size) as progress:
+            task = progress.add_task("predict", total=total)
+            for p in _predictions(predictor, files, args):
+                counts[p.status] += 1
+                if p.error:
+                    err.print(f"error: {p.error}", markup=False, highlight=False)
+                sink.write(p)
+                frame = getattr(p, "frame", None)
+                if args.plot and frame is not None:
+                    timeline.append(p)
+                if (p.source, frame) != last and not (p.error and frame is None and last and last[0] == p.source):
+                    done, last = done + 1, (p.source, frame)
+                    progress.update(task, completed=min(done, total))
+                    if out_path is not None and not err.is_terminal and done % 500 == 0:
+                        err.print(f"predicted {done}/{total} files and frames{_timing(started, done, total)}",
+                                  markup=False, highlight=False)
+        finished = True
+    finally:
+        sink.close(finished)
+    return counts, timeline
+
+
 def _prediction_table(kept, tasks: Sequence[str], detect: bool) -> Table:
     table = Table()
     table.add_column("file")
@@ -504,6 +583,8 @@ def _prediction_table(kept, tasks: Sequence[str], detect: bool) -> Table:
         table.add_column(t)
     for p in kept:
         name = Path(p.source).name if p.source else "-"
+        if getattr(p, "frame", None) is not None:
+            name += f" @ {p.time_s:.2f} s" + (f", track {p.track}" if p.track is not None else "")
         if p.status != "ok":
             if p.status == "no_face":
                 table.add_row(name, "no face found", *["-"] * len(tasks))
@@ -916,8 +997,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="predict all heads for images or folders", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="IMAGE|DIR",
-                   help="image files or folders (a run folder given first is taken as --model)")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE|VIDEO|DIR",
+                   help="image or video files or folders (a run folder given first is taken as --model)")
     _add_model_arg(p)
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print JSON (one object per face or image)")
@@ -935,7 +1016,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_arg(p)
     _add_tta_arg(p)
     _add_prior_arg(p)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    video = p.add_argument_group("videos")
+    video.add_argument("--fps", type=float, metavar="N",
+                       help="frames per second to predict (default: every frame, up to 10 per second)")
+    video.add_argument("--smooth", type=float, metavar="SECONDS",
+                       help="smooth each face track's probabilities over time (exponential, this time constant; "
+                            "default off)")
+    video.add_argument("--plot", metavar="FILE.png",
+                       help="draw each track's probabilities over time (expression as stacked areas)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out or --plot file")
     p.add_argument("--shard", metavar="K/N",
                    help="predict only the K-th of N shards of the sorted file list, into FILE.part-K-of-N.csv "
                         "beside --out (under torchrun: the process's rank; join with merge-predictions)")

@@ -22,6 +22,7 @@ from facemt.synth import draw_face, make_person
 from facemt.transforms import PreprocessConfig, build_transform, face_images
 
 if TYPE_CHECKING:  # the ONNX path (--engine auto with a shipped graph) never imports PyTorch or timm
+    import pandas as pd
     import torch
 
     from facemt.explain import Explanation
@@ -508,6 +509,21 @@ class Predictor:
             if len(arrays) >= self.batch_size:
                 yield from flush()
         yield from flush()
+
+    def predict_video(self, path: str | os.PathLike, fps: float | None = None, smooth: float | None = None,
+                      fallback: bool = False, min_face: int = 0, max_faces: int | None = None) -> "pd.DataFrame":
+        """Every face of every sampled frame of a video, as a pandas DataFrame (one row per face per frame:
+        ``path, frame, time_s, track, face, status, box, landmarks``, labels and per-class probabilities;
+        see :func:`facemt.video.predict_video` for the arguments).
+
+        Raises:
+            FacemtError: the video cannot be read or is truncated.
+        """
+        from facemt.video import predict_video, to_frame
+
+        rows = list(predict_video(self, path, fps=fps, smooth=smooth, fallback=fallback, min_face=min_face,
+                                  max_faces=max_faces))
+        return to_frame(rows, self.tasks)
 
 
 def load(
