@@ -32,7 +32,7 @@ from accuracy import publish  # noqa: E402
 import facemt  # noqa: E402
 from facemt.data import DataIndex, ImageCache, index_jaffe, index_utkface, load_sources  # noqa: E402
 from facemt.engine import decode_images  # noqa: E402
-from facemt.evaluation import evaluate_predictions  # noqa: E402
+from facemt.evaluation import evaluate_predictions, person_consistency, recall_by  # noqa: E402
 from facemt.tasks import TASKS  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -104,9 +104,27 @@ def scores(name: str, table: pd.DataFrame, probs: dict[str, np.ndarray]) -> list
     return rows
 
 
+def consistency(name: str, table: pd.DataFrame, probs: dict[str, np.ndarray]) -> list[dict]:
+    """Labels that cannot change within a person: the share of persons (two or more pictures) whose
+    predicted age group or gender changes across their pictures (``accuracy`` holds that share, lower is
+    better); and gender recall per true expression and gender."""
+    predicted = {t: np.asarray(TASKS[t].classes)[p.argmax(1)] for t, p in probs.items()}
+    rows = []
+    persons = person_consistency(table, predicted)
+    for head, g in persons.groupby("head", sort=False):
+        rows.append({"set": name, "head": head, "group": "persons whose label changes (lower is better)",
+                     "n": len(g), "accuracy": float(g["changed"].mean())})
+    if "gender" in predicted and "expression" in table and table["expression"].notna().any():
+        for r in recall_by(table, predicted, "gender", "expression").itertuples():
+            rows.append({"set": name, "head": "gender", "group": f"{r.gender} recall, {r.expression}", "n": r.n,
+                         "accuracy": r.recall})
+    return rows
+
+
 def zero_shot(model, index: DataIndex, name: str) -> list[dict]:
     images = decode_images(index, model.preprocess, ImageCache(), None)
-    return scores(name, index.table, model.probabilities(images))
+    probs = model.probabilities(images)
+    return scores(name, index.table, probs) + consistency(name, index.table, probs)
 
 
 def fine_tune(index: DataIndex, name: str, epochs: int, model: str) -> list[dict]:

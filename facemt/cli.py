@@ -457,7 +457,7 @@ def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
     if args.plot:
         check_writable(args.plot, args.overwrite, flag="--plot")
     predictor = load(args.model, device=args.device, batch_size=args.batch_size, crop=_crop_override(args),
-                     engine=args.engine, tta=args.tta, prior=args.prior)
+                     engine=args.engine, tta=args.tta, prior=args.prior, jitter=args.jitter)
     if shard is not None:
         err.print(f"shard {shard[0]}/{shard[1]}: {len(files)} of {len(all_files)} files -> {out_path}",
                   markup=False, highlight=False)
@@ -695,7 +695,7 @@ def cmd_evaluate(args: argparse.Namespace, out: Console, err: Console) -> int:
     from facemt.inference import load
 
     predictor = load(_model(args), device=args.device, batch_size=args.batch_size, crop=_crop_override(args),
-                     engine=args.engine, tta=args.tta, prior=args.prior)
+                     engine=args.engine, tta=args.tta, prior=args.prior, jitter=args.jitter)
     if args.explain:
         from facemt.explain import check_method
 
@@ -919,6 +919,9 @@ def _add_tta_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average each face's probabilities with its mirror image's "
                         "(twice the network time; see benchmarks/RESULTS.md for what it gains)")
+    p.add_argument("--jitter", action="store_true",
+                   help="also average the face framed 6 slightly different ways (shifts of 1 %% of the input, "
+                        "scale +-4 %%: the detector's own alignment noise), for steadier answers; 7x the network time")
 
 
 def _add_prior_arg(p: argparse.ArgumentParser) -> None:

@@ -78,6 +78,54 @@ def evaluation_notes(config: dict, tasks: Sequence[str], table: pd.DataFrame) ->
     return notes
 
 
+#: Heads whose label cannot change within one person (a person has one age group and one gender in a set).
+PERSON_HEADS = ("age_group", "gender")
+
+
+def person_consistency(table: pd.DataFrame, predicted: dict[str, np.ndarray],
+                       heads: Sequence[str] = PERSON_HEADS) -> pd.DataFrame:
+    """For every person with two or more pictures and every head of ``heads``: whether the
+    predicted label changes across that person's pictures. Needs no true labels: any
+    change is an error.
+
+    Args:
+        table: one row per picture with a ``person`` column (and ``source``, so that
+            person ``01`` of two sets are two people).
+        predicted: head -> predicted class name per row of ``table``.
+        heads: the heads to check (those missing from ``predicted`` are skipped).
+
+    Returns:
+        one row per person and head: ``source, person, head, pictures, labels`` (how
+        many different labels were given), ``changed`` (bool) and ``majority``
+        (the share of the person's pictures with their most frequent label).
+    """
+    rows = []
+    keys = table["source"].astype(str) if "source" in table else pd.Series("", index=table.index)
+    persons = table["person"].astype(str)
+    for head in [h for h in heads if h in predicted]:
+        labels = pd.Series(np.asarray(predicted[head]), index=table.index)
+        for (source, person), idx in labels.groupby([keys, persons]).groups.items():
+            values = labels.loc[idx]
+            if len(values) < 2:
+                continue
+            counts = values.value_counts()
+            rows.append({"source": source, "person": person, "head": head, "pictures": len(values),
+                         "labels": len(counts), "changed": len(counts) > 1,
+                         "majority": float(counts.iloc[0] / len(values))})
+    return pd.DataFrame(rows, columns=["source", "person", "head", "pictures", "labels", "changed", "majority"])
+
+
+def recall_by(table: pd.DataFrame, predicted: dict[str, np.ndarray], head: str, by: str) -> pd.DataFrame:
+    """Recall of ``head`` for each of its true classes within each value of column ``by``
+    (gender recall per expression, say): columns ``by, head, n, recall``; rows without
+    both labels are left out."""
+    known = table[head].notna() & table[by].notna()
+    frame = pd.DataFrame({"by": table.loc[known, by].astype(str), "class": table.loc[known, head].astype(str),
+                          "right": np.asarray(predicted[head])[known.to_numpy()] == table.loc[known, head].to_numpy()})
+    out = frame.groupby(["by", "class"]).agg(n=("right", "size"), recall=("right", "mean")).reset_index()
+    return out.rename(columns={"by": by, "class": head})
+
+
 # --------------------------------------------------------- cross-validation
 
 SPLITS = ("subject", "random", "both")

@@ -195,3 +195,58 @@ def test_macro_f1_averages_over_the_classes_in_the_test_labels():
     m = head_metrics(y, probs, classes)
     assert m["accuracy"] == pytest.approx(59 / 60)
     assert m["macro_f1"] > 0.95  # not diluted by the four classes the test set does not hold
+
+
+def test_person_consistency_counts_label_changes_within_each_person():
+    """Age group and gender cannot change within a person: a person whose pictures get two genders is
+    counted, a person of one picture is not, and person 0 of two sources are two people."""
+    from facemt.evaluation import person_consistency, recall_by
+
+    table = _table(3, per_person=4)
+    table = pd.concat([table, pd.DataFrame([{"path": "x.jpg", "person": "0", "source": "u", "age_group": "old",
+                                             "gender": "female", "expression": "anger"}])], ignore_index=True)
+    gender = table["gender"].to_numpy().copy()
+    gender[1] = "female"  # person 0 (male) called female in one of four pictures
+    age = table["age_group"].to_numpy().copy()
+    age[[9, 10]] = "young"  # person 2 (old) called young twice
+    out = person_consistency(table, {"gender": gender, "age_group": age})
+    assert len(out) == 6  # 3 persons x 2 heads; source u's single picture is not a person with pictures to compare
+    changed = out.set_index(["person", "head"])["changed"]
+    assert changed[("0", "gender")] and changed[("2", "age_group")]
+    assert changed.sum() == 2
+    assert out.set_index(["person", "head"]).loc[("0", "gender"), "majority"] == 0.75
+    recall = recall_by(table, {"gender": gender}, "gender", "expression").set_index(["expression", "gender"])
+    # persons 0 and 2 are men with two happiness pictures each; person 0's picture 1 is one of them
+    assert recall.loc[("happiness", "male"), "recall"] == 0.75 and recall.loc[("anger", "male"), "recall"] == 1.0
+    assert recall.loc[("happiness", "male"), "n"] == 4
+
+
+def test_stability_benchmark_flags_flips_on_generated_faces(faces_dir):
+    """benchmarks/stability.py end to end on generated portraits: every condition is measured for every
+    face found, no noise means no change, and the table has an 'all' row per condition."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "stability_bench", Path(__file__).resolve().parents[1] / "benchmarks" / "stability.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    from facemt.synth import draw_face, make_person
+
+    rng = np.random.default_rng(0)
+    items = []
+    for i in range(3):
+        path = faces_dir.parent / f"stability_{i}.png"
+        draw_face(make_person(i, "young", "female", rng), "happiness", rng, (240, 300)).save(path)
+        items.append(("generated", path))
+    model = facemt.load()
+    frame = script.measure(model, items, draws=2)
+    assert set(frame["condition"]) == {"same photo at 2x / 4x", "landmark noise 2 % of eye distance",
+                                       "landmark noise 5 % of eye distance"}
+    assert (frame.groupby("condition").size() == [6, 6, 6]).all()
+    assert frame["change"].between(0, 1).all() and frame["flipped"].dtype == bool
+    still = script.moved(script.default_detector().detect(
+        __import__("PIL.Image", fromlist=["Image"]).open(items[0][1]).convert("RGB"))[0], 0.0, rng)
+    assert len(still.landmarks) == 5
+    lines = script.markdown(frame, model.tasks, "t", "c")
+    assert sum("**all**" in line for line in lines) == 3

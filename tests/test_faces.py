@@ -273,21 +273,43 @@ def test_the_same_photo_at_any_size_gets_the_same_landmarks_and_answers():
     (detector included), the same probabilities within 0.05 (measured: at most 0.04; with the landmarks given,
     the framing alone moves them up to 0.02, see the test above). Before the canonical scale the eyes moved
     3-10 px and probabilities up to 0.34 on these faces."""
-    model = facemt.load()
+    model, steady = facemt.load(), facemt.load(jitter=True)
     for i in range(3):
         rng = np.random.default_rng(i)
         person = make_person(i, ("young", "middle", "old")[i], ("male", "female")[i % 2], rng)
         photo = draw_face(person, ("happiness", "anger", "neutrality")[i], rng, (480, 600))
-        eyes, probabilities = [], []
+        eyes, probabilities, jittered = [], [], []
         for k in (1, 2, 4):
             big = photo.resize((photo.width * k, photo.height * k), Image.BICUBIC)
             (face,) = default_detector().detect(big)
             eyes.append((np.array(face.eyes) - (k - 1) / 2) / k)  # pixel centres of the 1x photo
-            p = model.predict(big)
-            probabilities.append(np.concatenate([list(p.probabilities[t].values()) for t in model.tasks]))
-        for k, e, q in zip((2, 4), eyes[1:], probabilities[1:]):
+            for m, out in ((model, probabilities), (steady, jittered)):
+                p = m.predict(big)
+                out.append(np.concatenate([list(p.probabilities[t].values()) for t in m.tasks]))
+        for k, e, q, j in zip((2, 4), eyes[1:], probabilities[1:], jittered[1:]):
             assert np.abs(e - eyes[0]).max() < 0.5, (i, k)
             assert np.abs(q - probabilities[0]).max() < 0.05, (i, k)
+            # averaging the detector-noise framings (jitter) halves what is left (measured: at most 0.018)
+            assert np.abs(j - jittered[0]).max() < 0.025, (i, k)
+
+
+def test_jitter_averages_slightly_shifted_framings():
+    """``jitter`` re-frames the network input by each of JITTER (a pure shift of zero would be the input
+    itself) and its probabilities differ from the plain ones, but only a little."""
+    from facemt.inference import JITTER, jittered
+
+    batch = np.random.default_rng(0).normal(size=(2, 3, 100, 100)).astype(np.float32)
+    views = jittered(batch)
+    assert len(views) == len(JITTER) and all(v.shape == batch.shape and v.dtype == batch.dtype for v in views)
+    shifted = views[0]  # 1 % of 100 px: column c + 1 of the view is column c of the input
+    assert np.allclose(shifted[..., 1:], batch[..., :-1], atol=1e-5)
+    assert not np.allclose(views[4], batch, atol=0.1)  # a scaled framing differs
+    rng = np.random.default_rng(4)
+    photo = draw_face(make_person(4, "old", "male", rng), "sadness", rng, (240, 300))
+    plain, steady = facemt.load().predict(photo), facemt.load(jitter=True).predict(photo)
+    change = max(abs(plain.probabilities[t][c] - steady.probabilities[t][c])
+                 for t in plain.probabilities for c in plain.probabilities[t])
+    assert 1e-4 < change < 0.2
 
 
 def test_the_mirror_scan_is_averaged_and_can_be_turned_off(portrait):

@@ -14,7 +14,7 @@ FLOORS = [
     {"images", "faces", "synth", "distributed", "shards"},
     {"transforms", "losses", "model", "data"},
     {"checkpoint", "checks", "splits", "engines", "explain"},
-    {"inference"},
+    {"inference", "video"},
     {"engine"},
     {"evaluation", "export"},
     {"report"},
