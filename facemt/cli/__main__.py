@@ -1,0 +1,5 @@
+import sys
+
+from facemt.cli import main
+
+sys.exit(main())
