@@ -84,8 +84,9 @@ def main(argv=None) -> int:
     p.add_argument("--results", default="benchmarks/RESULTS.md")
     args = p.parse_args(argv)
     cv2.setNumThreads(1)
-    detectors = {"YuNet (facemt)": FaceDetector(), "YuNet, one scan (no mirror)": FaceDetector(mirror=False),
-                 "Haar (facemt 0.1)": Haar()}
+    detectors = {"YuNet (facemt)": FaceDetector(), "YuNet, one scan (no mirror)": FaceDetector(mirror=False)}
+    if hasattr(cv2, "CascadeClassifier"):  # OpenCV 5 dropped the Haar cascades
+        detectors["Haar (facemt 0.1)"] = Haar()
     rows = []
     for source, paths in sources(Path(args.data_root), args.limit).items():
         for name, det in detectors.items():

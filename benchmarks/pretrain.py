@@ -201,6 +201,8 @@ def main(argv=None) -> int:
                         "other sources) with this loss weight, then remove it from the saved run; keeps the last "
                         "epoch (0 = none)")
     p.add_argument("--seed", type=int, default=0, help="training seed (batch order, augmentation, dropout)")
+    p.add_argument("--jitter-consistency", type=float, default=0.0, metavar="W",
+                   help="fit's --jitter-consistency: re-framed faces must keep their probabilities (weight W)")
     p.add_argument("--grey", action="store_true",
                    help="train and validate on greyscale faces (ITU-R 601 luma in three channels), for a study")
     p.add_argument("--record-counts", metavar="RUN", nargs="+",
@@ -232,7 +234,7 @@ def main(argv=None) -> int:
         balance_classes=args.prior == "balanced",
         tasks=tasks, loss_weights={AUX: args.aux_age_weight} if args.aux_age_weight else {},
         warmup_epochs=args.warmup_epochs, device=args.device, seed=args.seed,
-        balance_sources=args.balance_sources,
+        balance_sources=args.balance_sources, jitter_consistency=args.jitter_consistency,
     )
     # a second cycle records the first one's recipe before its own: the whole way from ImageNet weights
     earlier = json.loads((Path(args.init_from) / "config.json").read_text()).get(

@@ -96,6 +96,7 @@ class TrainConfig:
     balance_classes: bool = False
     init_from: str | None = "base"
     label_smoothing: float = 0.0
+    jitter_consistency: float = 0.0
     dropout: float = 0.2
     val_fraction: float = 0.2
     crop: str = "align"
@@ -127,6 +128,8 @@ class TrainConfig:
             raise FacemtError("dropout must be in [0, 1)")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise FacemtError("label_smoothing must be in [0, 1)")
+        if not (0.0 <= self.jitter_consistency and math.isfinite(self.jitter_consistency)):
+            raise FacemtError("jitter_consistency must be at least 0")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise FacemtError("weight_decay must be at least 0")
         if not self.warmup_epochs >= 0:

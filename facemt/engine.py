@@ -524,6 +524,7 @@ def train(
         stopped_at = train_one_epoch(
             setup.network, epoch_loader(setup, epoch, skip), setup.criterion, setup.optimizer, setup.scheduler,
             meter, setup.device, first_step=skip + 1, should_stop=should_stop,
+            consistency=config.jitter_consistency,
             on_step=(lambda step, loss: callback("step", {"epoch": epoch, "step": step,
                                                           "steps": setup.steps_per_epoch, "loss": loss}))
             if callback else None)
@@ -576,9 +577,14 @@ def train_one_epoch(
     first_step: int = 1,
     on_step: Callable[[int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    consistency: float = 0.0,
 ) -> int | None:
     """One pass over ``loader``: forward, masked loss, backward, optimizer and
     scheduler step per batch, per-head loss and accuracy summed into ``meter``.
+
+    ``consistency`` > 0 adds that weight times :func:`jitter_consistency_loss`:
+    every face (labelled or not) re-framed by the detector's alignment noise
+    must give the probabilities of its unmoved view.
 
     ``model`` may be wrapped in DistributedDataParallel: the loss is then
     normalised by the global batch's labelled counts (so averaged gradients are
@@ -597,8 +603,11 @@ def train_one_epoch(
             local = torch.tensor([int((v != MISSING).sum()) for v in targets.values()], dtype=torch.float64)
             counts = dict(zip(targets, all_reduce_sum(local).tolist()))
         soft = {t: v.to(device) for t, v in batch["soft"].items()} if "soft" in batch else None
-        logits = model(batch["image"].to(device))
+        images = batch["image"].to(device)
+        logits = model(images)
         loss, losses = criterion(logits, targets, counts, here.size, soft)
+        if consistency:
+            loss = loss + consistency * jitter_consistency_loss(logits, model(jitter_views(images)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if here.distributed:
@@ -613,6 +622,35 @@ def train_one_epoch(
         if any_rank(should_stop is not None and should_stop()):
             return step
     return None
+
+
+#: Alignment noise of :func:`jitter_views`: shift (fraction of the side), scale and rotation (degrees), each
+#: drawn uniformly within +- this much: about 3-6 % of the canonical eye distance, the face detector's own noise.
+JITTER_SHIFT, JITTER_SCALE, JITTER_DEGREES = 0.02, 0.04, 3.0
+
+
+def jitter_views(images: torch.Tensor) -> torch.Tensor:
+    """Each face of an N x 3 x S x S batch re-framed by a random small shift, scale and rotation
+    (border replicated), as a slightly different detection would frame it."""
+    import torch.nn.functional as F
+
+    n = images.shape[0]
+    draw = lambda *shape: torch.rand(*shape, device=images.device) * 2 - 1  # noqa: E731
+    angle = draw(n) * math.radians(JITTER_DEGREES)
+    scale = 1 + draw(n) * JITTER_SCALE
+    shift = draw(n, 2) * JITTER_SHIFT * 2  # affine_grid's coordinates span 2 per side
+    theta = torch.stack([torch.stack([scale * torch.cos(angle), -scale * torch.sin(angle), shift[:, 0]], 1),
+                         torch.stack([scale * torch.sin(angle), scale * torch.cos(angle), shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, padding_mode="border", align_corners=False)
+
+
+def jitter_consistency_loss(logits: dict[str, torch.Tensor], moved: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum over heads of KL(p(face) || p(moved face)), batch mean; the unmoved view is the target (no gradient)."""
+    import torch.nn.functional as F
+
+    return sum(F.kl_div(F.log_softmax(moved[t], 1), F.softmax(logits[t].detach(), 1), reduction="batchmean")
+               for t in logits)
 
 
 def _epoch_start_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, epoch: int, steps_per_epoch: int) -> float:

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -38,3 +39,38 @@ def test_parse_loss_weights():
             parse_loss_weights(bad, tasks)
     with pytest.raises(FacemtError, match="not among the trained"):
         parse_loss_weights("gender=1", ("expression",))
+
+
+def test_jitter_consistency_loss_is_zero_for_the_same_view_and_trains_only_the_moved_one():
+    import torch
+
+    from facemt.engine import jitter_consistency_loss, jitter_views
+
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 32, 32)
+    moved = jitter_views(images)
+    assert moved.shape == images.shape
+    assert 0 < (moved - images).abs().mean() < 0.2  # a few pixels, not another picture
+    logits = {"gender": torch.randn(4, 2, requires_grad=True), "expression": torch.randn(4, 6, requires_grad=True)}
+    assert float(jitter_consistency_loss(logits, {t: v.clone() for t, v in logits.items()})) == pytest.approx(0, abs=1e-6)
+    other = {t: torch.randn_like(v, requires_grad=True) for t, v in logits.items()}
+    loss = jitter_consistency_loss(logits, other)
+    loss.backward()
+    assert float(loss) > 0 and logits["gender"].grad is None and other["gender"].grad is not None
+
+
+def test_fit_with_jitter_consistency_records_it_and_trains_differently(faces_dir, run_dir, tmp_path):
+    import json
+
+    from safetensors.numpy import load_file
+
+    from conftest import TINY_FIT
+    from facemt.cli import main
+
+    run = tmp_path / "consistent"
+    assert main(["fit", "--data", str(faces_dir), "--out", str(run), *TINY_FIT, "--jitter-consistency", "1"]) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["jitter_consistency"] == 1.0
+    a, b = load_file(run / "model.safetensors"), load_file(run_dir / "model.safetensors")
+    assert any(not np.allclose(a[k], b[k]) for k in a)
+    assert main(["fit", "--data", str(faces_dir), "--out", str(tmp_path / "x"), *TINY_FIT,
+                 "--jitter-consistency", "-1"]) == 2

@@ -66,6 +66,10 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
                                   "class-balanced prior, not the training set's class frequencies "
                                   "('predict --prior' can switch either way later)"}),
     ("optim", "label_smoothing", {"type": float, "help": "default %(default)s"}),
+    ("augment", "jitter_consistency", {"type": float, "metavar": "W",
+                                       "help": "also train every face re-framed by a few pixels (the face detector's "
+                                       "own alignment noise) to give the same probabilities, with this weight "
+                                       "(0: off, the default; costs a second forward and backward pass)"}),
     ("optim", "device", {"help": "auto, cpu or cuda (default %(default)s)"}),
     ("augment", "augment", {"choices": AUGMENT_PRESETS, "help": "default %(default)s"}),
 ]
