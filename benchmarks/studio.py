@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fine-tune", action="store_true")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--utk-limit", type=int, default=0, help="only the first N UTKFace held-out faces (0: all)")
+    p.add_argument("--jitter", action="store_true", help="predict with facemt.load(jitter=True)")
     p.add_argument("--json", type=Path)
     p.add_argument("--results", type=Path)
     args = p.parse_args(argv)
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {len(chosen)} test persons to {args.split}")
         return 0
     started = time.perf_counter()
-    model = facemt.load(args.model)
+    model = facemt.load(args.model, jitter=args.jitter)
     split = read_split(args.split)
     rows: list[dict] = []
     for source, group in studio.table.groupby("source", sort=True):
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     frame = pd.DataFrame(rows)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
                             text=True).stdout.strip()
-    title = (f"Studio benchmark: model `{args.model}` at commit {commit} "
+    title = (f"Studio benchmark: model `{args.model}`{' with --jitter' if args.jitter else ''} at commit {commit} "
              f"({time.perf_counter() - started:.0f} s)")
     lines = markdown(frame, title, f"python benchmarks/studio.py {' '.join(argv)}")
     if args.results:
