@@ -312,7 +312,7 @@ def cross_validate(
         FacemtError: bad protocol settings or unusable data.
     """
     from facemt.checkpoint import load_checkpoint, run_name
-    from facemt.engine import initial_weights, predict_images, resolve_device, resolve_tasks, train
+    from facemt.engine import initial_weights, resolve_device, resolve_tasks, train
 
     if split not in SPLITS:
         raise FacemtError(f"unknown split {split!r}: choose {', '.join(SPLITS)}")
@@ -321,15 +321,60 @@ def cross_validate(
     if test_size is not None and not 0 < test_size < 1:
         raise FacemtError("--test-size must be between 0 and 1")
     config.validate()
-    table = index.table
+    if explain:
+        from facemt.explain import check_method
+
+        check_method(explain)
     tasks = resolve_tasks(index, config.tasks)
+    plan, folds_run, messages = _plan(index, config, tasks, folds, split, seeds, baselines, test_size)
+    cache = cache or ImageCache()
+    scorer = _Scorer(index.table, encode_targets(index.table, tasks), cache, config.batch_size)
+    explained = _Explained(explain) if explain else None
+    # Training that starts from a facemt model (the built-in base by default) is also scored without any
+    # training on each test fold: what that model gives out of the box, paired with what fine-tuning adds.
+    start = initial_weights(config)
+    untouched = load_checkpoint(start, map_location=resolve_device(config.device)) if start else None
+    histories = []
+    for i, run in enumerate(plan):
+        if callback:
+            callback("run_start", {"run": i + 1, "runs": len(plan), "label": run.label, "epochs": config.epochs})
+        if untouched is not None and run.model == "multitask":
+            model, preprocess, _ = untouched
+            scorer.score(model, preprocess, run, "zero-shot", [t for t in tasks if t in model.tasks])
+        result = train(index, replace(config, tasks=run.tasks, seed=run.seed), run.train_rows, run.test_rows,
+                       cache=cache, callback=callback, select_best=False)
+        ids = {"protocol": run.protocol, "seed": run.seed, "fold": run.fold, "model": run.history_name}
+        histories.append(pd.concat([pd.DataFrame(ids, index=result.history.index), result.history], axis=1))
+        scorer.score(result.model, result.preprocess, run, run.model, run.tasks)
+        if explained is not None and run.model == "multitask":
+            explained.add(result, run, scorer)
+        if callback:
+            callback("run_end", {"run": i + 1, "runs": len(plan), "label": run.label})
+    settings = {
+        "train": config.to_dict(), "folds": folds, "folds_run": folds_run, "split": split, "seeds": seeds, "baselines": baselines,
+        "test_size": test_size, "tasks": list(tasks), "dataset": index.summary(), "images_decoded": cache.decoded,
+        "framings": len(cache.framings),
+        "zero_shot": run_name(start) if start else None,  # the model training started from
+    }
+    if explained is not None:
+        settings["explain"] = explain
+    return CVResult(pd.DataFrame(scorer.records), pd.concat(histories, ignore_index=True), scorer.confusion, settings,
+                    messages, explained.class_maps() if explained is not None else None)
+
+
+def _plan(index: DataIndex, config: "TrainConfig", tasks: Sequence[str], folds: int, split: str, seeds: int,
+          baselines: bool, test_size: float | None) -> tuple[list[_Run], dict[str, int], list[str]]:
+    """Every model to train (one per protocol, seed, fold and model kind), the folds each protocol got, and
+    the warnings for the report; a fold whose training rows leave a head with one class is an error now."""
+    from facemt.engine import resolve_tasks
+
+    table = index.table
     protocols = ["subject", "random"] if split == "both" else [split]
     messages = []
     if "random" in protocols and table["person"].notna().any():
         messages.append(RANDOM_SPLIT_WARNING)
         log.info(RANDOM_SPLIT_WARNING)
     models = [("multitask", tasks)] + ([("single", (t,)) for t in tasks] if baselines and len(tasks) > 1 else [])
-    cache = cache or ImageCache()
     splits = {(protocol, seed): make_folds(table, protocol, folds, seed, test_size)
               for protocol in protocols for seed in range(config.seed, config.seed + seeds)}
     folds_run = {protocol: len(splits[protocol, config.seed]) for protocol in protocols}
@@ -347,68 +392,59 @@ def cross_validate(
             resolve_tasks(index, run.tasks, run.train_rows)
         except FacemtError as exc:
             raise FacemtError(f"{run.label}: {exc} (fewer --folds, more persons, or --tasks without it)") from None
-    targets = encode_targets(table, tasks)
-    # Training that starts from a facemt model (the built-in base by default) is also scored without any
-    # training on each test fold: what that model gives out of the box, paired with what fine-tuning adds.
-    start = initial_weights(config)
-    untouched = load_checkpoint(start, map_location=resolve_device(config.device)) if start else None
-    records, histories = [], []
-    confusion: dict[tuple[str, str, str], np.ndarray] = {}
-    explained: dict[str, Any] = {"maps": {}, "labels": {}, "mean": 0.0, "faces": 0}
-    if explain:
-        from facemt.explain import check_method
+    return plan, folds_run, messages
 
-        check_method(explain)
 
-    def score(model, preprocess, run: _Run, model_name: str, heads: Sequence[str]) -> None:
-        test_images = cache.load([table["path"].iloc[j] for j in run.test_rows], preprocess)[0]
+class _Scorer:
+    """Scores models on their run's test fold: one record per head, confusion matrices summed per
+    (protocol, model, head)."""
+
+    def __init__(self, table: pd.DataFrame, targets: dict[str, np.ndarray], cache: ImageCache, batch_size: int) -> None:
+        self.table, self.targets, self.cache, self.batch_size = table, targets, cache, batch_size
+        self.records: list[dict] = []
+        self.confusion: dict[tuple[str, str, str], np.ndarray] = {}
+
+    def test_images(self, run: _Run, preprocess) -> list[np.ndarray]:
+        return self.cache.load([self.table["path"].iloc[j] for j in run.test_rows], preprocess)[0]
+
+    def score(self, model, preprocess, run: _Run, model_name: str, heads: Sequence[str]) -> None:
+        from facemt.engine import predict_images
+
         device = next(model.parameters()).device
-        metrics = evaluate_predictions(table.iloc[run.test_rows],
-                                       predict_images(model, test_images, preprocess, config.batch_size, device))
+        probs = predict_images(model, self.test_images(run, preprocess), preprocess, self.batch_size, device)
+        metrics = evaluate_predictions(self.table.iloc[run.test_rows], probs)
         for head in heads:
             if metrics[head]["n"]:
-                records.append(_record(table, targets[head], run, model_name, head, metrics[head]))
+                self.records.append(_record(self.table, self.targets[head], run, model_name, head, metrics[head]))
                 key = (run.protocol, model_name, head)
-                confusion[key] = confusion.get(key, 0) + np.array(metrics[head]["confusion"])
+                self.confusion[key] = self.confusion.get(key, 0) + np.array(metrics[head]["confusion"])
 
-    for i, run in enumerate(plan):
-        if callback:
-            callback("run_start", {"run": i + 1, "runs": len(plan), "label": run.label, "epochs": config.epochs})
-        if untouched is not None and run.model == "multitask":
-            model, preprocess, _ = untouched
-            score(model, preprocess, run, "zero-shot", [t for t in tasks if t in model.tasks])
-        result = train(index, replace(config, tasks=run.tasks, seed=run.seed), run.train_rows, run.test_rows,
-                       cache=cache, callback=callback, select_best=False)
-        ids = {"protocol": run.protocol, "seed": run.seed, "fold": run.fold, "model": run.history_name}
-        histories.append(pd.concat([pd.DataFrame(ids, index=result.history.index), result.history], axis=1))
-        score(result.model, result.preprocess, run, run.model, run.tasks)
-        if explain and run.model == "multitask":
-            from facemt.explain import dataset_maps
 
-            test_images = cache.load([table["path"].iloc[j] for j in run.test_rows], result.preprocess)[0]
-            maps, mean = dataset_maps(result.model, test_images, result.preprocess,
-                                      {t: targets[t][run.test_rows] for t in run.tasks}, explain, config.batch_size)
-            for t in run.tasks:
-                explained["maps"].setdefault(t, []).append(maps[t])
-                explained["labels"].setdefault(t, []).append(targets[t][run.test_rows])
-            explained["mean"] += mean * len(test_images)
-            explained["faces"] += len(test_images)
-        if callback:
-            callback("run_end", {"run": i + 1, "runs": len(plan), "label": run.label})
-    settings = {
-        "train": config.to_dict(), "folds": folds, "folds_run": folds_run, "split": split, "seeds": seeds, "baselines": baselines,
-        "test_size": test_size, "tasks": list(tasks), "dataset": index.summary(), "images_decoded": cache.decoded,
-        "framings": len(cache.framings),
-        "zero_shot": run_name(start) if start else None,  # the model training started from
-    }
-    class_maps = None
-    if explain:
+class _Explained:
+    """Every multi-task model's evidence maps for its test faces' true classes, averaged per class at the end."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.maps: dict[str, list] = {}
+        self.labels: dict[str, list] = {}
+        self.mean, self.faces = 0.0, 0
+
+    def add(self, result, run: _Run, scorer: _Scorer) -> None:
+        from facemt.explain import dataset_maps
+
+        images = scorer.test_images(run, result.preprocess)
+        maps, mean = dataset_maps(result.model, images, result.preprocess,
+                                  {t: scorer.targets[t][run.test_rows] for t in run.tasks}, self.method, scorer.batch_size)
+        for t in run.tasks:
+            self.maps.setdefault(t, []).append(maps[t])
+            self.labels.setdefault(t, []).append(scorer.targets[t][run.test_rows])
+        self.mean += mean * len(images)
+        self.faces += len(images)
+
+    def class_maps(self) -> dict[str, Any]:
         from facemt.explain import class_average_maps
 
-        settings["explain"] = explain
-        class_maps = {"heads": class_average_maps({t: np.concatenate(v) for t, v in explained["maps"].items()},
-                                                  {t: np.concatenate(v) for t, v in explained["labels"].items()}),
-                      "mean_face": explained["mean"] / max(1, explained["faces"]), "method": explain}
-    return CVResult(pd.DataFrame(records), pd.concat(histories, ignore_index=True), confusion, settings, messages,
-                    class_maps)
+        return {"heads": class_average_maps({t: np.concatenate(v) for t, v in self.maps.items()},
+                                            {t: np.concatenate(v) for t, v in self.labels.items()}),
+                "mean_face": self.mean / max(1, self.faces), "method": self.method}
 
