@@ -90,6 +90,8 @@ def save_checkpoint(
             "weights_sha256": sha256_file(tmp),
             **(extra or {}),
         }
+        if model.kept is not None:  # structure only: rebuilt by load_checkpoint before the weights are read
+            config["kept"] = kept_spec(model.kept, model.kept_tasks, backbone)
         # Keep the old weights reachable until the new config.json is in place, so
         # a kill between the two renames still leaves a consistent pair.
         previous.unlink(missing_ok=True)
@@ -102,6 +104,30 @@ def save_checkpoint(
     atomic_write_text(run_dir / CONFIG, json.dumps(config, indent=2) + "\n")
     previous.unlink(missing_ok=True)
     return run_dir
+
+
+def kept_spec(start: MultiTaskNet, tasks: tuple[str, ...], backbone: str) -> dict[str, Any]:
+    """What ``config.json`` says of a start model a run carries (:meth:`MultiTaskNet.keep`): its
+    architecture and schema, the heads it answers, and in turn the start model it carries."""
+    spec = {"backbone": backbone, "dropout": float(start.dropout.p), "tasks": schema_dict(start.tasks),
+            "heads": list(tasks), "temperature": {t: float(start.temperatures[t]) for t in start.tasks}}
+    if start.kept is not None:
+        spec["kept"] = kept_spec(start.kept, start.kept_tasks, backbone)
+    return spec
+
+
+def _network(spec: dict[str, Any]) -> MultiTaskNet:
+    """The (untrained) network a config or a ``kept`` entry describes, with its kept start models."""
+    from facemt.model import MultiTaskNet, create_trunk
+
+    model = MultiTaskNet(create_trunk(spec["backbone"], pretrained=False), check_schema(spec["tasks"]),
+                         dropout=float(spec.get("dropout", 0.0)))
+    if "kept" in spec:
+        kept = spec["kept"]
+        start = _network(kept)
+        start.temperatures.update({t: float(v) for t, v in kept.get("temperature", {}).items()})
+        model.keep(start, list(kept["heads"]))
+    return model
 
 
 def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -159,15 +185,11 @@ def load_checkpoint(
         state = load_file(str(weights), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as exc:
         raise FacemtError(f"{weights}: not a readable safetensors file ({exc})") from None
-    from facemt.model import MultiTaskNet, create_trunk
-
     try:
-        tasks = check_schema(config["tasks"])
         preprocess = PreprocessConfig.from_dict(config["preprocess"])
-        trunk = create_trunk(config["backbone"], pretrained=False)
-    except (TypeError, ValueError, AttributeError) as exc:
+        model = _network(config)
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
         raise FacemtError(f"{run_dir / CONFIG}: invalid field ({exc})") from None
-    model = MultiTaskNet(trunk, tasks, dropout=float(config.get("dropout", 0.0)))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

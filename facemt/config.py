@@ -75,6 +75,9 @@ class TrainConfig:
     gives each backbone block its own rate: the last block trains at
     ``lr * backbone_lr_scale``, each block before it at ``layer_decay`` times
     the rate of the block after it (below 1: blocks nearer the input slower).
+    ``keep_start`` (fit only): heads where fine-tuning does not beat the start
+    model on the validation persons, and heads the data does not label, are
+    answered by the start model, carried whole in the run (never worse than the start).
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -95,6 +98,7 @@ class TrainConfig:
     balance_sources: bool = False
     balance_classes: bool = False
     init_from: str | None = "base"
+    keep_start: bool = True
     label_smoothing: float = 0.0
     jitter_consistency: float = 0.0
     dropout: float = 0.2

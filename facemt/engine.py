@@ -51,6 +51,7 @@ class TrainResult:
         untouched: set by :func:`fit` when training started from a facemt
             model: that model's accuracy per head on the same validation
             images, before any training (what fine-tuning is measured against).
+        kept: set by :func:`fit`: the heads the start model answers, and why.
     """
 
     model: MultiTaskNet
@@ -60,6 +61,8 @@ class TrainResult:
     metrics: dict[str, float]
     tasks: tuple[str, ...]
     untouched: dict[str, float] = field(default_factory=dict)
+    #: heads answered by the start model, with why (:func:`keep_start`); set by :func:`fit`
+    kept: dict[str, str] = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -710,13 +713,57 @@ def fit(
     result = train(index, config, train_rows, val_rows, out_dir, cache, callback, extra,
                    should_stop=should_stop, resume=resume)
     if world().main:
-        calibrate_run(out_dir, result.model, index, val_rows, result.preprocess, cache, config.device)
         start = initial_weights(config)
         if start and len(val_rows):
             result.untouched = untouched_accuracy(start, index, val_rows, result.tasks, cache, config.device)
-            if out_dir is not None:
-                update_config(out_dir, {"untouched": {"model": run_name(start), "val_accuracy": result.untouched}})
+        never_worse = {"enabled": config.keep_start}
+        if start and config.keep_start:
+            start_model, start_preprocess, _ = load_checkpoint(start, map_location=resolve_device(config.device))
+            if start_preprocess == result.preprocess:
+                result.kept = heads_to_keep(result.metrics, result.untouched, start_model.tasks, result.tasks,
+                                            labelled_only=config.tasks is None)
+                if result.kept:
+                    keep_start(result, start_model, out_dir)
+            else:  # the start model would see faces framed or sized otherwise than it was trained on
+                never_worse["skipped"] = "the run's preprocessing (image size or crop) differs from the start model's"
+                log.warning("no head can be answered by the start model: %s", never_worse["skipped"])
+        calibrate_run(out_dir, result.model, index, val_rows, result.preprocess, cache, config.device)
+        if start and out_dir is not None:
+            update_config(out_dir, {"untouched": {"model": run_name(start), "val_accuracy": result.untouched},
+                                    "never_worse": {**never_worse, "kept": result.kept}})
     return result
+
+
+def heads_to_keep(metrics: dict[str, Any], untouched: dict[str, float], start_tasks: Sequence[str],
+                  trained: Sequence[str], labelled_only: bool = True) -> dict[str, str]:
+    """The heads a fine-tuned run should answer with the model it started from, and why: every head
+    where fine-tuning did not beat that model untouched on the validation images (a tie keeps the
+    start), and, with ``labelled_only`` (no ``--tasks`` given), every head of the start model that
+    the training data does not label (so fitting expressions alone leaves age group and gender as
+    they were). A head without validation labels has no evidence and stays fine-tuned."""
+    kept = {}
+    for t in start_tasks:
+        tuned = metrics.get(f"val_{t}_acc")
+        if t not in trained:
+            if labelled_only:
+                kept[t] = "not trained: the data labels fewer than two of its classes"
+        elif t in untouched and tuned is not None and math.isfinite(tuned) and tuned <= untouched[t]:
+            kept[t] = f"fine-tuned {tuned:.3f} <= untouched {untouched[t]:.3f} on validation"
+    return kept
+
+
+def keep_start(result: TrainResult, start: MultiTaskNet, out_dir: str | Path | None = None) -> None:
+    """Make ``result.model`` answer ``result.kept`` with ``start`` (carried whole in the run) and,
+    with ``out_dir``, rewrite its checkpoint so (every other field of config.json kept)."""
+    result.model.keep(start, list(result.kept))
+    if out_dir is None:
+        return
+    config = read_config(out_dir)
+    own = ("format", "format_version", "facemt_version", "created", "backbone", "dropout", "tasks", "preprocess",
+           "weights_sha256", "kept")
+    save_checkpoint(out_dir, result.model, config["backbone"], result.preprocess,
+                    {k: v for k, v in config.items() if k not in own})
+    log.info("the start model answers %s", ", ".join(f"{t} ({why})" for t, why in result.kept.items()))
 
 
 def untouched_accuracy(run_dir: str | Path, index: DataIndex, rows: Sequence[int], tasks: Sequence[str],
@@ -742,8 +789,8 @@ def calibrate_run(
     device: str = "auto",
     batch_size: int = 64,
 ) -> dict[str, float]:
-    """Fit one softmax temperature per head on labelled rows (validation data),
-    set them on ``model`` and, with ``run_dir``, store them in its config.json
+    """Fit one softmax temperature per head on labelled rows (validation data; heads the start
+    model answers keep its temperatures), set them on ``model`` and, with ``run_dir``, store them in its config.json
     together with the expected calibration error before and after.
 
     Returns:
@@ -766,6 +813,8 @@ def calibrate_run(
     targets = encode_targets(sub.table, model.tasks)
     report: dict[str, dict] = {}
     for t in model.tasks:
+        if t in model.kept_tasks:  # answered by the start model: its probabilities stay as they were
+            continue
         z, y = torch.cat(logits[t]), torch.as_tensor(targets[t])
         temperature = fit_temperature(z, y)
         mask = (y >= 0).numpy()

@@ -121,12 +121,14 @@ def head_maps(model: "MultiTaskNet", batch: "torch.Tensor", targets: Mapping[str
     model.eval()
     out = {}
     for task, classes in targets.items():
-        def logits(x: torch.Tensor, task: str = task) -> torch.Tensor:
-            return model(x)[task]
+        net = model.network_of(task)  # a head the start model answers is explained on that model's trunk
+
+        def logits(x: torch.Tensor, task: str = task, net: "MultiTaskNet" = net) -> torch.Tensor:
+            return net(x)[task]
 
         target = torch.as_tensor(list(classes), dtype=torch.long, device=batch.device)
         if method.startswith("gradcam"):
-            cam = LayerGradCam(logits, stage_layer(model, int(method.split("-")[1])))
+            cam = LayerGradCam(logits, stage_layer(net, int(method.split("-")[1])))
             attr = cam.attribute(batch, target=target, relu_attributions=True)
             attr = LayerAttribution.interpolate(attr, (MAP_SIDE, MAP_SIDE), interpolate_mode="bilinear")
         else:

@@ -50,10 +50,44 @@ class MultiTaskNet(nn.Module):
         #: per-head softmax temperature fitted on validation data (1 = uncalibrated);
         #: stored in config.json, applied by :meth:`probabilities` only.
         self.temperatures: dict[str, float] = {t: 1.0 for t in self.tasks}
+        #: the model training started from, when it answers some heads (:meth:`keep`); else None
+        self.kept: MultiTaskNet | None = None
+        self.kept_tasks: tuple[str, ...] = ()
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.dropout(self.trunk(x))
-        return {t: head(features) for t, head in self.heads.items()}
+        own = [t for t in self.tasks if t not in self.kept_tasks]
+        features = self.dropout(self.trunk(x)) if own else None
+        out = {t: self.heads[t](features) for t in own}
+        if self.kept is not None:
+            start = self.kept(x)
+            out.update({t: start[t] for t in self.kept_tasks})
+        return {t: out[t] for t in self.tasks}
+
+    def keep(self, start: "MultiTaskNet", tasks: Sequence[str]) -> "MultiTaskNet":
+        """Answer ``tasks`` with ``start`` (the model fine-tuning began from, carried whole): the heads
+        where fine-tuning did not beat it, or that the training data does not label. Heads of ``start``
+        this model lacks are added. Returns self.
+
+        Raises:
+            FacemtError: a task ``start`` has no head for.
+        """
+        missing = [t for t in tasks if t not in start.tasks]
+        if missing:
+            raise FacemtError(f"cannot keep {', '.join(missing)}: the start model has no such head")
+        start.eval()
+        added = [t for t in tasks if t not in self.tasks]
+        for t in added:  # a head of the schema's shape, so every run keeps one head per task
+            self.heads[t] = nn.Linear(self.trunk.num_features, TASKS[t].num_classes)
+        self.tasks = select_tasks(set(self.tasks) | set(tasks))
+        self.kept, self.kept_tasks = start, tuple(t for t in self.tasks if t in tasks)
+        self.temperatures.update({t: start.temperatures.get(t, 1.0) for t in self.kept_tasks})
+        return self
+
+    def network_of(self, task: str) -> "MultiTaskNet":
+        """The network whose own trunk and head answer ``task`` (this one, or a kept start model)."""
+        if task in self.kept_tasks and self.kept is not None:
+            return self.kept.network_of(task)
+        return self
 
     def probabilities(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Calibrated class probabilities per head: softmax(logits / temperature)."""

@@ -84,6 +84,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
         if kwargs.get("action") != "store_true":
             kwargs = {"default": getattr(d, name), **kwargs}
         groups[group].add_argument("--" + name.replace("_", "-"), dest=name, **kwargs)
+    groups["model"].add_argument(
+        "--no-keep-start", dest="keep_start", action="store_false",
+        help="fit: always answer with the fine-tuned heads (by default a head that fine-tuning does not improve on "
+             "the validation persons, or that the data does not label, is answered by the model training started "
+             "from, carried in the run)")
     w = groups["model"].add_mutually_exclusive_group()
     w.add_argument("--init-from", metavar="RUN|base", default=d.init_from,
                    help="start from a facemt model: backbone and every head whose classes match (default: the "
@@ -111,7 +116,7 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     values["tasks"] = select_tasks(args.tasks) if args.tasks else None
     values["loss_weights"] = parse_loss_weights(args.loss_weights, values["tasks"] or TASK_NAMES)
     config = TrainConfig(
-        **values, pretrained=args.pretrained, pretrained_file=args.pretrained_file,
+        **values, keep_start=args.keep_start, pretrained=args.pretrained, pretrained_file=args.pretrained_file,
         init_from=None if (args.no_pretrained or args.pretrained or args.pretrained_file) else args.init_from,
     )
     try:
@@ -225,24 +230,31 @@ def _fit_and_report(args, out: Console, err: Console, run: Path, config: TrainCo
     if args.json:
         print(json.dumps({"run": str(run), "tasks": list(result.tasks), "best_epoch": result.best_epoch,
                           "metrics": result.metrics, "temperatures": dict(result.model.temperatures),
-                          "untouched_val_acc": result.untouched}, indent=2))
+                          "untouched_val_acc": result.untouched, "kept": result.kept}, indent=2))
         return EXIT_OK
-    table = Table(title=f"best epoch {result.best_epoch} (saved to {run})")
-    table.add_column("head")
-    table.add_column("train acc", justify="right")
-    table.add_column("val acc", justify="right")
-    if result.untouched:  # the model training started from, on the same validation images
-        table.add_column("val acc before training", justify="right")
-    for t in result.tasks:
-        v, before = result.metrics.get(f"val_{t}_acc"), result.untouched.get(t)
-        cells = [f"{result.metrics[f'train_{t}_acc']:.3f}", "-" if v is None else f"{v:.3f}"]
-        cells += ["-" if before is None else f"{before:.3f}"] if result.untouched else []
-        table.add_row(t, *cells)
-    out.print(table)
+    out.print(_result_table(result, run))
     if result.untouched:
         out.print("val acc before training: the starting model as it is (facemt predict without this run); "
                   "compare subject-disjoint with 'facemt cv'.", markup=False, highlight=False)
+    if result.kept:
+        out.print("answered by the start model (carried in the run, never worse than it): "
+                  + "; ".join(f"{t}: {why}" for t, why in result.kept.items()), markup=False, highlight=False)
     return EXIT_OK
+
+
+def _result_table(result, run: Path) -> Table:
+    """Per head: training and validation accuracy, the start model's on the same images, who answers."""
+    table = Table(title=f"best epoch {result.best_epoch} (saved to {run})")
+    for name in ("head", "train acc", "val acc") + (("val acc before training",) if result.untouched else ()):
+        table.add_column(name, justify="left" if name == "head" else "right")
+    table.add_column("answered by")
+    for t in result.model.tasks:
+        v, before = result.metrics.get(f"val_{t}_acc"), result.untouched.get(t)
+        train = result.metrics.get(f"train_{t}_acc")
+        cells = ["-" if train is None else f"{train:.3f}", "-" if v is None else f"{v:.3f}"]
+        cells += ["-" if before is None else f"{before:.3f}"] if result.untouched else []
+        table.add_row(t, *cells, "start model" if t in result.kept else "fine-tuned")
+    return table
 
 
 #: Columns a CSV gets after ``path`` when videos are among the inputs (empty on photos' rows).

@@ -1,0 +1,124 @@
+"""Never worse than the start: heads that fine-tuning does not improve, or that the data does not
+label, are answered by the model training started from, carried whole in the run."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+import facemt
+from facemt.checkpoint import load_checkpoint, read_config, save_checkpoint
+from facemt.cli import main
+from facemt.data import ImageCache, index_folder
+from facemt.engine import decode_images, heads_to_keep
+from facemt.model import create_model
+from facemt.tasks import TASK_NAMES
+
+from conftest import TINY_FIT
+
+
+def _tiny(tasks=None, seed=0):
+    torch.manual_seed(seed)
+    return create_model("resnet18", tasks, image_size=32)
+
+
+def test_kept_heads_answer_exactly_as_the_start_model():
+    start, _ = _tiny(seed=0)
+    start.eval().temperatures["gender"] = 1.7
+    tuned, _ = _tiny(("expression",), seed=1)
+    tuned.eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        own, ref = tuned(x)["expression"], start(x)
+        tuned.keep(start, ["age_group", "gender"])
+        out = tuned(x)
+    assert tuned.tasks == TASK_NAMES and list(out) == list(TASK_NAMES)
+    assert torch.equal(out["expression"], own)
+    assert torch.equal(out["age_group"], ref["age_group"]) and torch.equal(out["gender"], ref["gender"])
+    assert tuned.temperatures["gender"] == 1.7 and tuned.network_of("gender") is start
+    assert tuned.network_of("expression") is tuned
+
+
+def test_a_run_carrying_its_start_model_round_trips(tmp_path):
+    """Nested too: a run fine-tuned from a run that itself carries a start model."""
+    first, pre = _tiny(seed=0)
+    second, _ = _tiny(("expression", "gender"), seed=1)
+    second.keep(first, ["age_group"])
+    third, _ = _tiny(("expression",), seed=2)
+    third.keep(second, ["age_group", "gender"])
+    save_checkpoint(tmp_path / "run", third, "resnet18", pre)
+    config = read_config(tmp_path / "run")
+    assert config["kept"]["heads"] == ["age_group", "gender"] and config["kept"]["kept"]["heads"] == ["age_group"]
+    loaded, _, _ = load_checkpoint(tmp_path / "run")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want, got = third.eval()(x), loaded(x)
+        assert torch.allclose(got["age_group"], first.eval()(x)["age_group"])
+    assert all(torch.allclose(want[t], got[t]) for t in TASK_NAMES)
+    assert loaded.network_of("age_group").tasks == first.tasks
+
+
+def test_which_heads_the_start_model_keeps():
+    metrics = {"val_expression_acc": 0.8, "val_gender_acc": 0.9, "val_age_group_acc": float("nan")}
+    untouched = {"expression": 0.7, "gender": 0.9}
+    kept = heads_to_keep(metrics, untouched, TASK_NAMES, ("age_group", "gender", "expression"))
+    assert list(kept) == ["gender"] and "0.900 <= untouched 0.900" in kept["gender"]  # a tie keeps the start
+    kept = heads_to_keep(metrics, untouched, TASK_NAMES, ("expression",))
+    assert set(kept) == {"age_group", "gender"} and "not trained" in kept["gender"]
+    assert heads_to_keep(metrics, untouched, TASK_NAMES, ("expression",), labelled_only=False) == {}
+    assert heads_to_keep(metrics, {"expression": 0.9}, ("expression",), ("expression",)) == {
+        "expression": "fine-tuned 0.800 <= untouched 0.900 on validation"}
+
+
+def _expression_only(faces_dir, tmp_path):
+    table = index_folder(faces_dir).table
+    manifest = tmp_path / "expressions.csv"
+    pd.DataFrame({"path": table["path"], "expression": table["expression"], "person": table["person"]}).to_csv(
+        manifest, index=False)
+    return manifest
+
+
+def test_fit_on_expressions_alone_leaves_age_group_and_gender_as_the_start_had_them(faces_dir, run_dir, tmp_path):
+    run = tmp_path / "expr"
+    assert main(["fit", "--data", str(_expression_only(faces_dir, tmp_path)), "--init-from", str(run_dir),
+                 "--out", str(run), *TINY_FIT]) == 0
+    config = read_config(run)
+    assert set(config["never_worse"]["kept"]) >= {"age_group", "gender"} and config["kept"]["heads"]
+    mine, start = facemt.load(run, device="cpu"), facemt.load(run_dir, device="cpu")
+    assert mine.tasks == TASK_NAMES
+    images = decode_images(index_folder(faces_dir), mine.preprocess, ImageCache(), None)
+    got, want = mine.probabilities(images), start.probabilities(images)
+    for t in ("age_group", "gender"):
+        assert abs(got[t] - want[t]).max() < 1e-5
+
+
+def test_fit_answers_a_head_with_the_start_model_exactly_when_fine_tuning_did_not_beat_it(
+        faces_dir, run_dir, tmp_path, capsys):
+    """A learning rate that wrecks the network: the start model must answer what fine-tuning lost."""
+    runs = {}
+    for name, extra in (("wrecked", ["--lr", "3"]), ("free", ["--lr", "3", "--no-keep-start"])):
+        runs[name] = tmp_path / name
+        assert main(["fit", "--data", str(faces_dir), "--init-from", str(run_dir), "--out", str(runs[name]),
+                     "--json", *TINY_FIT, *extra]) == 0
+    result = json.loads(capsys.readouterr().out.split("\n}\n")[0] + "\n}")
+    kept = {t for t in result["tasks"] if result["metrics"][f"val_{t}_acc"] <= result["untouched_val_acc"][t]}
+    assert kept and set(result["kept"]) == kept
+    assert set(read_config(runs["wrecked"])["never_worse"]["kept"]) == kept
+    free = read_config(runs["free"])
+    assert free["never_worse"] == {"enabled": False, "kept": {}} and "kept" not in free
+    index = index_folder(faces_dir)
+    mine, start = facemt.load(runs["wrecked"], device="cpu"), facemt.load(run_dir, device="cpu")
+    images = decode_images(index, mine.preprocess, ImageCache(), None)
+    got, want = mine.probabilities(images), start.probabilities(images)
+    assert all(abs(got[t] - want[t]).max() < 1e-5 for t in kept)
+
+
+def test_fit_at_another_image_size_cannot_keep_the_start_and_says_so(faces_dir, run_dir, tmp_path):
+    run = tmp_path / "bigger"
+    args = [a if a != "32" else "40" for a in TINY_FIT]
+    assert main(["fit", "--data", str(faces_dir), "--init-from", str(run_dir), "--out", str(run), *args]) == 0
+    never_worse = read_config(run)["never_worse"]
+    assert never_worse["kept"] == {} and "preprocessing" in never_worse["skipped"]
