@@ -167,3 +167,27 @@ print(json.dumps({{"bins": bins, "head": model.heads["age_years"].weight.shape[0
     assert config["aux_age"]["weight"] == 0.5 and config["train"] == {"tasks": ["age_group", "gender", "expression"],
                                                                       "loss_weights": {}}
     assert "age_years" not in json.dumps(config["calibration"])
+
+
+def test_fine_tuning_study_scores_untouched_tuned_and_fit_on_the_same_folds(studio_root, faces_dir, run_dir, tmp_path):
+    script = _script("finetune")
+    split = tmp_path / "split.txt"
+    split.write_text("cfd/01\ncfd/02\nnimstim/01\nnimstim/02\n")
+    sets = script.shared_sets(studio_root, split)
+    assert set(sets) == {"cfd", "nimstim+rafd"} and len(sets["cfd"].table) == 24  # 2 persons x 12 pictures
+    csv, results = tmp_path / "folds.csv", tmp_path / "RESULTS.md"
+    assert script.main(["--no-shared", "--set", f"synth={faces_dir}", "--model", str(run_dir), "--only",
+                        "defaults,linear-probe", "--folds", "2", "--train", "epochs=2,batch_size=16",
+                        "--csv", str(csv), "--results", str(results)]) == 0
+    folds = pd.read_csv(csv)
+    assert set(folds["arm"]) == {"untouched", "tuned", "fit"} and set(folds["fold"]) == {0, 1}
+    # the start model untouched scores the same whatever the variant; fit equals the start where it kept it
+    untouched = folds[folds["arm"] == "untouched"].pivot_table(index=["fold", "head"], columns="variant",
+                                                               values="accuracy")
+    assert (untouched["defaults"] == untouched["linear-probe"]).all()
+    wide = folds.pivot_table(index=["variant", "fold", "head"], columns="arm", values="accuracy")
+    kept = folds[folds["arm"] == "fit"].set_index(["variant", "fold", "head"])["kept"].astype(bool)
+    assert (wide.loc[kept[kept].index, "fit"] == wide.loc[kept[kept].index, "untouched"]).all()
+    assert (wide.loc[kept[~kept].index, "fit"] == wide.loc[kept[~kept].index, "tuned"]).all()
+    text = results.read_text()
+    assert "### Fine-tuning study" in text and text.count("| synth |") == 6

@@ -1,0 +1,203 @@
+"""The fine-tuning study: what ``facemt fit`` should do with a user's few dozen to few hundred studio
+photos so that the model it writes beats the model it starts from (the built-in base by default).
+
+    python benchmarks/finetune.py --data-root ../shared/data [--only defaults,epochs-8,...]
+                                  [--set NAME=DIR|CSV ...] [--folds 5] [--csv out.csv] [--results RESULTS.md]
+
+Sets, each taken as "the user's photos": persons the base model never trained on. JAFFE (all 10 women),
+and the studio test persons (``benchmarks/studio_test_persons.txt``) of CK+, CFD, and NimStim + RaFD
+together (one lab's mixed stimuli); ``--set NAME=PATH`` adds any labelled folder or CSV (a FACES copy),
+``--no-shared`` leaves the shared ones out. Each set: ``--folds`` subject-disjoint folds (seed 0).
+
+In every fold, every variant runs exactly what ``facemt fit`` runs on the training persons (a
+person-disjoint validation split of them, the best epoch by validation accuracy) and is scored on the
+test persons three ways: ``untouched`` (the start model as it is), ``tuned`` (the fine-tuned heads, the
+never-worse rule off: ``--no-keep-start``) and ``fit`` (what fit writes: a head that fine-tuning did not
+improve on the validation persons, or that the set does not label, answered by the start model).
+Variants change one thing against fit's defaults. Reported: per set, head and variant the mean test
+accuracy and paired differences over folds with 95 % t-intervals (against untouched, against defaults).
+A benchmark, not a test: nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from accuracy import publish  # noqa: E402
+from studio import SPLIT_FILE, read_split, studio_index, test_rows  # noqa: E402
+
+from facemt.checkpoint import load_checkpoint  # noqa: E402
+from facemt.config import TrainConfig  # noqa: E402
+from facemt.data import DataIndex, ImageCache, index_jaffe, load_sources  # noqa: E402
+from facemt.engine import fit, heads_to_keep, initial_weights, predict_images  # noqa: E402
+from facemt.evaluation import evaluate_predictions, paired_interval  # noqa: E402
+from facemt.splits import make_folds  # noqa: E402
+from facemt.tasks import TASKS  # noqa: E402
+
+#: one change at a time against fit's defaults (TrainConfig fields); "epochs" is read first
+VARIANTS: dict[str, dict] = {
+    "defaults": {},
+    "linear-probe": {"head_warmup_epochs": -1},  # the backbone frozen for every step (see _config)
+    "lp-ft": {"head_warmup_epochs": 5},
+    "epochs-8": {"epochs": 8},
+    "layer-decay-0.7": {"layer_decay": 0.7},
+    "backbone-0.3x": {"backbone_lr_scale": 0.3},
+    "lr-0.3x": {"lr": 3e-4},
+    "label-smoothing-0.1": {"label_smoothing": 0.1},
+    "augment-light": {"augment": "light"},
+    "jitter-consistency-1": {"jitter_consistency": 1.0},
+    "image-160": {"image_size": 160},
+}
+
+
+def shared_sets(root: Path, split: Path = SPLIT_FILE) -> dict[str, DataIndex]:
+    """The shared sets whose persons the base never trained on (``split``: the studio test persons)."""
+    sets = {}
+    if (root / "jaffe").is_dir():
+        sets["jaffe"] = index_jaffe(root / "jaffe")
+    studio = studio_index(root).table
+    studio = studio.iloc[test_rows(studio, read_split(split))].reset_index(drop=True)
+    for name, sources in (("ckplus48", ["ckplus48"]), ("cfd", ["cfd"]), ("nimstim+rafd", ["nimstim", "rafd"])):
+        table = studio[studio["source"].isin(sources)].reset_index(drop=True)
+        if len(table):
+            sets[name] = DataIndex(table, [])
+    return sets
+
+
+def _config(base: TrainConfig, change: dict) -> TrainConfig:
+    config = replace(base, **change)
+    if change.get("head_warmup_epochs") == -1:
+        config = replace(config, head_warmup_epochs=config.epochs - 0.01)
+    return config
+
+
+def _score(model, preprocess, table: pd.DataFrame, cache: ImageCache, heads) -> dict[str, tuple[float, int]]:
+    images = cache.load(list(table["path"]), preprocess)[0]
+    metrics = evaluate_predictions(table, predict_images(model, images, preprocess))
+    return {h: (metrics[h]["accuracy"], metrics[h]["n"]) for h in heads if h in metrics and metrics[h]["n"]}
+
+
+def run_fold(index: DataIndex, train_rows, test_rows_, config: TrainConfig, cache: ImageCache, start) -> list[dict]:
+    """One variant on one fold: untouched, tuned and fit (never-worse rule) test accuracy per labelled head."""
+    heads = [t for t in TASKS if index.table[t].iloc[test_rows_].notna().any()]
+    test = index.table.iloc[test_rows_].reset_index(drop=True)
+    sub = DataIndex(index.table.iloc[train_rows].reset_index(drop=True), [])
+    result = fit(sub, replace(config, keep_start=False), cache=cache)
+    start_model, start_preprocess, _ = start
+    rows = [("untouched", _score(start_model, start_preprocess, test, cache, heads)),
+            ("tuned", _score(result.model, result.preprocess, test, cache, heads))]
+    if start_preprocess == result.preprocess:
+        result.kept = heads_to_keep(result.metrics, result.untouched, start_model.tasks, result.tasks)
+        if result.kept:
+            result.model.keep(start_model, list(result.kept))
+        rows.append(("fit", _score(result.model, result.preprocess, test, cache, heads)))
+    return [{"arm": arm, "head": h, "accuracy": acc, "n": n, "kept": h in result.kept,
+             "best_epoch": result.best_epoch} for arm, scores in rows for h, (acc, n) in scores.items()]
+
+
+def summarize(records: pd.DataFrame) -> pd.DataFrame:
+    """Per set, head and variant: mean accuracies and paired differences (95 % t-intervals over folds)."""
+    out = []
+    key = ["set", "head", "variant"]
+    wide = records.pivot_table(index=key + ["fold"], columns="arm", values="accuracy").reset_index()
+    defaults = wide[wide["variant"] == "defaults"].set_index(["set", "head", "fold"])
+    for (name, head, variant), g in wide.groupby(key, sort=False):
+        g = g.set_index("fold")
+        row = {"set": name, "head": head, "variant": variant, "folds": len(g),
+               "untouched": g["untouched"].mean(), "tuned": g["tuned"].mean()}
+        row["tuned_gain"], row["tuned_low"], row["tuned_high"] = paired_interval((g["tuned"] - g["untouched"]).dropna())
+        if "fit" in g and g["fit"].notna().any():
+            row["fit"] = g["fit"].mean()
+            row["fit_gain"], row["fit_low"], row["fit_high"] = paired_interval((g["fit"] - g["untouched"]).dropna())
+        if variant != "defaults" and (name, head) in defaults.index.droplevel("fold"):
+            ref = defaults.loc[(name, head)]["tuned"]
+            d = (g["tuned"] - ref.reindex(g.index)).dropna()
+            row["vs_defaults"], row["vs_low"], row["vs_high"] = paired_interval(d)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _pct(mean, low=None, high=None) -> str:
+    if mean is None or not np.isfinite(mean):
+        return "-"
+    text = f"{100 * mean:+.1f}" if low is not None else f"{100 * mean:.1f}"
+    if low is not None and np.isfinite(low):
+        text += f" [{100 * low:+.1f}, {100 * high:+.1f}]"
+    return text
+
+
+def markdown(summary: pd.DataFrame, title: str, command: str) -> list[str]:
+    lines = [f"\n### {title}\n", "```", command, "```", "",
+             "| set | head | variant | untouched % | tuned % | tuned - untouched | fit % (never-worse) | "
+             "fit - untouched | tuned - defaults |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary.itertuples():
+        get = lambda name: getattr(r, name, float("nan"))  # noqa: E731
+        lines.append(f"| {r.set} | {r.head} | {r.variant} | {_pct(r.untouched)} | {_pct(r.tuned)} | "
+                     f"{_pct(r.tuned_gain, r.tuned_low, r.tuned_high)} | {_pct(get('fit'))} | "
+                     f"{_pct(get('fit_gain'), get('fit_low'), get('fit_high'))} | "
+                     f"{_pct(get('vs_defaults'), get('vs_low'), get('vs_high'))} |")
+    lines += ["", "Differences are percentage points, paired over folds, with 95 % t-intervals."]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data-root", type=Path)
+    p.add_argument("--split", type=Path, default=SPLIT_FILE, help="the studio test persons (default %(default)s)")
+    p.add_argument("--no-shared", action="store_true", help="only the --set sets")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=PATH", help="another labelled set")
+    p.add_argument("--only", default="defaults,linear-probe,lp-ft,epochs-8,layer-decay-0.7,backbone-0.3x,lr-0.3x,"
+                   "label-smoothing-0.1,augment-light", help=f"variants, comma-separated, of: {', '.join(VARIANTS)}")
+    p.add_argument("--sets", help="only these sets, comma-separated")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--model", default="base", help="the start model (fit --init-from)")
+    p.add_argument("--train", default="", help="fit options as KEY=VALUE,... for every variant (e.g. epochs=2)")
+    p.add_argument("--csv", type=Path, help="write every fold's scores here as they come")
+    p.add_argument("--results", type=Path)
+    args = p.parse_args(argv)
+    variants = [v.strip() for v in args.only.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    sets = {} if args.no_shared or args.data_root is None else shared_sets(args.data_root, args.split)
+    sets.update({name: load_sources([path]) for name, path in (s.split("=", 1) for s in args.set)})
+    if args.sets:
+        sets = {k: v for k, v in sets.items() if k in args.sets.split(",")}
+    base = TrainConfig(init_from=args.model, device="cpu")
+    base = replace(base, **{k: type(getattr(base, k))(v) for k, v in (kv.split("=") for kv in args.train.split(",") if kv)})
+    start = load_checkpoint(initial_weights(base), map_location="cpu")
+    cache, records, started = ImageCache(), [], time.perf_counter()
+    for name, index in sets.items():
+        folds = make_folds(index.table, "subject", args.folds, 0)
+        for variant in variants:
+            for k, (train_rows, test) in enumerate(folds):
+                print(f"{name} {variant} fold {k + 1}/{len(folds)} ({time.perf_counter() - started:.0f} s)", flush=True)
+                for row in run_fold(index, train_rows, test, _config(base, VARIANTS[variant]), cache, start):
+                    records.append({"set": name, "variant": variant, "fold": k, **row})
+                if args.csv:
+                    pd.DataFrame(records).to_csv(args.csv, index=False)
+    summary = summarize(pd.DataFrame(records))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                            text=True).stdout.strip()
+    lines = markdown(summary, f"Fine-tuning study from `{args.model}` at commit {commit} "
+                     f"({time.perf_counter() - started:.0f} s)", f"python benchmarks/finetune.py {' '.join(argv)}")
+    if args.results:
+        publish(lines, args.results)
+    else:
+        print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
