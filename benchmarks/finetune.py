@@ -124,7 +124,7 @@ def summarize(records: pd.DataFrame) -> pd.DataFrame:
             d = (g["tuned"] - ref.reindex(g.index)).dropna()
             row["vs_defaults"], row["vs_low"], row["vs_high"] = paired_interval(d)
         out.append(row)
-    return pd.DataFrame(out)
+    return pd.DataFrame(out).sort_values(["set", "head"], kind="stable").reset_index(drop=True)
 
 
 def _pct(mean, low=None, high=None) -> str:
@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", type=Path, default=SPLIT_FILE, help="the studio test persons (default %(default)s)")
     p.add_argument("--no-shared", action="store_true", help="only the --set sets")
     p.add_argument("--set", action="append", default=[], metavar="NAME=PATH", help="another labelled set")
-    p.add_argument("--only", default="defaults,linear-probe,lp-ft,epochs-8,layer-decay-0.7,backbone-0.3x,lr-0.3x,"
-                   "label-smoothing-0.1,augment-light", help=f"variants, comma-separated, of: {', '.join(VARIANTS)}")
+    p.add_argument("--only", default="defaults,epochs-8,linear-probe,lp-ft,lr-0.3x,label-smoothing-0.1,"
+                   "layer-decay-0.7,augment-light", help=f"variants, comma-separated, of: {', '.join(VARIANTS)}")
     p.add_argument("--sets", help="only these sets, comma-separated")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--model", default="base", help="the start model (fit --init-from)")
@@ -178,11 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     base = replace(base, **{k: type(getattr(base, k))(v) for k, v in (kv.split("=") for kv in args.train.split(",") if kv)})
     start = load_checkpoint(initial_weights(base), map_location="cpu")
     cache, records, started = ImageCache(), [], time.perf_counter()
-    for name, index in sets.items():
-        folds = make_folds(index.table, "subject", args.folds, 0)
-        for variant in variants:
-            for k, (train_rows, test) in enumerate(folds):
-                print(f"{name} {variant} fold {k + 1}/{len(folds)} ({time.perf_counter() - started:.0f} s)", flush=True)
+    folds = {name: make_folds(index.table, "subject", args.folds, 0) for name, index in sets.items()}
+    for variant in variants:  # variant by variant: a run cut short still has every set for the first ones
+        for name, index in sets.items():
+            for k, (train_rows, test) in enumerate(folds[name]):
+                print(f"{name} {variant} fold {k + 1}/{len(folds[name])} ({time.perf_counter() - started:.0f} s)", flush=True)
                 for row in run_fold(index, train_rows, test, _config(base, VARIANTS[variant]), cache, start):
                     records.append({"set": name, "variant": variant, "fold": k, **row})
                 if args.csv:

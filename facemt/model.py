@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import io
 import logging
@@ -76,8 +77,8 @@ class MultiTaskNet(nn.Module):
             raise FacemtError(f"cannot keep {', '.join(missing)}: the start model has no such head")
         start.eval()
         added = [t for t in tasks if t not in self.tasks]
-        for t in added:  # a head of the schema's shape, so every run keeps one head per task
-            self.heads[t] = nn.Linear(self.trunk.num_features, TASKS[t].num_classes)
+        for t in added:  # one head per task in every run: a copy of the start's (what --init-from RUN copies)
+            self.heads[t] = copy.deepcopy(start.heads[t])
         self.tasks = select_tasks(set(self.tasks) | set(tasks))
         self.kept, self.kept_tasks = start, tuple(t for t in self.tasks if t in tasks)
         self.temperatures.update({t: start.temperatures.get(t, 1.0) for t in self.kept_tasks})

@@ -13,6 +13,7 @@ from facemt.checkpoint import load_checkpoint, read_config, save_checkpoint
 from facemt.cli import main
 from facemt.data import ImageCache, index_folder
 from facemt.engine import decode_images, heads_to_keep
+from facemt.export import export
 from facemt.model import create_model
 from facemt.tasks import TASK_NAMES
 
@@ -92,6 +93,12 @@ def test_fit_on_expressions_alone_leaves_age_group_and_gender_as_the_start_had_t
     got, want = mine.probabilities(images), start.probabilities(images)
     for t in ("age_group", "gender"):
         assert abs(got[t] - want[t]).max() < 1e-5
+    # the ONNX graph of such a run is both networks, routed the same way
+    info = export(run, "onnx")
+    assert info["max_abs_diff"] < 1e-4
+    graph = facemt.load(run, device="cpu", engine="onnx").probabilities(images)
+    for t in TASK_NAMES:
+        assert abs(graph[t] - got[t]).max() < 1e-4
 
 
 def test_fit_answers_a_head_with_the_start_model_exactly_when_fine_tuning_did_not_beat_it(
