@@ -102,7 +102,9 @@ def run_fold(index: DataIndex, train_rows, test_rows_, config: TrainConfig, cach
             result.model.keep(start_model, list(result.kept))
         rows.append(("fit", _score(result.model, result.preprocess, test, cache, heads)))
     return [{"arm": arm, "head": h, "accuracy": acc, "n": n, "kept": h in result.kept,
-             "best_epoch": result.best_epoch} for arm, scores in rows for h, (acc, n) in scores.items()]
+             "best_epoch": result.best_epoch, "val_tuned": result.metrics.get(f"val_{h}_acc"),
+             "val_untouched": result.untouched.get(h)}  # the rule's evidence, to weigh other rules later
+            for arm, scores in rows for h, (acc, n) in scores.items()]
 
 
 def summarize(records: pd.DataFrame) -> pd.DataFrame:
@@ -165,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", default="", help="fit options as KEY=VALUE,... for every variant (e.g. epochs=2)")
     p.add_argument("--csv", type=Path, help="write every fold's scores here as they come")
     p.add_argument("--results", type=Path)
+    p.add_argument("--summarize", type=Path, metavar="CSV", help="only write the table of a --csv (a run cut short)")
     args = p.parse_args(argv)
+    if args.summarize:
+        return _publish(pd.read_csv(args.summarize), argv, f"from {args.summarize}", args.results)
     variants = [v.strip() for v in args.only.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -187,13 +192,17 @@ def main(argv: list[str] | None = None) -> int:
                     records.append({"set": name, "variant": variant, "fold": k, **row})
                 if args.csv:
                     pd.DataFrame(records).to_csv(args.csv, index=False)
-    summary = summarize(pd.DataFrame(records))
+    return _publish(pd.DataFrame(records), argv, f"from `{args.model}` ({time.perf_counter() - started:.0f} s)",
+                    args.results)
+
+
+def _publish(records: pd.DataFrame, argv: list[str], what: str, results: Path | None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                             text=True).stdout.strip()
-    lines = markdown(summary, f"Fine-tuning study from `{args.model}` at commit {commit} "
-                     f"({time.perf_counter() - started:.0f} s)", f"python benchmarks/finetune.py {' '.join(argv)}")
-    if args.results:
-        publish(lines, args.results)
+    lines = markdown(summarize(records), f"Fine-tuning study {what} at commit {commit}",
+                     f"python benchmarks/finetune.py {' '.join(argv)}")
+    if results:
+        publish(lines, results)
     else:
         print("\n".join(lines))
     return 0

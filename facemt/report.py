@@ -200,7 +200,9 @@ def render_markdown(result: CVResult, title: str = "facemt cross-validation repo
     if has_zero:
         out += [f"*Not fine-tuned* is the model training started from ({_start(cfg)}), scored untouched on "
                 "the same test folds: what `facemt predict` gives out of the box. Fine-tuning on these images "
-                "helped a head where *multi − not fine-tuned* is above zero with its whole interval.", ""]
+                "helped a head where *multi − not fine-tuned* is above zero with its whole interval. Here every "
+                "head is the fine-tuned one; `facemt fit` answers a head with the starting model where fine-tuning "
+                "does not beat it on fit's own validation persons.", ""]
     out += [
         "## Other metrics (multi-task, mean over folds x seeds)",
         "",

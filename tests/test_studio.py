@@ -191,3 +191,5 @@ def test_fine_tuning_study_scores_untouched_tuned_and_fit_on_the_same_folds(stud
     assert (wide.loc[kept[~kept].index, "fit"] == wide.loc[kept[~kept].index, "tuned"]).all()
     text = results.read_text()
     assert "### Fine-tuning study" in text and text.count("| synth |") == 6
+    assert script.main(["--summarize", str(csv), "--results", str(results)]) == 0  # a run cut short: its table
+    assert results.read_text().count("| synth |") == 12
