@@ -84,7 +84,7 @@ def _expression_only(faces_dir, tmp_path):
 def test_fit_on_expressions_alone_leaves_age_group_and_gender_as_the_start_had_them(faces_dir, run_dir, tmp_path):
     run = tmp_path / "expr"
     assert main(["fit", "--data", str(_expression_only(faces_dir, tmp_path)), "--init-from", str(run_dir),
-                 "--out", str(run), *TINY_FIT]) == 0
+                 "--out", str(run), *TINY_FIT, "--epochs", "1"]) == 0
     config = read_config(run)
     assert set(config["never_worse"]["kept"]) >= {"age_group", "gender"} and config["kept"]["heads"]
     mine, start = facemt.load(run, device="cpu"), facemt.load(run_dir, device="cpu")
@@ -108,7 +108,7 @@ def test_fit_answers_a_head_with_the_start_model_exactly_when_fine_tuning_did_no
     for name, extra in (("wrecked", ["--lr", "3"]), ("free", ["--lr", "3", "--no-keep-start"])):
         runs[name] = tmp_path / name
         assert main(["fit", "--data", str(faces_dir), "--init-from", str(run_dir), "--out", str(runs[name]),
-                     "--json", *TINY_FIT, *extra]) == 0
+                     "--json", *TINY_FIT, "--epochs", "1", *extra]) == 0
     result = json.loads(capsys.readouterr().out.split("\n}\n")[0] + "\n}")
     kept = {t for t in result["tasks"] if result["metrics"][f"val_{t}_acc"] <= result["untouched_val_acc"][t]}
     assert kept and set(result["kept"]) == kept
@@ -124,7 +124,7 @@ def test_fit_answers_a_head_with_the_start_model_exactly_when_fine_tuning_did_no
 
 def test_fit_at_another_image_size_cannot_keep_the_start_and_says_so(faces_dir, run_dir, tmp_path):
     run = tmp_path / "bigger"
-    args = [a if a != "32" else "40" for a in TINY_FIT]
+    args = [a if a != "32" else "40" for a in TINY_FIT] + ["--epochs", "1"]
     assert main(["fit", "--data", str(faces_dir), "--init-from", str(run_dir), "--out", str(run), *args]) == 0
     never_worse = read_config(run)["never_worse"]
     assert never_worse["kept"] == {} and "preprocessing" in never_worse["skipped"]

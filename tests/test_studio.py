@@ -177,7 +177,7 @@ def test_fine_tuning_study_scores_untouched_tuned_and_fit_on_the_same_folds(stud
     assert set(sets) == {"cfd", "nimstim+rafd"} and len(sets["cfd"].table) == 24  # 2 persons x 12 pictures
     csv, results = tmp_path / "folds.csv", tmp_path / "RESULTS.md"
     assert script.main(["--no-shared", "--set", f"synth={faces_dir}", "--model", str(run_dir), "--only",
-                        "defaults,linear-probe", "--folds", "2", "--train", "epochs=2,batch_size=16",
+                        "defaults,linear-probe", "--folds", "2", "--train", "epochs=1,batch_size=16",
                         "--csv", str(csv), "--results", str(results)]) == 0
     folds = pd.read_csv(csv)
     assert set(folds["arm"]) == {"untouched", "tuned", "fit"} and set(folds["fold"]) == {0, 1}
