@@ -39,7 +39,7 @@ from studio import SPLIT_FILE, read_split, studio_index, test_rows  # noqa: E402
 from facemt.checkpoint import load_checkpoint  # noqa: E402
 from facemt.config import TrainConfig  # noqa: E402
 from facemt.data import DataIndex, ImageCache, index_jaffe, load_sources  # noqa: E402
-from facemt.engine import fit, heads_to_keep, initial_weights, predict_images  # noqa: E402
+from facemt.engine import fit, initial_weights, keep_start, predict_images  # noqa: E402
 from facemt.evaluation import evaluate_predictions, paired_interval  # noqa: E402
 from facemt.splits import make_folds  # noqa: E402
 from facemt.tasks import TASKS  # noqa: E402
@@ -96,10 +96,7 @@ def run_fold(index: DataIndex, train_rows, test_rows_, config: TrainConfig, cach
     start_model, start_preprocess, _ = start
     rows = [("untouched", _score(start_model, start_preprocess, test, cache, heads)),
             ("tuned", _score(result.model, result.preprocess, test, cache, heads))]
-    if start_preprocess == result.preprocess:
-        result.kept = heads_to_keep(result.metrics, result.untouched, start_model.tasks, result.tasks)
-        if result.kept:
-            result.model.keep(start_model, list(result.kept))
+    if keep_start(result, start_model, start_preprocess) is None:  # what fit does with the rule on
         rows.append(("fit", _score(result.model, result.preprocess, test, cache, heads)))
     return [{"arm": arm, "head": h, "accuracy": acc, "n": n, "kept": h in result.kept,
              "best_epoch": result.best_epoch, "val_tuned": result.metrics.get(f"val_{h}_acc"),

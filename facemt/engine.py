@@ -719,14 +719,12 @@ def fit(
         never_worse = {"enabled": config.keep_start}
         if start and config.keep_start:
             start_model, start_preprocess, _ = load_checkpoint(start, map_location=resolve_device(config.device))
-            if start_preprocess == result.preprocess:
-                result.kept = heads_to_keep(result.metrics, result.untouched, start_model.tasks, result.tasks,
-                                            labelled_only=config.tasks is None)
-                if result.kept:
-                    keep_start(result, start_model, out_dir)
-            else:  # the start model would see faces framed or sized otherwise than it was trained on
-                never_worse["skipped"] = "the run's preprocessing (image size or crop) differs from the start model's"
-                log.warning("no head can be answered by the start model: %s", never_worse["skipped"])
+            skipped = keep_start(result, start_model, start_preprocess, labelled_only=config.tasks is None)
+            if skipped:
+                never_worse["skipped"] = skipped
+                log.warning("no head can be answered by the start model: %s", skipped)
+            elif result.kept and out_dir is not None:
+                _rewrite_checkpoint(result, out_dir)
         calibrate_run(out_dir, result.model, index, val_rows, result.preprocess, cache, config.device)
         if start and out_dir is not None:
             update_config(out_dir, {"untouched": {"model": run_name(start), "val_accuracy": result.untouched},
@@ -752,12 +750,22 @@ def heads_to_keep(metrics: dict[str, Any], untouched: dict[str, float], start_ta
     return kept
 
 
-def keep_start(result: TrainResult, start: MultiTaskNet, out_dir: str | Path | None = None) -> None:
-    """Make ``result.model`` answer ``result.kept`` with ``start`` (carried whole in the run) and,
-    with ``out_dir``, rewrite its checkpoint so (every other field of config.json kept)."""
-    result.model.keep(start, list(result.kept))
-    if out_dir is None:
-        return
+def keep_start(result: TrainResult, start: MultiTaskNet, start_preprocess: PreprocessConfig,
+               labelled_only: bool = True) -> str | None:
+    """Set ``result.kept`` (:func:`heads_to_keep`) and make ``result.model`` answer those heads with
+    ``start``, carried whole. Returns why nothing can be kept (the start model would see faces framed
+    or sized otherwise than it was trained on), else None."""
+    if start_preprocess != result.preprocess:
+        return "the run's preprocessing (image size or crop) differs from the start model's"
+    result.kept = heads_to_keep(result.metrics, result.untouched, start.tasks, result.tasks, labelled_only)
+    if result.kept:
+        result.model.keep(start, list(result.kept))
+    return None
+
+
+def _rewrite_checkpoint(result: TrainResult, out_dir: str | Path) -> None:
+    """Save ``result.model`` (now carrying its start model) over the run's checkpoint, every other field
+    of config.json kept."""
     config = read_config(out_dir)
     own = ("format", "format_version", "facemt_version", "created", "backbone", "dropout", "tasks", "preprocess",
            "weights_sha256", "kept")
