@@ -11,8 +11,9 @@ together (one lab's mixed stimuli); ``--set NAME=PATH`` adds any labelled folder
 
 In every fold, every variant runs exactly what ``facemt fit`` runs on the training persons (a
 person-disjoint validation split of them, the best epoch by validation accuracy) and is scored on the
-test persons three ways: ``untouched`` (the start model as it is), ``tuned`` (the fine-tuned heads, the
-never-worse rule off: ``--no-keep-start``) and ``fit`` (what fit writes: a head that fine-tuning did not
+test persons four ways: ``untouched`` (the start model as it is), ``tuned`` (the fine-tuned heads, the
+never-worse rule off: ``--no-keep-start``), ``blend`` (the two together: their mean log-probability per
+head, renormalised) and ``fit`` (what fit writes: a head that fine-tuning did not
 improve on the validation persons, or that the set does not label, answered by the start model).
 Variants change one thing against fit's defaults. Reported: per set, head and variant the mean test
 accuracy and paired differences over folds with 95 % t-intervals (against untouched, against defaults).
@@ -41,7 +42,7 @@ from facemt.config import TrainConfig  # noqa: E402
 from facemt.data import DataIndex, ImageCache, index_jaffe, load_sources  # noqa: E402
 from facemt.engine import fit, initial_weights, keep_start, predict_images  # noqa: E402
 from facemt.evaluation import evaluate_predictions, paired_interval  # noqa: E402
-from facemt.splits import make_folds  # noqa: E402
+from facemt.splits import make_folds, validation_split  # noqa: E402
 from facemt.tasks import TASKS  # noqa: E402
 
 #: one change at a time against fit's defaults (TrainConfig fields); "epochs" is read first
@@ -57,6 +58,8 @@ VARIANTS: dict[str, dict] = {
     "augment-light": {"augment": "light"},
     "jitter-consistency-1": {"jitter_consistency": 1.0},
     "image-160": {"image_size": 160},
+    "mixup-0.2": {"mixup": 0.2},
+    "cutmix-1": {"cutmix": 1.0},
 }
 
 
@@ -81,26 +84,46 @@ def _config(base: TrainConfig, change: dict) -> TrainConfig:
     return config
 
 
-def _score(model, preprocess, table: pd.DataFrame, cache: ImageCache, heads) -> dict[str, tuple[float, int]]:
-    images = cache.load(list(table["path"]), preprocess)[0]
-    metrics = evaluate_predictions(table, predict_images(model, images, preprocess))
-    return {h: (metrics[h]["accuracy"], metrics[h]["n"]) for h in heads if h in metrics and metrics[h]["n"]}
+def _probs(model, preprocess, table: pd.DataFrame, cache: ImageCache) -> dict[str, np.ndarray]:
+    return predict_images(model, cache.load(list(table["path"]), preprocess)[0], preprocess)
+
+
+def _scores(table: pd.DataFrame, probs: dict[str, np.ndarray], heads) -> dict[str, tuple[float, int]]:
+    metrics = evaluate_predictions(table, {h: p for h, p in probs.items() if h in heads})
+    return {h: (m["accuracy"], m["n"]) for h, m in metrics.items() if m["n"]}
+
+
+def blend(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per head both models have: the renormalised geometric mean of their probabilities (mean log-probability)."""
+    out = {}
+    for h in a.keys() & b.keys():
+        g = np.exp((np.log(np.clip(a[h], 1e-12, 1)) + np.log(np.clip(b[h], 1e-12, 1))) / 2)
+        out[h] = g / g.sum(1, keepdims=True)
+    return out
 
 
 def run_fold(index: DataIndex, train_rows, test_rows_, config: TrainConfig, cache: ImageCache, start) -> list[dict]:
-    """One variant on one fold: untouched, tuned and fit (never-worse rule) test accuracy per labelled head."""
+    """One variant on one fold: untouched, tuned, blend (their mean log-probability) and fit
+    (never-worse rule) test accuracy per labelled head, with the validation evidence of each."""
     heads = [t for t in TASKS if index.table[t].iloc[test_rows_].notna().any()]
     test = index.table.iloc[test_rows_].reset_index(drop=True)
     sub = DataIndex(index.table.iloc[train_rows].reset_index(drop=True), [])
+    val = sub.table.iloc[validation_split(sub.table, config.val_fraction, config.seed)[1]].reset_index(drop=True)
     result = fit(sub, replace(config, keep_start=False), cache=cache)
     start_model, start_preprocess, _ = start
-    rows = [("untouched", _score(start_model, start_preprocess, test, cache, heads)),
-            ("tuned", _score(result.model, result.preprocess, test, cache, heads))]
+    probs = {}
+    for name, table in (("test", test), ("val", val)):
+        probs[name] = {"untouched": _probs(start_model, start_preprocess, table, cache),
+                       "tuned": _probs(result.model, result.preprocess, table, cache)}
+        probs[name]["blend"] = blend(probs[name]["untouched"], probs[name]["tuned"])
+    val_blend = _scores(val, probs["val"]["blend"], heads)
+    rows = [(arm, _scores(test, probs["test"][arm], heads)) for arm in ("untouched", "tuned", "blend")]
     if keep_start(result, start_model, start_preprocess) is None:  # what fit does with the rule on
-        rows.append(("fit", _score(result.model, result.preprocess, test, cache, heads)))
+        rows.append(("fit", _scores(test, _probs(result.model, result.preprocess, test, cache), heads)))
     return [{"arm": arm, "head": h, "accuracy": acc, "n": n, "kept": h in result.kept,
              "best_epoch": result.best_epoch, "val_tuned": result.metrics.get(f"val_{h}_acc"),
-             "val_untouched": result.untouched.get(h)}  # the rule's evidence, to weigh other rules later
+             "val_untouched": result.untouched.get(h),  # the rule's evidence, to weigh other rules later
+             "val_blend": val_blend.get(h, (None,))[0]}
             for arm, scores in rows for h, (acc, n) in scores.items()]
 
 
@@ -115,6 +138,9 @@ def summarize(records: pd.DataFrame) -> pd.DataFrame:
         row = {"set": name, "head": head, "variant": variant, "folds": len(g),
                "untouched": g["untouched"].mean(), "tuned": g["tuned"].mean()}
         row["tuned_gain"], row["tuned_low"], row["tuned_high"] = paired_interval((g["tuned"] - g["untouched"]).dropna())
+        if "blend" in g and g["blend"].notna().any():
+            row["blend"] = g["blend"].mean()
+            row["blend_gain"], row["blend_low"], row["blend_high"] = paired_interval((g["blend"] - g["untouched"]).dropna())
         if "fit" in g and g["fit"].notna().any():
             row["fit"] = g["fit"].mean()
             row["fit_gain"], row["fit_low"], row["fit_high"] = paired_interval((g["fit"] - g["untouched"]).dropna())
@@ -137,12 +163,13 @@ def _pct(mean, low=None, high=None) -> str:
 
 def markdown(summary: pd.DataFrame, title: str, command: str) -> list[str]:
     lines = [f"\n### {title}\n", "```", command, "```", "",
-             "| set | head | variant | untouched % | tuned % | tuned - untouched | fit % (never-worse) | "
-             "fit - untouched | tuned - defaults |", "|---|---|---|---|---|---|---|---|---|"]
+             "| set | head | variant | untouched % | tuned % | tuned - untouched | blend % | blend - untouched | "
+             "fit % (never-worse) | fit - untouched | tuned - defaults |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary.itertuples():
         get = lambda name: getattr(r, name, float("nan"))  # noqa: E731
         lines.append(f"| {r.set} | {r.head} | {r.variant} | {_pct(r.untouched)} | {_pct(r.tuned)} | "
-                     f"{_pct(r.tuned_gain, r.tuned_low, r.tuned_high)} | {_pct(get('fit'))} | "
+                     f"{_pct(r.tuned_gain, r.tuned_low, r.tuned_high)} | {_pct(get('blend'))} | "
+                     f"{_pct(get('blend_gain'), get('blend_low'), get('blend_high'))} | {_pct(get('fit'))} | "
                      f"{_pct(get('fit_gain'), get('fit_low'), get('fit_high'))} | "
                      f"{_pct(get('vs_defaults'), get('vs_low'), get('vs_high'))} |")
     lines += ["", "Differences are percentage points, paired over folds, with 95 % t-intervals."]

@@ -78,6 +78,9 @@ class TrainConfig:
     ``keep_start`` (fit only): heads where fine-tuning does not beat the start
     model on the validation persons, and heads the data does not label, are
     answered by the start model, carried whole in the run (never worse than the start).
+    ``mixup`` / ``cutmix`` > 0 train on pairs of faces blended whole / one
+    pasted into a box of the other, the mixing share drawn from Beta(a, a)
+    with that ``a`` (both > 0: one or the other per batch).
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -101,6 +104,8 @@ class TrainConfig:
     keep_start: bool = True
     label_smoothing: float = 0.0
     jitter_consistency: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
     dropout: float = 0.2
     val_fraction: float = 0.2
     crop: str = "align"
@@ -134,6 +139,9 @@ class TrainConfig:
             raise FacemtError("label_smoothing must be in [0, 1)")
         if not (0.0 <= self.jitter_consistency and math.isfinite(self.jitter_consistency)):
             raise FacemtError("jitter_consistency must be at least 0")
+        for name in ("mixup", "cutmix"):
+            if not (0.0 <= getattr(self, name) <= 10.0):
+                raise FacemtError(f"{name} must be in [0, 10] (0: off)")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise FacemtError("weight_decay must be at least 0")
         if not self.warmup_epochs >= 0:

@@ -527,7 +527,7 @@ def train(
         stopped_at = train_one_epoch(
             setup.network, epoch_loader(setup, epoch, skip), setup.criterion, setup.optimizer, setup.scheduler,
             meter, setup.device, first_step=skip + 1, should_stop=should_stop,
-            consistency=config.jitter_consistency,
+            consistency=config.jitter_consistency, mix=(config.mixup, config.cutmix),
             on_step=(lambda step, loss: callback("step", {"epoch": epoch, "step": step,
                                                           "steps": setup.steps_per_epoch, "loss": loss}))
             if callback else None)
@@ -581,6 +581,7 @@ def train_one_epoch(
     on_step: Callable[[int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     consistency: float = 0.0,
+    mix: tuple[float, float] = (0.0, 0.0),
 ) -> int | None:
     """One pass over ``loader``: forward, masked loss, backward, optimizer and
     scheduler step per batch, per-head loss and accuracy summed into ``meter``.
@@ -588,6 +589,12 @@ def train_one_epoch(
     ``consistency`` > 0 adds that weight times :func:`jitter_consistency_loss`:
     every face (labelled or not) re-framed by the detector's alignment noise
     must give the probabilities of its unmoved view.
+
+    ``mix`` = (mixup, cutmix) Beta parameters: when either is > 0, every batch
+    is mixed by :func:`mix_batch` and the loss is ``share`` times the faces'
+    own labels' loss plus ``1 - share`` times their partners' (each masked by
+    its own labels); the meter scores the mixed faces against their own
+    labels, the larger share.
 
     ``model`` may be wrapped in DistributedDataParallel: the loss is then
     normalised by the global batch's labelled counts (so averaged gradients are
@@ -607,8 +614,15 @@ def train_one_epoch(
             counts = dict(zip(targets, all_reduce_sum(local).tolist()))
         soft = {t: v.to(device) for t, v in batch["soft"].items()} if "soft" in batch else None
         images = batch["image"].to(device)
+        mixed = mix_batch(images, *mix) if any(mix) else None
+        if mixed is not None:
+            images, order, share = mixed
         logits = model(images)
         loss, losses = criterion(logits, targets, counts, here.size, soft)
+        if mixed is not None:  # the partner faces' labels, masked alike, for the partner's share
+            other, _ = criterion(logits, {t: v[order] for t, v in targets.items()}, counts, here.size,
+                                 {t: v[order] for t, v in soft.items()} if soft is not None else None)
+            loss = share * loss + (1 - share) * other
         if consistency:
             loss = loss + consistency * jitter_consistency_loss(logits, model(jitter_views(images)))
         optimizer.zero_grad(set_to_none=True)
@@ -625,6 +639,35 @@ def train_one_epoch(
         if any_rank(should_stop is not None and should_stop()):
             return step
     return None
+
+
+def mix_batch(images: torch.Tensor, mixup: float, cutmix: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup (Zhang et al. 2018) or CutMix (Yun et al. 2019) of a batch with itself in a random order.
+
+    The share ``s`` of each face's own image is drawn from Beta(a, a) and
+    folded to at least 0.5 (a face's own labels weigh the most). Mixup blends
+    ``s * face + (1 - s) * partner``; CutMix pastes the partner's box of area
+    ``1 - s`` at the same place (aligned faces: the partner's eyes or mouth),
+    ``s`` then being the exact share left. With both > 0 one of them is drawn
+    per batch, evenly. Uses torch's global random generator (seeded by fit).
+
+    Returns:
+        the mixed batch, each face's partner index, and ``s``.
+    """
+    use_cutmix = cutmix > 0 and (mixup <= 0 or bool(torch.rand(()) < 0.5))
+    alpha = cutmix if use_cutmix else mixup
+    share = float(torch.distributions.Beta(alpha, alpha).sample())
+    share = max(share, 1.0 - share)
+    order = torch.randperm(images.shape[0], device=images.device)
+    if not use_cutmix:
+        return share * images + (1 - share) * images[order], order, share
+    h, w = images.shape[-2:]
+    side = math.sqrt(1.0 - share)
+    ch, cw = int(round(h * side)), int(round(w * side))
+    y, x = int(torch.randint(0, h - ch + 1, ())), int(torch.randint(0, w - cw + 1, ()))
+    out = images.clone()
+    out[..., y:y + ch, x:x + cw] = images[order][..., y:y + ch, x:x + cw]
+    return out, order, 1.0 - ch * cw / (h * w)
 
 
 #: Alignment noise of :func:`jitter_views`: shift (fraction of the side), scale and rotation (degrees), each

@@ -75,3 +75,45 @@ def test_fit_with_jitter_consistency_records_it_and_trains_differently(faces_dir
     assert any(not np.allclose(a[k], b[k]) for k in a)
     assert main(["fit", "--data", str(faces_dir), "--out", str(tmp_path / "x"), *TINY_FIT,
                  "--jitter-consistency", "-1"]) == 2
+
+
+def test_mix_batch_blends_or_pastes_each_face_with_a_partner_at_the_share_it_returns():
+    from facemt.engine import mix_batch
+
+    torch.manual_seed(1)
+    images = torch.rand(6, 3, 20, 20)
+    mixed, order, share = mix_batch(images, 0.4, 0.0)
+    assert 0.5 <= share <= 1 and sorted(order.tolist()) == list(range(6))
+    assert torch.allclose(mixed, share * images + (1 - share) * images[order], atol=1e-6)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        pasted, order, share = mix_batch(images, 0.0, 1.0)
+        own = (pasted == images).all(1)  # pixels where all channels are the face's own
+        partner = (pasted == images[order]).all(1)
+        assert bool((own | partner).all())  # nothing blended: every pixel from one face or the other
+        moved = order != torch.arange(6)
+        assert 0.5 <= share <= 1
+        assert own[moved].float().mean().item() == pytest.approx(share, abs=1e-6)
+    kinds = set()
+    for seed in range(12):  # both on: mixup or cutmix per batch
+        torch.manual_seed(seed)
+        out, order, share = mix_batch(images, 0.4, 1.0)
+        kinds.add(bool(((out == images) | (out == images[order])).all()))
+    assert kinds == {True, False}
+
+
+def test_fit_with_mixup_and_cutmix_records_them_and_trains_differently(faces_dir, run_dir, tmp_path):
+    import json
+
+    from safetensors.numpy import load_file
+
+    from conftest import TINY_FIT
+    from facemt.cli import main
+
+    run = tmp_path / "mixed"
+    assert main(["fit", "--data", str(faces_dir), "--out", str(run), *TINY_FIT, "--mixup", "0.4", "--cutmix", "1"]) == 0
+    train = json.loads((run / "config.json").read_text())["train"]
+    assert (train["mixup"], train["cutmix"]) == (0.4, 1.0)
+    a, b = load_file(run / "model.safetensors"), load_file(run_dir / "model.safetensors")
+    assert any(not np.allclose(a[k], b[k]) for k in a)
+    assert main(["fit", "--data", str(faces_dir), "--out", str(tmp_path / "x"), *TINY_FIT, "--mixup", "-1"]) == 2

@@ -70,6 +70,13 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
                                        "help": "also train every face re-framed by a few pixels (the face detector's "
                                        "own alignment noise) to give the same probabilities, with this weight "
                                        "(0: off, the default; costs a second forward and backward pass)"}),
+    ("augment", "mixup", {"type": float, "metavar": "A",
+                          "help": "train on pairs of faces blended whole, the share drawn from Beta(A, A), the loss "
+                                  "mixed alike (0: off, the default; 0.2-0.4 is usual)"}),
+    ("augment", "cutmix", {"type": float, "metavar": "A",
+                           "help": "train on faces with a box pasted from another face, its area share drawn from "
+                                   "Beta(A, A) (0: off, the default; 1 is usual); with --mixup, one or the other "
+                                   "per batch"}),
     ("optim", "device", {"help": "auto, cpu or cuda (default %(default)s)"}),
     ("augment", "augment", {"choices": AUGMENT_PRESETS, "help": "default %(default)s"}),
 ]
