@@ -2,7 +2,8 @@
 photos so that the model it writes beats the model it starts from (the built-in base by default).
 
     python benchmarks/finetune.py --data-root ../shared/data [--only defaults,epochs-8,...]
-                                  [--set NAME=DIR|CSV ...] [--folds 5] [--csv out.csv] [--results RESULTS.md]
+                                  [--set NAME=DIR|CSV ...] [--folds 5] [--persons N] [--csv out.csv]
+                                  [--results RESULTS.md]
 
 Sets, each taken as "the user's photos": persons the base model never trained on. JAFFE (all 10 women),
 and the studio test persons (``benchmarks/studio_test_persons.txt``) of CK+, CFD, and NimStim + RaFD
@@ -75,6 +76,13 @@ def shared_sets(root: Path, split: Path = SPLIT_FILE) -> dict[str, DataIndex]:
         if len(table):
             sets[name] = DataIndex(table, [])
     return sets
+
+
+def subset(index: DataIndex, persons: int, seed: int = 0) -> DataIndex:
+    """``index`` cut to ``persons`` persons drawn at random (every picture of each)."""
+    names = sorted(index.table["person"].dropna().unique())
+    chosen = set(np.random.default_rng(seed).choice(names, size=persons, replace=False))
+    return DataIndex(index.table[index.table["person"].isin(chosen)].reset_index(drop=True), [])
 
 
 def _config(base: TrainConfig, change: dict) -> TrainConfig:
@@ -187,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                    "layer-decay-0.7,augment-light", help=f"variants, comma-separated, of: {', '.join(VARIANTS)}")
     p.add_argument("--sets", help="only these sets, comma-separated")
     p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--persons", type=int, help="each set cut to this many persons (drawn with seed 0; sets with no "
+                                                "more persons left out): a user with fewer photos")
     p.add_argument("--model", default="base", help="the start model (fit --init-from)")
     p.add_argument("--train", default="", help="fit options as KEY=VALUE,... for every variant (e.g. epochs=2)")
     p.add_argument("--csv", type=Path, help="write every fold's scores here as they come")
@@ -203,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     sets.update({name: load_sources([path]) for name, path in (s.split("=", 1) for s in args.set)})
     if args.sets:
         sets = {k: v for k, v in sets.items() if k in args.sets.split(",")}
+    if args.persons:
+        sets = {f"{k}[{args.persons}]": subset(v, args.persons) for k, v in sets.items()
+                if v.table["person"].nunique() > args.persons}
     base = TrainConfig(init_from=args.model, device="cpu")
     base = replace(base, **{k: type(getattr(base, k))(v) for k, v in (kv.split("=") for kv in args.train.split(",") if kv)})
     start = load_checkpoint(initial_weights(base), map_location="cpu")

@@ -175,6 +175,8 @@ def test_fine_tuning_study_scores_untouched_tuned_and_fit_on_the_same_folds(stud
     split.write_text("cfd/01\ncfd/02\nnimstim/01\nnimstim/02\n")
     sets = script.shared_sets(studio_root, split)
     assert set(sets) == {"cfd", "nimstim+rafd"} and len(sets["cfd"].table) == 24  # 2 persons x 12 pictures
+    one = script.subset(sets["cfd"], 1).table  # --persons: every picture of the persons drawn
+    assert one["person"].nunique() == 1 and len(one) == 12
     csv, results = tmp_path / "folds.csv", tmp_path / "RESULTS.md"
     assert script.main(["--no-shared", "--set", f"synth={faces_dir}", "--model", str(run_dir), "--only",
                         "defaults,linear-probe", "--folds", "2", "--train", "epochs=1,batch_size=16",
