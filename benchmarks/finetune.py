@@ -41,7 +41,7 @@ from studio import SPLIT_FILE, read_split, studio_index, test_rows  # noqa: E402
 from facemt.checkpoint import load_checkpoint  # noqa: E402
 from facemt.config import TrainConfig  # noqa: E402
 from facemt.data import DataIndex, ImageCache, index_jaffe, load_sources  # noqa: E402
-from facemt.engine import fit, initial_weights, keep_start, predict_images  # noqa: E402
+from facemt.engine import fit, heads_to_keep, initial_weights, keep_start, log_loss, predict_images  # noqa: E402
 from facemt.evaluation import evaluate_predictions, paired_interval  # noqa: E402
 from facemt.splits import make_folds, validation_split  # noqa: E402
 from facemt.tasks import TASKS  # noqa: E402
@@ -125,13 +125,16 @@ def run_fold(index: DataIndex, train_rows, test_rows_, config: TrainConfig, cach
                        "tuned": _probs(result.model, result.preprocess, table, cache)}
         probs[name]["blend"] = blend(probs[name]["untouched"], probs[name]["tuned"])
     val_blend = _scores(val, probs["val"]["blend"], heads)
+    nll = {arm: log_loss(probs["val"][arm], val) for arm in ("untouched", "tuned")}
+    losses = (nll["tuned"], {h: v for h, v in nll["untouched"].items() if h in nll["tuned"]})
     rows = [(arm, _scores(test, probs["test"][arm], heads)) for arm in ("untouched", "tuned", "blend")]
-    if keep_start(result, start_model, start_preprocess) is None:  # what fit does with the rule on
+    if keep_start(result, start_model, start_preprocess, losses=losses) is None:  # what fit does with the rule on
         rows.append(("fit", _scores(test, _probs(result.model, result.preprocess, test, cache), heads)))
     return [{"arm": arm, "head": h, "accuracy": acc, "n": n, "kept": h in result.kept,
              "best_epoch": result.best_epoch, "val_tuned": result.metrics.get(f"val_{h}_acc"),
              "val_untouched": result.untouched.get(h),  # the rule's evidence, to weigh other rules later
-             "val_blend": val_blend.get(h, (None,))[0]}
+             "val_blend": val_blend.get(h, (None,))[0], "val_loss_tuned": result.metrics.get(f"val_{h}_loss"),
+             "val_nll_tuned": nll["tuned"].get(h), "val_nll_untouched": nll["untouched"].get(h)}
             for arm, scores in rows for h, (acc, n) in scores.items()]
 
 
@@ -160,6 +163,55 @@ def summarize(records: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out).sort_values(["set", "head"], kind="stable").reset_index(drop=True)
 
 
+def pooled(records: pd.DataFrame) -> pd.DataFrame:
+    """Per variant, over every set, labelled head and fold together: tuned minus the defaults (all heads,
+    and expression alone), and what fit writes minus untouched with the count of cells below untouched.
+    The cells of one fold share a model, so the intervals are rough (pairs are not independent)."""
+    wide = records.pivot_table(index=["set", "head", "variant", "fold"], columns="arm", values="accuracy")
+    wide = wide.dropna(subset=["tuned"]).reset_index()
+    ref = wide[wide["variant"] == "defaults"].set_index(["set", "head", "fold"])["tuned"]
+    out = []
+    for variant, g in wide.groupby("variant", sort=False):
+        g = g.set_index(["set", "head", "fold"])
+        row = {"variant": variant, "cells": len(g)}
+        if variant != "defaults":
+            d = (g["tuned"] - ref.reindex(g.index)).dropna()
+            row["all"] = paired_interval(d)
+            row["expression"] = paired_interval(d[d.index.get_level_values("head") == "expression"])
+        if "fit" in g:
+            gain = (g["fit"] - g["untouched"]).dropna()
+            row["fit"], row["below"] = paired_interval(gain), int((gain < -1e-9).sum())
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+#: the never-worse rule's tie-breaks compared: an accuracy tie on the validation persons keeps the start /
+#: goes to the lower validation log-loss (fit's rule) / goes to the fine-tuned head
+TIE_RULES = ("start", "log-loss", "fine-tuned")
+
+
+def rules(records: pd.DataFrame) -> pd.DataFrame:
+    """What each tie-break of the never-worse rule would have answered in every (set, variant, fold, head)
+    cell with validation evidence, from the recorded validation scores: test accuracy minus untouched."""
+    wide = records.pivot_table(index=["set", "variant", "fold", "head"], columns="arm", values="accuracy")
+    cols = ["val_tuned", "val_untouched", "val_nll_tuned", "val_nll_untouched"]
+    if not set(cols) <= set(records.columns):
+        return pd.DataFrame()
+    evidence = records[records["arm"] == "tuned"].set_index(["set", "variant", "fold", "head"])[cols]
+    wide = wide.join(evidence).dropna(subset=["tuned", "val_tuned", "val_untouched"])
+    out = []
+    for (name, variant, fold, head), r in wide.iterrows():
+        for rule in TIE_RULES:
+            losses = {"start": None, "fine-tuned": ({head: -np.inf}, {head: 0.0}),
+                      "log-loss": ({head: r["val_nll_tuned"]}, {head: r["val_nll_untouched"]})}[rule]
+            kept = heads_to_keep({f"val_{head}_acc": r["val_tuned"]}, {head: r["val_untouched"]}, [head], [head],
+                                 losses=losses)
+            answer = r["untouched"] if head in kept else r["tuned"]
+            out.append({"rule": rule, "set": name, "variant": variant, "fold": fold, "head": head,
+                        "gain": answer - r["untouched"]})
+    return pd.DataFrame(out)
+
+
 def _pct(mean, low=None, high=None) -> str:
     if mean is None or not np.isfinite(mean):
         return "-"
@@ -169,7 +221,7 @@ def _pct(mean, low=None, high=None) -> str:
     return text
 
 
-def markdown(summary: pd.DataFrame, title: str, command: str) -> list[str]:
+def markdown(summary: pd.DataFrame, records: pd.DataFrame, title: str, command: str) -> list[str]:
     lines = [f"\n### {title}\n", "```", command, "```", "",
              "| set | head | variant | untouched % | tuned % | tuned - untouched | blend % | blend - untouched | "
              "fit % (never-worse) | fit - untouched | tuned - defaults |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -180,7 +232,25 @@ def markdown(summary: pd.DataFrame, title: str, command: str) -> list[str]:
                      f"{_pct(get('blend_gain'), get('blend_low'), get('blend_high'))} | {_pct(get('fit'))} | "
                      f"{_pct(get('fit_gain'), get('fit_low'), get('fit_high'))} | "
                      f"{_pct(get('vs_defaults'), get('vs_low'), get('vs_high'))} |")
-    lines += ["", "Differences are percentage points, paired over folds, with 95 % t-intervals."]
+    lines += ["", "Differences are percentage points, paired over folds, with 95 % t-intervals.", "",
+              "Pooled over sets, labelled heads and folds (rough intervals: the heads of a fold share a model):", "",
+              "| variant | cells | tuned - defaults, every head | tuned - defaults, expression | "
+              "fit - untouched | cells with fit below untouched |", "|---|---|---|---|---|---|"]
+    for r in pooled(records).to_dict("records"):
+        cell = lambda key: _pct(*r[key]) if isinstance(r.get(key), tuple) else "-"  # noqa: E731
+        lines.append(f"| {r['variant']} | {r['cells']} | {cell('all')} | {cell('expression')} | {cell('fit')} | "
+                     f"{r.get('below', '-')} |")
+    tie = rules(records)
+    if len(tie):
+        lines += ["", "The never-worse rule's tie-break (an accuracy tie on the validation persons), recomputed from the "
+                  "recorded validation scores; fit minus untouched over every cell with validation evidence:", "",
+                  "| a tie goes to | mean gain | cells below untouched | cells above | "
+                  "per set and head (mean over variants and folds) |", "|---|---|---|---|---|"]
+        for rule, g in tie.groupby("rule", sort=False):
+            per = g.groupby(["set", "head"])["gain"].mean()
+            lines.append(f"| {rule} | {_pct(*paired_interval(g['gain']))} | {int((g['gain'] < -1e-9).sum())} of "
+                         f"{len(g)} | {int((g['gain'] > 1e-9).sum())} | "
+                         + ", ".join(f"{s} {h} {100 * v:+.1f}" for (s, h), v in per.items()) + " |")
     return lines
 
 
@@ -236,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
 def _publish(records: pd.DataFrame, argv: list[str], what: str, results: Path | None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                             text=True).stdout.strip()
-    lines = markdown(summarize(records), f"Fine-tuning study {what} at commit {commit}",
+    lines = markdown(summarize(records), records, f"Fine-tuning study {what} at commit {commit}",
                      f"python benchmarks/finetune.py {' '.join(argv)}")
     if results:
         publish(lines, results)

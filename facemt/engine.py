@@ -756,54 +756,99 @@ def fit(
     result = train(index, config, train_rows, val_rows, out_dir, cache, callback, extra,
                    should_stop=should_stop, resume=resume)
     if world().main:
-        start = initial_weights(config)
-        if start and len(val_rows):
-            result.untouched = untouched_accuracy(start, index, val_rows, result.tasks, cache, config.device)
-        never_worse = {"enabled": config.keep_start}
-        if start and config.keep_start:
-            start_model, start_preprocess, _ = load_checkpoint(start, map_location=resolve_device(config.device))
-            skipped = keep_start(result, start_model, start_preprocess, labelled_only=config.tasks is None)
-            if skipped:
-                never_worse["skipped"] = skipped
-                log.warning("no head can be answered by the start model: %s", skipped)
-            elif result.kept and out_dir is not None:
-                _rewrite_checkpoint(result, out_dir)
-        calibrate_run(out_dir, result.model, index, val_rows, result.preprocess, cache, config.device)
-        if start and out_dir is not None:
-            update_config(out_dir, {"untouched": {"model": run_name(start), "val_accuracy": result.untouched},
-                                    "never_worse": {**never_worse, "kept": result.kept}})
+        _never_worse(result, index, val_rows, config, out_dir, cache)
     return result
 
 
+def _never_worse(result: TrainResult, index: DataIndex, val_rows: Sequence[int], config: TrainConfig,
+                 out_dir: str | Path | None, cache: ImageCache) -> None:
+    """After training: score the start model on the validation rows, apply the never-worse rule
+    (:func:`keep_start`), calibrate, and record both in the run's config.json."""
+    start = initial_weights(config)
+    start_model = start_preprocess = start_probs = None
+    val = DataIndex(index.table.iloc[list(val_rows)].reset_index(drop=True), [])
+    if start:
+        start_model, start_preprocess, _ = load_checkpoint(start, map_location=resolve_device(config.device))
+        if len(val_rows):
+            start_probs = val_probabilities(start_model, start_preprocess, val, cache, config.device)
+            result.untouched = _accuracy({t: p for t, p in start_probs.items() if t in result.tasks}, val.table)
+    never_worse: dict[str, Any] = {"enabled": config.keep_start}
+    if start and config.keep_start:
+        losses = None
+        if start_probs is not None:  # the accuracy tie-break: both models' calibrated log-loss
+            calibrate_run(None, result.model, index, val_rows, result.preprocess, cache, config.device)
+            tuned = log_loss(val_probabilities(result.model, result.preprocess, val, cache, config.device), val.table)
+            losses = (tuned, {t: v for t, v in log_loss(start_probs, val.table).items() if t in tuned})
+            never_worse["val_log_loss"] = {"fine_tuned": losses[0], "untouched": losses[1]}
+        skipped = keep_start(result, start_model, start_preprocess, labelled_only=config.tasks is None,
+                             losses=losses)
+        if skipped:
+            never_worse["skipped"] = skipped
+            log.warning("no head can be answered by the start model: %s", skipped)
+        elif result.kept and out_dir is not None:
+            _rewrite_checkpoint(result, out_dir)
+    calibrate_run(out_dir, result.model, index, val_rows, result.preprocess, cache, config.device)
+    if start and out_dir is not None:
+        update_config(out_dir, {"untouched": {"model": run_name(start), "val_accuracy": result.untouched},
+                                "never_worse": {**never_worse, "kept": result.kept}})
+
+
 def heads_to_keep(metrics: dict[str, Any], untouched: dict[str, float], start_tasks: Sequence[str],
-                  trained: Sequence[str], labelled_only: bool = True) -> dict[str, str]:
+                  trained: Sequence[str], labelled_only: bool = True,
+                  losses: tuple[dict[str, float], dict[str, float]] | None = None) -> dict[str, str]:
     """The heads a fine-tuned run should answer with the model it started from, and why: every head
-    where fine-tuning did not beat that model untouched on the validation images (a tie keeps the
-    start), and, with ``labelled_only`` (no ``--tasks`` given), every head of the start model that
-    the training data does not label (so fitting expressions alone leaves age group and gender as
-    they were). A head without validation labels has no evidence and stays fine-tuned."""
+    where fine-tuning did not beat that model untouched on the validation images, and, with
+    ``labelled_only`` (no ``--tasks`` given), every head of the start model that the training data
+    does not label (so fitting expressions alone leaves age group and gender as they were). A head
+    without validation labels has no evidence and stays fine-tuned.
+
+    An accuracy tie (common: both at 100 % on a handful of validation faces) is broken by
+    ``losses`` = (fine-tuned, untouched) mean negative log-likelihood of the validation labels
+    per head, calibrated probabilities: the fine-tuned head must have the lower one. Without it
+    (or without a head's entry) a tie keeps the start."""
     kept = {}
+    tuned_loss, start_loss = losses or ({}, {})
     for t in start_tasks:
         tuned = metrics.get(f"val_{t}_acc")
         if t not in trained:
             if labelled_only:
                 kept[t] = "not trained: the data labels fewer than two of its classes"
-        elif t in untouched and tuned is not None and math.isfinite(tuned) and tuned <= untouched[t]:
-            kept[t] = f"fine-tuned {tuned:.3f} <= untouched {untouched[t]:.3f} on validation"
+        elif t not in untouched or tuned is None or not math.isfinite(tuned) or tuned > untouched[t]:
+            continue
+        elif tuned < untouched[t]:
+            kept[t] = f"fine-tuned {tuned:.3f} < untouched {untouched[t]:.3f} on validation"
+        elif t not in tuned_loss or t not in start_loss:
+            kept[t] = f"fine-tuned {tuned:.3f} = untouched {untouched[t]:.3f} on validation"
+        elif tuned_loss[t] >= start_loss[t]:
+            kept[t] = (f"fine-tuned {tuned:.3f} = untouched {untouched[t]:.3f} on validation, log-loss "
+                       f"{tuned_loss[t]:.3f} >= {start_loss[t]:.3f}")
     return kept
 
 
 def keep_start(result: TrainResult, start: MultiTaskNet, start_preprocess: PreprocessConfig,
-               labelled_only: bool = True) -> str | None:
+               labelled_only: bool = True,
+               losses: tuple[dict[str, float], dict[str, float]] | None = None) -> str | None:
     """Set ``result.kept`` (:func:`heads_to_keep`) and make ``result.model`` answer those heads with
     ``start``, carried whole. Returns why nothing can be kept (the start model would see faces framed
     or sized otherwise than it was trained on), else None."""
     if start_preprocess != result.preprocess:
         return "the run's preprocessing (image size or crop) differs from the start model's"
-    result.kept = heads_to_keep(result.metrics, result.untouched, start.tasks, result.tasks, labelled_only)
+    result.kept = heads_to_keep(result.metrics, result.untouched, start.tasks, result.tasks, labelled_only,
+                                losses)
     if result.kept:
         result.model.keep(start, list(result.kept))
     return None
+
+
+def log_loss(probs: dict[str, np.ndarray], table: pd.DataFrame) -> dict[str, float]:
+    """Mean negative log-likelihood of ``table``'s labels per head of ``probs`` (heads without labels left out)."""
+    targets = encode_targets(table, list(probs))
+    out = {}
+    for t, p in probs.items():
+        y = targets[t]
+        if (y >= 0).any():
+            out[t] = float(-np.log(np.clip(p[y >= 0, y[y >= 0]], 1e-12, 1.0)).mean())
+    return out
 
 
 def _rewrite_checkpoint(result: TrainResult, out_dir: str | Path) -> None:
@@ -817,16 +862,16 @@ def _rewrite_checkpoint(result: TrainResult, out_dir: str | Path) -> None:
     log.info("the start model answers %s", ", ".join(f"{t} ({why})" for t, why in result.kept.items()))
 
 
-def untouched_accuracy(run_dir: str | Path, index: DataIndex, rows: Sequence[int], tasks: Sequence[str],
-                       cache: ImageCache | None = None, device: str = "auto") -> dict[str, float]:
-    """Accuracy per head of a saved model, as it is, on labelled ``rows``
-    (framed by its own preprocessing): the starting point a fine-tuned
-    model is compared with. Heads it lacks, or without labels in ``rows``, are left out."""
-    model, preprocess, _ = load_checkpoint(run_dir, map_location=resolve_device(device))
-    sub = DataIndex(index.table.iloc[list(rows)].reset_index(drop=True), [])
-    probs = predict_images(model, decode_images(sub, preprocess, cache or ImageCache(), None), preprocess,
-                           device=resolve_device(device))
-    targets = encode_targets(sub.table, [t for t in tasks if t in model.tasks])
+def val_probabilities(model: MultiTaskNet, preprocess: PreprocessConfig, index: DataIndex,
+                      cache: ImageCache | None = None, device: str = "auto") -> dict[str, np.ndarray]:
+    """Calibrated class probabilities per head of ``model`` for every row of ``index`` (framed by ``preprocess``)."""
+    images = decode_images(index, preprocess, cache or ImageCache(), None)
+    return predict_images(model, images, preprocess, device=resolve_device(device))
+
+
+def _accuracy(probs: dict[str, np.ndarray], table: pd.DataFrame) -> dict[str, float]:
+    """Accuracy per head of ``probs`` on ``table``'s labels (heads without labels left out)."""
+    targets = encode_targets(table, list(probs))
     return {t: float((probs[t].argmax(1)[y >= 0] == y[y >= 0]).mean()) for t, y in targets.items() if (y >= 0).any()}
 
 

@@ -65,12 +65,18 @@ def test_which_heads_the_start_model_keeps():
     metrics = {"val_expression_acc": 0.8, "val_gender_acc": 0.9, "val_age_group_acc": float("nan")}
     untouched = {"expression": 0.7, "gender": 0.9}
     kept = heads_to_keep(metrics, untouched, TASK_NAMES, ("age_group", "gender", "expression"))
-    assert list(kept) == ["gender"] and "0.900 <= untouched 0.900" in kept["gender"]  # a tie keeps the start
+    assert list(kept) == ["gender"] and "0.900 = untouched 0.900" in kept["gender"]  # a tie keeps the start
+    # ... unless the fine-tuned head's validation log-loss is the lower one
+    losses = ({"gender": 0.20, "expression": 0.5}, {"gender": 0.25, "expression": 0.4})
+    assert heads_to_keep(metrics, untouched, TASK_NAMES, ("age_group", "gender", "expression"), losses=losses) == {}
+    worse = ({"gender": 0.30}, {"gender": 0.25})
+    kept = heads_to_keep(metrics, untouched, TASK_NAMES, ("age_group", "gender", "expression"), losses=worse)
+    assert list(kept) == ["gender"] and "log-loss 0.300 >= 0.250" in kept["gender"]
     kept = heads_to_keep(metrics, untouched, TASK_NAMES, ("expression",))
     assert set(kept) == {"age_group", "gender"} and "not trained" in kept["gender"]
     assert heads_to_keep(metrics, untouched, TASK_NAMES, ("expression",), labelled_only=False) == {}
     assert heads_to_keep(metrics, {"expression": 0.9}, ("expression",), ("expression",)) == {
-        "expression": "fine-tuned 0.800 <= untouched 0.900 on validation"}
+        "expression": "fine-tuned 0.800 < untouched 0.900 on validation"}
 
 
 def _expression_only(faces_dir, tmp_path):
@@ -110,7 +116,10 @@ def test_fit_answers_a_head_with_the_start_model_exactly_when_fine_tuning_did_no
         assert main(["fit", "--data", str(faces_dir), "--init-from", str(run_dir), "--out", str(runs[name]),
                      "--json", *TINY_FIT, "--epochs", "1", *extra]) == 0
     result = json.loads(capsys.readouterr().out.split("\n}\n")[0] + "\n}")
-    kept = {t for t in result["tasks"] if result["metrics"][f"val_{t}_acc"] <= result["untouched_val_acc"][t]}
+    losses = read_config(runs["wrecked"])["never_worse"]["val_log_loss"]  # an accuracy tie: the lower log-loss
+    tuned, before = result["metrics"], result["untouched_val_acc"]
+    kept = {t for t in result["tasks"] if tuned[f"val_{t}_acc"] < before[t] or (
+        tuned[f"val_{t}_acc"] == before[t] and losses["fine_tuned"][t] >= losses["untouched"][t])}
     assert kept and set(result["kept"]) == kept
     assert set(read_config(runs["wrecked"])["never_worse"]["kept"]) == kept
     free = read_config(runs["free"])
