@@ -21,7 +21,7 @@ from facemt.checkpoint import (ResumeState, base_dir, discard_resume, load_check
 from facemt.checks import check_data
 from facemt.data import DataIndex, FaceDataset, ImageCache, encode_targets, is_ferplus_test, soft_targets
 from facemt.splits import validation_split
-from facemt.config import BASE_NAME, DEFAULT_IMAGE_SIZE, FINE_TUNE_BACKBONE_LR_SCALE, TrainConfig
+from facemt.config import BASE_NAME, DEFAULT_IMAGE_SIZE, FINE_TUNE_BACKBONE_LR_SCALE, FINE_TUNE_MIXUP, TrainConfig
 from facemt.distributed import World, all_reduce_sum, any_rank, barrier, broadcast_buffers, world
 from facemt.errors import FacemtError
 from facemt.files import atomic_write_text
@@ -315,6 +315,8 @@ def setup_training(
     init = initial_weights(config)
     if config.backbone_lr_scale is None:  # recorded resolved, so the checkpoint says what was used
         config = replace(config, backbone_lr_scale=FINE_TUNE_BACKBONE_LR_SCALE if init else 1.0)
+    if config.mixup is None:
+        config = replace(config, mixup=FINE_TUNE_MIXUP if init else 0.0)
     image_size = config.image_size or (read_config(init)["preprocess"]["image_size"] if init else DEFAULT_IMAGE_SIZE)
     model, preprocess = create_model(
         config.backbone, tasks, config.pretrained and not resuming, None if resuming else config.pretrained_file,

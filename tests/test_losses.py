@@ -117,3 +117,19 @@ def test_fit_with_mixup_and_cutmix_records_them_and_trains_differently(faces_dir
     a, b = load_file(run / "model.safetensors"), load_file(run_dir / "model.safetensors")
     assert any(not np.allclose(a[k], b[k]) for k in a)
     assert main(["fit", "--data", str(faces_dir), "--out", str(tmp_path / "x"), *TINY_FIT, "--mixup", "-1"]) == 2
+
+
+def test_mixup_is_on_when_fine_tuning_a_facemt_model_and_off_from_scratch(faces_dir, tmp_path):
+    import json
+
+    from conftest import TINY_FIT
+    from facemt.cli import main
+    from facemt.config import FINE_TUNE_MIXUP, TrainConfig
+
+    runs = {"tuned": [], "scratch": ["--no-pretrained"]}
+    for name, extra in runs.items():
+        assert main(["fit", "--data", str(faces_dir), "--out", str(tmp_path / name), *TINY_FIT, "--epochs", "1",
+                     *extra]) == 0
+    mixup = {name: json.loads((tmp_path / name / "config.json").read_text())["train"]["mixup"] for name in runs}
+    assert mixup == {"tuned": FINE_TUNE_MIXUP, "scratch": 0.0}
+    assert TrainConfig.from_dict({"epochs": 3}).mixup == 0.0  # a run written before mixup existed resumes without

@@ -72,7 +72,8 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
                                        "(0: off, the default; costs a second forward and backward pass)"}),
     ("augment", "mixup", {"type": float, "metavar": "A",
                           "help": "train on pairs of faces blended whole, the share drawn from Beta(A, A), the loss "
-                                  "mixed alike (0: off, the default; 0.2-0.4 is usual)"}),
+                                  "mixed alike (0: off; default: 0.2 when starting from the base model or --init-from "
+                                  "RUN, else 0)"}),
     ("augment", "cutmix", {"type": float, "metavar": "A",
                            "help": "train on faces with a box pasted from another face, its area share drawn from "
                                    "Beta(A, A) (0: off, the default; 1 is usual); with --mixup, one or the other "
