@@ -59,7 +59,8 @@ VARIANTS: dict[str, dict] = {
     "augment-light": {"augment": "light"},
     "jitter-consistency-1": {"jitter_consistency": 1.0},
     "image-160": {"image_size": 160},
-    "mixup-0.2": {"mixup": 0.2},
+    "mixup-0.2": {"mixup": 0.2},  # fit's default from the study on (the CSVs' "defaults" rows before it: no mixup)
+    "no-mixup": {"mixup": 0.0},
     "cutmix-1": {"cutmix": 1.0},
 }
 
@@ -126,9 +127,8 @@ def run_fold(index: DataIndex, train_rows, test_rows_, config: TrainConfig, cach
         probs[name]["blend"] = blend(probs[name]["untouched"], probs[name]["tuned"])
     val_blend = _scores(val, probs["val"]["blend"], heads)
     nll = {arm: log_loss(probs["val"][arm], val) for arm in ("untouched", "tuned")}
-    losses = (nll["tuned"], {h: v for h, v in nll["untouched"].items() if h in nll["tuned"]})
     rows = [(arm, _scores(test, probs["test"][arm], heads)) for arm in ("untouched", "tuned", "blend")]
-    if keep_start(result, start_model, start_preprocess, losses=losses) is None:  # what fit does with the rule on
+    if keep_start(result, start_model, start_preprocess) is None:  # what fit does with the rule on
         rows.append(("fit", _scores(test, _probs(result.model, result.preprocess, test, cache), heads)))
     return [{"arm": arm, "head": h, "accuracy": acc, "n": n, "kept": h in result.kept,
              "best_epoch": result.best_epoch, "val_tuned": result.metrics.get(f"val_{h}_acc"),
@@ -185,8 +185,8 @@ def pooled(records: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-#: the never-worse rule's tie-breaks compared: an accuracy tie on the validation persons keeps the start /
-#: goes to the lower validation log-loss (fit's rule) / goes to the fine-tuned head
+#: the never-worse rule's tie-breaks compared: an accuracy tie on the validation persons keeps the start
+#: (fit's rule) / goes to the lower validation log-loss / goes to the fine-tuned head
 TIE_RULES = ("start", "log-loss", "fine-tuned")
 
 
@@ -198,7 +198,7 @@ def rules(records: pd.DataFrame) -> pd.DataFrame:
     if not set(cols) <= set(records.columns):
         return pd.DataFrame()
     evidence = records[records["arm"] == "tuned"].set_index(["set", "variant", "fold", "head"])[cols]
-    wide = wide.join(evidence).dropna(subset=["tuned", "val_tuned", "val_untouched"])
+    wide = wide.join(evidence).dropna(subset=["tuned", *cols])  # runs that recorded the log-losses
     out = []
     for (name, variant, fold, head), r in wide.iterrows():
         for rule in TIE_RULES:

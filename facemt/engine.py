@@ -767,23 +767,16 @@ def _never_worse(result: TrainResult, index: DataIndex, val_rows: Sequence[int],
     """After training: score the start model on the validation rows, apply the never-worse rule
     (:func:`keep_start`), calibrate, and record both in the run's config.json."""
     start = initial_weights(config)
-    start_model = start_preprocess = start_probs = None
-    val = DataIndex(index.table.iloc[list(val_rows)].reset_index(drop=True), [])
+    start_model = start_preprocess = None
     if start:
         start_model, start_preprocess, _ = load_checkpoint(start, map_location=resolve_device(config.device))
         if len(val_rows):
-            start_probs = val_probabilities(start_model, start_preprocess, val, cache, config.device)
-            result.untouched = _accuracy({t: p for t, p in start_probs.items() if t in result.tasks}, val.table)
+            val = DataIndex(index.table.iloc[list(val_rows)].reset_index(drop=True), [])
+            probs = val_probabilities(start_model, start_preprocess, val, cache, config.device)
+            result.untouched = _accuracy({t: p for t, p in probs.items() if t in result.tasks}, val.table)
     never_worse: dict[str, Any] = {"enabled": config.keep_start}
     if start and config.keep_start:
-        losses = None
-        if start_probs is not None:  # the accuracy tie-break: both models' calibrated log-loss
-            calibrate_run(None, result.model, index, val_rows, result.preprocess, cache, config.device)
-            tuned = log_loss(val_probabilities(result.model, result.preprocess, val, cache, config.device), val.table)
-            losses = (tuned, {t: v for t, v in log_loss(start_probs, val.table).items() if t in tuned})
-            never_worse["val_log_loss"] = {"fine_tuned": losses[0], "untouched": losses[1]}
-        skipped = keep_start(result, start_model, start_preprocess, labelled_only=config.tasks is None,
-                             losses=losses)
+        skipped = keep_start(result, start_model, start_preprocess, labelled_only=config.tasks is None)
         if skipped:
             never_worse["skipped"] = skipped
             log.warning("no head can be answered by the start model: %s", skipped)
@@ -804,10 +797,11 @@ def heads_to_keep(metrics: dict[str, Any], untouched: dict[str, float], start_ta
     does not label (so fitting expressions alone leaves age group and gender as they were). A head
     without validation labels has no evidence and stays fine-tuned.
 
-    An accuracy tie (common: both at 100 % on a handful of validation faces) is broken by
-    ``losses`` = (fine-tuned, untouched) mean negative log-likelihood of the validation labels
-    per head, calibrated probabilities: the fine-tuned head must have the lower one. Without it
-    (or without a head's entry) a tie keeps the start."""
+    An accuracy tie (common: both at 100 % on a handful of validation faces) keeps the start: fit's
+    rule. The fine-tuning study also weighs another tie-break through this function: ``losses`` =
+    (fine-tuned, untouched) mean negative log-likelihood of the validation labels per head, the
+    fine-tuned head then winning a tie when its log-loss is the lower (it measured no better:
+    benchmarks/RESULTS.md, "Fine-tuning study")."""
     kept = {}
     tuned_loss, start_loss = losses or ({}, {})
     for t in start_tasks:
@@ -828,15 +822,13 @@ def heads_to_keep(metrics: dict[str, Any], untouched: dict[str, float], start_ta
 
 
 def keep_start(result: TrainResult, start: MultiTaskNet, start_preprocess: PreprocessConfig,
-               labelled_only: bool = True,
-               losses: tuple[dict[str, float], dict[str, float]] | None = None) -> str | None:
+               labelled_only: bool = True) -> str | None:
     """Set ``result.kept`` (:func:`heads_to_keep`) and make ``result.model`` answer those heads with
     ``start``, carried whole. Returns why nothing can be kept (the start model would see faces framed
     or sized otherwise than it was trained on), else None."""
     if start_preprocess != result.preprocess:
         return "the run's preprocessing (image size or crop) differs from the start model's"
-    result.kept = heads_to_keep(result.metrics, result.untouched, start.tasks, result.tasks, labelled_only,
-                                losses)
+    result.kept = heads_to_keep(result.metrics, result.untouched, start.tasks, result.tasks, labelled_only)
     if result.kept:
         result.model.keep(start, list(result.kept))
     return None

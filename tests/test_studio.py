@@ -183,7 +183,7 @@ def test_fine_tuning_study_scores_untouched_tuned_and_fit_on_the_same_folds(stud
                         "--csv", str(csv), "--results", str(results)]) == 0
     folds = pd.read_csv(csv)
     assert set(folds["arm"]) == {"untouched", "tuned", "blend", "fit"} and set(folds["fold"]) == {0, 1}
-    assert folds["val_blend"].between(0, 1).all()
+    assert folds["val_blend"].between(0, 1).all() and (folds[["val_nll_tuned", "val_nll_untouched"]] >= 0).all().all()
     # the start model untouched scores the same whatever the variant; fit equals the start where it kept it
     untouched = folds[folds["arm"] == "untouched"].pivot_table(index=["fold", "head"], columns="variant",
                                                                values="accuracy")
