@@ -40,8 +40,8 @@ from studio import SPLIT_FILE, read_split, studio_index, test_rows  # noqa: E402
 
 from facemt.checkpoint import load_checkpoint  # noqa: E402
 from facemt.config import TrainConfig  # noqa: E402
-from facemt.data import DataIndex, ImageCache, index_jaffe, load_sources  # noqa: E402
-from facemt.engine import fit, heads_to_keep, initial_weights, keep_start, log_loss, predict_images  # noqa: E402
+from facemt.data import DataIndex, ImageCache, encode_targets, index_jaffe, load_sources  # noqa: E402
+from facemt.engine import fit, heads_to_keep, initial_weights, keep_start, val_probabilities  # noqa: E402
 from facemt.evaluation import evaluate_predictions, paired_interval  # noqa: E402
 from facemt.splits import make_folds, validation_split  # noqa: E402
 from facemt.tasks import TASKS  # noqa: E402
@@ -94,7 +94,18 @@ def _config(base: TrainConfig, change: dict) -> TrainConfig:
 
 
 def _probs(model, preprocess, table: pd.DataFrame, cache: ImageCache) -> dict[str, np.ndarray]:
-    return predict_images(model, cache.load(list(table["path"]), preprocess)[0], preprocess)
+    return val_probabilities(model, preprocess, DataIndex(table, []), cache, "cpu")
+
+
+def log_loss(probs: dict[str, np.ndarray], table: pd.DataFrame) -> dict[str, float]:
+    """Mean negative log-likelihood of ``table``'s labels per head of ``probs`` (heads without labels left out)."""
+    targets = encode_targets(table, list(probs))
+    out = {}
+    for t, p in probs.items():
+        y = targets[t]
+        if (y >= 0).any():
+            out[t] = float(-np.log(np.clip(p[y >= 0, y[y >= 0]], 1e-12, 1.0)).mean())
+    return out
 
 
 def _scores(table: pd.DataFrame, probs: dict[str, np.ndarray], heads) -> dict[str, tuple[float, int]]:
@@ -133,8 +144,7 @@ def run_fold(index: DataIndex, train_rows, test_rows_, config: TrainConfig, cach
     return [{"arm": arm, "head": h, "accuracy": acc, "n": n, "kept": h in result.kept,
              "best_epoch": result.best_epoch, "val_tuned": result.metrics.get(f"val_{h}_acc"),
              "val_untouched": result.untouched.get(h),  # the rule's evidence, to weigh other rules later
-             "val_blend": val_blend.get(h, (None,))[0], "val_loss_tuned": result.metrics.get(f"val_{h}_loss"),
-             "val_nll_tuned": nll["tuned"].get(h), "val_nll_untouched": nll["untouched"].get(h)}
+             "val_blend": val_blend.get(h, (None,))[0], "val_nll_tuned": nll["tuned"].get(h), "val_nll_untouched": nll["untouched"].get(h)}
             for arm, scores in rows for h, (acc, n) in scores.items()]
 
 

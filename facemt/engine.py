@@ -834,17 +834,6 @@ def keep_start(result: TrainResult, start: MultiTaskNet, start_preprocess: Prepr
     return None
 
 
-def log_loss(probs: dict[str, np.ndarray], table: pd.DataFrame) -> dict[str, float]:
-    """Mean negative log-likelihood of ``table``'s labels per head of ``probs`` (heads without labels left out)."""
-    targets = encode_targets(table, list(probs))
-    out = {}
-    for t, p in probs.items():
-        y = targets[t]
-        if (y >= 0).any():
-            out[t] = float(-np.log(np.clip(p[y >= 0, y[y >= 0]], 1e-12, 1.0)).mean())
-    return out
-
-
 def _rewrite_checkpoint(result: TrainResult, out_dir: str | Path) -> None:
     """Save ``result.model`` (now carrying its start model) over the run's checkpoint, every other field
     of config.json kept."""
