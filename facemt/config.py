@@ -24,6 +24,8 @@ DEFAULT_IMAGE_SIZE = 128
 FINE_TUNE_BACKBONE_LR_SCALE = 0.1
 #: Mixup's Beta parameter when fine-tuning a facemt model (benchmarks/RESULTS.md, "Fine-tuning study").
 FINE_TUNE_MIXUP = 0.2
+#: Softmax temperature of the start model's answers that ``distill`` holds a fine-tuned model to.
+DISTILL_TEMPERATURE = 2.0
 #: Name of the built-in base model wherever a model is named.
 BASE_NAME = "base"
 CROP_POLICIES = ("align", "box", "none")
@@ -86,6 +88,16 @@ class TrainConfig:
     0.2 when training starts from a facemt model and 0 (off) otherwise: it
     raised fine-tuned expression accuracy on three of the four studio sets
     of the study and lowered none.
+    ``distill`` > 0 (fine-tuning only) holds the fine-tuned heads to the
+    start model's answers: on every training face (as augmented and mixed)
+    the frozen start model answers too, and the loss adds ``distill`` times
+    :data:`DISTILL_TEMPERATURE` squared times KL(start || model) at that
+    temperature, summed over the heads both have (learning without
+    forgetting: Li & Hoiem 2017).
+    ``freeze_norm`` keeps the batch-normalisation statistics (running means
+    and variances) as the initial weights have them: training batches
+    (augmented, mixed, a few persons) no longer re-estimate them; the
+    layers' scales and shifts still train.
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -111,6 +123,8 @@ class TrainConfig:
     jitter_consistency: float = 0.0
     mixup: float | None = None
     cutmix: float = 0.0
+    distill: float = 0.0
+    freeze_norm: bool = False
     dropout: float = 0.2
     val_fraction: float = 0.2
     crop: str = "align"
@@ -144,6 +158,8 @@ class TrainConfig:
             raise FacemtError("label_smoothing must be in [0, 1)")
         if not (0.0 <= self.jitter_consistency and math.isfinite(self.jitter_consistency)):
             raise FacemtError("jitter_consistency must be at least 0")
+        if not (0.0 <= self.distill <= 100.0):
+            raise FacemtError("distill must be in [0, 100] (0: off)")
         for name in ("mixup", "cutmix"):
             if getattr(self, name) is not None and not (0.0 <= getattr(self, name) <= 10.0):
                 raise FacemtError(f"{name} must be in [0, 10] (0: off)")

@@ -21,7 +21,8 @@ from facemt.checkpoint import (ResumeState, base_dir, discard_resume, load_check
 from facemt.checks import check_data
 from facemt.data import DataIndex, FaceDataset, ImageCache, encode_targets, is_ferplus_test, soft_targets
 from facemt.splits import validation_split
-from facemt.config import BASE_NAME, DEFAULT_IMAGE_SIZE, FINE_TUNE_BACKBONE_LR_SCALE, FINE_TUNE_MIXUP, TrainConfig
+from facemt.config import (BASE_NAME, DEFAULT_IMAGE_SIZE, DISTILL_TEMPERATURE, FINE_TUNE_BACKBONE_LR_SCALE,
+                           FINE_TUNE_MIXUP, TrainConfig)
 from facemt.distributed import World, all_reduce_sum, any_rank, barrier, broadcast_buffers, world
 from facemt.errors import FacemtError
 from facemt.files import atomic_write_text
@@ -298,6 +299,8 @@ class Setup:
     network: torch.nn.Module
     #: labelled training rows per class of each head
     class_counts: dict[str, list[int]]
+    #: the frozen start model that ``config.distill`` holds the heads to (None: no distillation)
+    teacher: MultiTaskNet | None = None
 
 
 def setup_training(
@@ -325,6 +328,7 @@ def setup_training(
     if init and not resuming:
         initialise_from(model, init, config.backbone)
     model.to(device)
+    teacher = _teacher(config, init, preprocess, device)
     train_rows, val_rows = [int(i) for i in train_rows], [int(i) for i in val_rows]
     if not train_rows:
         raise FacemtError("no training images")
@@ -358,7 +362,26 @@ def setup_training(
 
         network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return Setup(config, tasks, device, model, preprocess, criterion, optimizer, scheduler, train_set, val_loader,
-                 weights, steps_per_epoch, train_rows, val_rows, here, network, counts)
+                 weights, steps_per_epoch, train_rows, val_rows, here, network, counts, teacher)
+
+
+def _teacher(config: TrainConfig, init: str | None, preprocess: PreprocessConfig,
+             device: torch.device) -> MultiTaskNet | None:
+    """The start model, frozen, when ``config.distill`` > 0.
+
+    Raises:
+        FacemtError: no start model, or one that frames or sizes faces otherwise than this run.
+    """
+    if not config.distill:
+        return None
+    if not init:
+        raise FacemtError("distill holds a fine-tuned model to the model it starts from: "
+                          "this run starts from ImageNet or random weights")
+    teacher, start_preprocess, _ = load_checkpoint(init, map_location=device)
+    if start_preprocess != preprocess:
+        raise FacemtError("distill needs the start model's preprocessing: drop --image-size and the crop options")
+    teacher.requires_grad_(False)
+    return teacher.eval()
 
 
 def class_counts(targets: dict[str, np.ndarray], rows: Sequence[int]) -> dict[str, list[int]]:
@@ -530,6 +553,7 @@ def train(
             setup.network, epoch_loader(setup, epoch, skip), setup.criterion, setup.optimizer, setup.scheduler,
             meter, setup.device, first_step=skip + 1, should_stop=should_stop,
             consistency=config.jitter_consistency, mix=(config.mixup, config.cutmix),
+            distill=(setup.teacher, config.distill), freeze_norm=config.freeze_norm,
             on_step=(lambda step, loss: callback("step", {"epoch": epoch, "step": step,
                                                           "steps": setup.steps_per_epoch, "loss": loss}))
             if callback else None)
@@ -584,6 +608,8 @@ def train_one_epoch(
     should_stop: Callable[[], bool] | None = None,
     consistency: float = 0.0,
     mix: tuple[float, float] = (0.0, 0.0),
+    distill: tuple[MultiTaskNet | None, float] = (None, 0.0),
+    freeze_norm: bool = False,
 ) -> int | None:
     """One pass over ``loader``: forward, masked loss, backward, optimizer and
     scheduler step per batch, per-head loss and accuracy summed into ``meter``.
@@ -598,6 +624,12 @@ def train_one_epoch(
     its own labels); the meter scores the mixed faces against their own
     labels, the larger share.
 
+    ``distill`` = (start model, weight): with a model, the loss adds weight
+    times :func:`distillation_loss` of the trained heads against the start
+    model's answers to the same (augmented, mixed) faces. ``freeze_norm``
+    leaves every batch-normalisation layer in evaluation mode: its running
+    statistics are used, not updated.
+
     ``model`` may be wrapped in DistributedDataParallel: the loss is then
     normalised by the global batch's labelled counts (so averaged gradients are
     the global batch's), the loss's own parameters are averaged by hand, and a
@@ -608,6 +640,10 @@ def train_one_epoch(
     """
     here = world()
     model.train()
+    if freeze_norm:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
     for step, batch in enumerate(loader, start=first_step):
         targets = {t: v.to(device) for t, v in batch["targets"].items()}
         counts = None
@@ -627,6 +663,10 @@ def train_one_epoch(
             loss = share * loss + (1 - share) * other
         if consistency:
             loss = loss + consistency * jitter_consistency_loss(logits, model(jitter_views(images)))
+        if distill[0] is not None:
+            with torch.no_grad():
+                held = distill[0](images)
+            loss = loss + distill[1] * distillation_loss(logits, held)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if here.distributed:
@@ -699,6 +739,18 @@ def jitter_consistency_loss(logits: dict[str, torch.Tensor], moved: dict[str, to
 
     return sum(F.kl_div(F.log_softmax(moved[t], 1), F.softmax(logits[t].detach(), 1), reduction="batchmean")
                for t in logits)
+
+
+def distillation_loss(logits: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
+                      temperature: float = DISTILL_TEMPERATURE) -> torch.Tensor:
+    """Sum over the heads of ``logits`` that ``start`` also answers of T^2 KL(p_start || p) at
+    temperature T, batch mean (Hinton et al. 2015: T^2 keeps the gradient's scale); zero when none."""
+    import torch.nn.functional as F
+
+    shared = [t for t in logits if t in start]
+    return sum((F.kl_div(F.log_softmax(logits[t] / temperature, 1), F.softmax(start[t].detach().float() / temperature, 1),
+                         reduction="batchmean") for t in shared), torch.zeros((), device=next(iter(logits.values())).device)
+               ) * temperature ** 2
 
 
 def _epoch_start_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, epoch: int, steps_per_epoch: int) -> float:

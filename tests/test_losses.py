@@ -133,3 +133,76 @@ def test_mixup_is_on_when_fine_tuning_a_facemt_model_and_off_from_scratch(faces_
     mixup = {name: json.loads((tmp_path / name / "config.json").read_text())["train"]["mixup"] for name in runs}
     assert mixup == {"tuned": FINE_TUNE_MIXUP, "scratch": 0.0}
     assert TrainConfig.from_dict({"epochs": 3}).mixup == 0.0  # a run written before mixup existed resumes without
+
+
+def test_distillation_loss_is_zero_on_the_start_answers_and_trains_only_the_student():
+    from facemt.engine import distillation_loss
+
+    torch.manual_seed(0)
+    logits = {"gender": torch.randn(4, 2, requires_grad=True), "expression": torch.randn(4, 6, requires_grad=True)}
+    same = distillation_loss(logits, {t: v.detach().clone() for t, v in logits.items()})
+    assert float(same.detach()) == pytest.approx(0, abs=1e-6)
+    start = {"gender": torch.randn(4, 2, requires_grad=True), "age_group": torch.randn(4, 3)}  # no expression head
+    loss = distillation_loss(logits, start)
+    loss.backward()
+    assert float(loss.detach()) > 0
+    assert logits["gender"].grad is not None and start["gender"].grad is None
+    assert logits["expression"].grad is None  # a head the start model lacks is not held
+    assert float(distillation_loss({"expression": logits["expression"]}, start)) == 0.0
+
+
+def _raw_probabilities(run, faces_dir) -> dict[str, np.ndarray]:
+    """Every face's class probabilities from ``run`` at temperature 1 (a run's fitted temperatures differ)."""
+    from facemt.checkpoint import load_checkpoint
+    from facemt.data import ImageCache, index_folder
+    from facemt.engine import val_probabilities
+
+    model, preprocess, _ = load_checkpoint(run)
+    model.temperatures = {t: 1.0 for t in model.tasks}
+    return val_probabilities(model, preprocess, index_folder(faces_dir), ImageCache(), "cpu")
+
+
+def _moved(run, start, faces_dir) -> float:
+    a, b = _raw_probabilities(run, faces_dir), _raw_probabilities(start, faces_dir)
+    return float(sum(np.abs(a[t] - b[t]).mean() for t in b))
+
+
+def test_freeze_norm_keeps_the_start_statistics(faces_dir, run_dir, tmp_path):
+    import json
+
+    from conftest import TINY_FIT
+    from facemt.cli import main
+
+    still = [*TINY_FIT, "--lr", "1e-9", "--init-from", str(run_dir), "--no-keep-start"]  # weights all but unchanged
+    for name, extra in (("updated", []), ("frozen", ["--freeze-norm"])):
+        assert main(["fit", "--data", str(faces_dir), "--out", str(tmp_path / name), *still, *extra]) == 0
+    assert json.loads((tmp_path / "frozen" / "config.json").read_text())["train"]["freeze_norm"] is True
+    assert _moved(tmp_path / "frozen", run_dir, faces_dir) < 1e-4
+    assert _moved(tmp_path / "updated", run_dir, faces_dir) > 0.01  # the batches re-estimated the statistics
+
+
+def test_fit_with_distill_stays_nearer_the_start_model(faces_dir, run_dir, tmp_path):
+    import json
+
+    from conftest import TINY_FIT
+    from facemt.cli import main
+
+    fast = [*TINY_FIT, "--epochs", "3", "--backbone-lr-scale", "1", "--init-from", str(run_dir), "--no-keep-start",
+            "--freeze-norm"]
+    for name, weight in (("free", "0"), ("held", "30")):
+        assert main(["fit", "--data", str(faces_dir), "--out", str(tmp_path / name), *fast, "--distill", weight]) == 0
+    assert json.loads((tmp_path / "held" / "config.json").read_text())["train"]["distill"] == 30.0
+    assert _moved(tmp_path / "held", run_dir, faces_dir) < 0.75 * _moved(tmp_path / "free", run_dir, faces_dir)
+
+
+@pytest.mark.parametrize("extra", [["--no-pretrained"], ["--image-size", "40", "--init-from", "RUN"],
+                                   ["--distill", "-1"]])
+def test_fit_distill_without_a_start_model_it_can_follow_exits_2(faces_dir, run_dir, tmp_path, capsys, extra):
+    from conftest import TINY_FIT
+    from facemt.cli import main
+
+    extra = [str(run_dir) if e == "RUN" else e for e in extra]
+    args = ["fit", "--data", str(faces_dir), "--out", str(tmp_path / "x"), *TINY_FIT, "--distill", "1", *extra]
+    assert main(args) == 2
+    assert "distill" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -66,6 +66,15 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
                                   "class-balanced prior, not the training set's class frequencies "
                                   "('predict --prior' can switch either way later)"}),
     ("optim", "label_smoothing", {"type": float, "help": "default %(default)s"}),
+    ("optim", "distill", {"type": float, "metavar": "W",
+                          "help": "when fine-tuning: hold the heads to the start model's answers on every training "
+                                  "face with this weight (a distillation loss: what the start model knows is not "
+                                  "forgotten where your labels do not say otherwise; 0: off, default %(default)s; "
+                                  "costs a forward pass of the start model per batch)"}),
+    ("optim", "freeze_norm", {"action": "store_true",
+                              "help": "keep the backbone's batch-normalisation statistics as the initial weights "
+                                      "have them (training batches do not re-estimate them; their scales and "
+                                      "shifts still train)"}),
     ("augment", "jitter_consistency", {"type": float, "metavar": "W",
                                        "help": "also train every face re-framed by a few pixels (the face detector's "
                                        "own alignment noise) to give the same probabilities, with this weight "
