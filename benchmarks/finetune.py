@@ -201,25 +201,44 @@ def pooled(records: pd.DataFrame) -> pd.DataFrame:
 
 #: the never-worse rule's tie-breaks compared: an accuracy tie on the validation persons keeps the start
 #: (fit's rule) / goes to the lower validation log-loss / goes to the fine-tuned head
-TIE_RULES = ("start", "log-loss", "fine-tuned")
+#: how an accuracy tie on the validation persons is broken: fit's rule first (its start model on every face)
+TIE_RULES = ("start on every face", "start", "log-loss", "fine-tuned")
+
+
+def start_on_fit_faces(wide: pd.DataFrame) -> pd.Series:
+    """Per (set, variant, head, fold) cell: the start model's accuracy on the faces fit was given in that fold,
+    i.e. every other fold's test persons (fit's training and validation persons), from the recorded test
+    scores: exactly what fit measures as ``untouched_all``. NaN where a variant lacks folds that other
+    variants of the set have (a run cut short)."""
+    hits = wide["untouched"] * wide["n"]
+    cell = [wide.index.get_level_values(k) for k in ("set", "variant", "head")]
+    folds = wide["n"].groupby(cell).transform("size")
+    most = folds.groupby([cell[0], cell[2]]).transform("max")
+    out = (hits.groupby(cell).transform("sum") - hits) / (wide["n"].groupby(cell).transform("sum") - wide["n"])
+    return out.where(folds == most)
 
 
 def rules(records: pd.DataFrame) -> pd.DataFrame:
     """What each tie-break of the never-worse rule would have answered in every (set, variant, fold, head)
     cell with validation evidence, from the recorded validation scores: test accuracy minus untouched."""
-    wide = records.pivot_table(index=["set", "variant", "fold", "head"], columns="arm", values="accuracy")
+    keys = ["set", "variant", "fold", "head"]
+    wide = records.pivot_table(index=keys, columns="arm", values="accuracy")
     cols = ["val_tuned", "val_untouched", "val_nll_tuned", "val_nll_untouched"]
     if not set(cols) <= set(records.columns):
         return pd.DataFrame()
-    evidence = records[records["arm"] == "tuned"].set_index(["set", "variant", "fold", "head"])[cols]
+    wide = wide.join(records[records["arm"] == "untouched"].set_index(keys)["n"])
+    wide = wide.reorder_levels(["set", "variant", "head", "fold"])
+    wide["start_all"] = start_on_fit_faces(wide)
+    evidence = records[records["arm"] == "tuned"].set_index(keys)[cols].reorder_levels(wide.index.names)
     wide = wide.join(evidence).dropna(subset=["tuned", *cols])  # runs that recorded the log-losses
     out = []
-    for (name, variant, fold, head), r in wide.iterrows():
+    for (name, variant, head, fold), r in wide.iterrows():
         for rule in TIE_RULES:
-            losses = {"start": None, "fine-tuned": ({head: -np.inf}, {head: 0.0}),
-                      "log-loss": ({head: r["val_nll_tuned"]}, {head: r["val_nll_untouched"]})}[rule]
+            losses = {"fine-tuned": ({head: -np.inf}, {head: 0.0}),
+                      "log-loss": ({head: r["val_nll_tuned"]}, {head: r["val_nll_untouched"]})}.get(rule)
+            overall = {head: r["start_all"]} if rule == "start on every face" and np.isfinite(r["start_all"]) else None
             kept = heads_to_keep({f"val_{head}_acc": r["val_tuned"]}, {head: r["val_untouched"]}, [head], [head],
-                                 losses=losses)
+                                 untouched_all=overall, losses=losses)
             answer = r["untouched"] if head in kept else r["tuned"]
             out.append({"rule": rule, "set": name, "variant": variant, "fold": fold, "head": head,
                         "untouched": r["untouched"], "gain": answer - r["untouched"]})

@@ -83,6 +83,11 @@ def test_fit_starts_from_the_base_model_by_default(faces_dir, tmp_path):
     assert config["untouched"]["model"] == "base"
     assert config["untouched"]["val_accuracy"] == {t: pytest.approx(float((probs[t].argmax(1) == y).mean()))
                                                    for t, y in targets.items()}
+    # and on every face fit was given (the never-worse rule's tie-break)
+    probs = base.probabilities(decode_images(index, base.preprocess, ImageCache(), None))
+    targets = encode_targets(index.table, base.tasks)
+    assert config["untouched"]["all_faces_accuracy"] == {
+        t: pytest.approx(float((probs[t].argmax(1) == y).mean())) for t, y in targets.items()}
 
 
 def test_fit_from_other_weights_records_no_untouched_model(faces_dir, tmp_path):

@@ -7,6 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -107,8 +108,6 @@ def test_studio_ablation_table_reads_the_studio_benchmark_rows(tmp_path, capsys)
 def test_pretrain_grey_study_decodes_faces_without_colour(faces_dir):
     import sys
 
-    import numpy as np
-
     from facemt.transforms import PreprocessConfig
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -192,6 +191,11 @@ def test_fine_tuning_study_scores_untouched_tuned_and_fit_on_the_same_folds(stud
     kept = folds[folds["arm"] == "fit"].set_index(["variant", "fold", "head"])["kept"].astype(bool)
     assert (wide.loc[kept[kept].index, "fit"] == wide.loc[kept[kept].index, "untouched"]).all()
     assert (wide.loc[kept[~kept].index, "fit"] == wide.loc[kept[~kept].index, "tuned"]).all()
+    # the tie-breaks recomputed from the records: fit's own rule (the start on every face fit was given, i.e. the
+    # other folds' test persons) answers exactly what fit answered
+    tie = script.rules(folds)
+    fits = tie[tie["rule"] == "start on every face"].set_index(["variant", "fold", "head"])["gain"]
+    assert len(fits) == len(kept) and np.allclose(fits, (wide["fit"] - wide["untouched"]).loc[fits.index])
     text = results.read_text()
     assert "### Fine-tuning study" in text and text.count("| synth |") == 6
     assert script.main(["--summarize", str(csv), "--results", str(results)]) == 0  # a run cut short: its table

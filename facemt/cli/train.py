@@ -247,12 +247,14 @@ def _fit_and_report(args, out: Console, err: Console, run: Path, config: TrainCo
     if args.json:
         print(json.dumps({"run": str(run), "tasks": list(result.tasks), "best_epoch": result.best_epoch,
                           "metrics": result.metrics, "temperatures": dict(result.model.temperatures),
-                          "untouched_val_acc": result.untouched, "kept": result.kept}, indent=2))
+                          "untouched_val_acc": result.untouched, "untouched_all_faces_acc": result.untouched_all,
+                          "kept": result.kept}, indent=2))
         return EXIT_OK
     out.print(_result_table(result, run))
     if result.untouched:
-        out.print("val acc before training: the starting model as it is (facemt predict without this run); "
-                  "compare subject-disjoint with 'facemt cv'.", markup=False, highlight=False)
+        out.print("before training: the starting model as it is (facemt predict without this run), on the "
+                  "validation persons and on every face given; compare subject-disjoint with 'facemt cv'.",
+                  markup=False, highlight=False)
     if result.kept:
         out.print("answered by the start model (carried in the run, never worse than it): "
                   + "; ".join(f"{t}: {why}" for t, why in result.kept.items()), markup=False, highlight=False)
@@ -262,14 +264,16 @@ def _fit_and_report(args, out: Console, err: Console, run: Path, config: TrainCo
 def _result_table(result, run: Path) -> Table:
     """Per head: training and validation accuracy, the start model's on the same images, who answers."""
     table = Table(title=f"best epoch {result.best_epoch} (saved to {run})")
-    for name in ("head", "train acc", "val acc") + (("val acc before training",) if result.untouched else ()):
+    start = ("val acc before training", "all faces before training") if result.untouched else ()
+    for name in ("head", "train acc", "val acc", *start):
         table.add_column(name, justify="left" if name == "head" else "right")
     table.add_column("answered by")
     for t in result.model.tasks:
         v, before = result.metrics.get(f"val_{t}_acc"), result.untouched.get(t)
         train = result.metrics.get(f"train_{t}_acc")
         cells = ["-" if train is None else f"{train:.3f}", "-" if v is None else f"{v:.3f}"]
-        cells += ["-" if before is None else f"{before:.3f}"] if result.untouched else []
+        if result.untouched:
+            cells += ["-" if x is None else f"{x:.3f}" for x in (before, result.untouched_all.get(t))]
         table.add_row(t, *cells, "start model" if t in result.kept else "fine-tuned")
     return table
 
