@@ -307,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--persons", type=int, help="each set cut to this many persons (drawn with seed 0; sets with no "
                                                 "more persons left out): a user with fewer photos")
+    p.add_argument("--seed", type=int, default=0, help="draws the folds, the --persons and fit's seed (default "
+                                                        "%(default)s): another seed, another study of the same sets")
     p.add_argument("--model", default="base", help="the start model (fit --init-from)")
     p.add_argument("--train", default="", help="fit options as KEY=VALUE,... for every variant (e.g. epochs=2)")
     p.add_argument("--csv", type=Path, help="write every fold's scores here as they come")
@@ -324,13 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.sets:
         sets = {k: v for k, v in sets.items() if k in args.sets.split(",")}
     if args.persons:
-        sets = {f"{k}[{args.persons}]": subset(v, args.persons) for k, v in sets.items()
+        sets = {f"{k}[{args.persons}]": subset(v, args.persons, args.seed) for k, v in sets.items()
                 if v.table["person"].nunique() > args.persons}
-    base = TrainConfig(init_from=args.model, device="cpu")
+    base = TrainConfig(init_from=args.model, device="cpu", seed=args.seed)
     base = replace(base, **{k: type(getattr(base, k))(v) for k, v in (kv.split("=") for kv in args.train.split(",") if kv)})
     start = load_checkpoint(initial_weights(base), map_location="cpu")
     cache, records, started = ImageCache(), [], time.perf_counter()
-    folds = {name: make_folds(index.table, "subject", args.folds, 0) for name, index in sets.items()}
+    folds = {name: make_folds(index.table, "subject", args.folds, args.seed) for name, index in sets.items()}
     for variant in variants:  # variant by variant: a run cut short still has every set for the first ones
         for name, index in sets.items():
             for k, (train_rows, test) in enumerate(folds[name]):

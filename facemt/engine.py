@@ -750,10 +750,11 @@ def distillation_loss(logits: dict[str, torch.Tensor], start: dict[str, torch.Te
     temperature T, batch mean (Hinton et al. 2015: T^2 keeps the gradient's scale); zero when none."""
     import torch.nn.functional as F
 
-    shared = [t for t in logits if t in start]
-    return sum((F.kl_div(F.log_softmax(logits[t] / temperature, 1), F.softmax(start[t].detach().float() / temperature, 1),
-                         reduction="batchmean") for t in shared), torch.zeros((), device=next(iter(logits.values())).device)
-               ) * temperature ** 2
+    total = torch.zeros((), device=next(iter(logits.values())).device)
+    for t in (t for t in logits if t in start):
+        target = F.softmax(start[t].detach().float() / temperature, 1)
+        total = total + F.kl_div(F.log_softmax(logits[t] / temperature, 1), target, reduction="batchmean")
+    return total * temperature ** 2
 
 
 def _epoch_start_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, epoch: int, steps_per_epoch: int) -> float:
