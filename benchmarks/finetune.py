@@ -148,6 +148,7 @@ def run_fold(index: DataIndex, train_rows, test_rows_, config: TrainConfig, cach
     return [{"arm": arm, "head": h, "accuracy": acc, "n": n, "kept": h in result.kept,
              "best_epoch": result.best_epoch, "val_tuned": result.metrics.get(f"val_{h}_acc"),
              "val_untouched": result.untouched.get(h),  # the rule's evidence, to weigh other rules later
+             "val_n": result.val_faces.get(h),
              "val_blend": val_blend.get(h, (None,))[0], "val_nll_tuned": nll["tuned"].get(h), "val_nll_untouched": nll["untouched"].get(h)}
             for arm, scores in rows for h, (acc, n) in scores.items()]
 
@@ -201,8 +202,10 @@ def pooled(records: pd.DataFrame) -> pd.DataFrame:
 
 #: the never-worse rule's tie-breaks compared: an accuracy tie on the validation persons keeps the start
 #: (fit's rule) / goes to the lower validation log-loss / goes to the fine-tuned head
-#: how an accuracy tie on the validation persons is broken: fit's rule first (its start model on every face)
-TIE_RULES = ("start on every face", "start", "log-loss", "fine-tuned")
+#: how an accuracy tie on the validation persons is broken: fit's rule first (fine-tuned when its validation
+#: accuracy is one validation face or more above the start model's on every face fit was given)
+FIT_RULE = "fine-tuned if 1 face over the start overall"
+TIE_RULES = (FIT_RULE, "start", "log-loss", "fine-tuned")
 
 
 def start_on_fit_faces(wide: pd.DataFrame) -> pd.Series:
@@ -231,14 +234,19 @@ def rules(records: pd.DataFrame) -> pd.DataFrame:
     wide["start_all"] = start_on_fit_faces(wide)
     evidence = records[records["arm"] == "tuned"].set_index(keys)[cols].reorder_levels(wide.index.names)
     wide = wide.join(evidence).dropna(subset=["tuned", *cols])  # runs that recorded the log-losses
+    if "val_n" in records.columns:
+        wide = wide.join(records[records["arm"] == "tuned"].set_index(keys)["val_n"].reorder_levels(wide.index.names))
+    else:
+        wide["val_n"] = np.nan
     out = []
     for (name, variant, head, fold), r in wide.iterrows():
         for rule in TIE_RULES:
             losses = {"fine-tuned": ({head: -np.inf}, {head: 0.0}),
                       "log-loss": ({head: r["val_nll_tuned"]}, {head: r["val_nll_untouched"]})}.get(rule)
-            overall = {head: r["start_all"]} if rule == "start on every face" and np.isfinite(r["start_all"]) else None
+            known = rule == FIT_RULE and np.isfinite(r["start_all"]) and r["val_n"] > 0
+            overall = ({head: r["start_all"]}, {head: int(r["val_n"])}) if known else None
             kept = heads_to_keep({f"val_{head}_acc": r["val_tuned"]}, {head: r["val_untouched"]}, [head], [head],
-                                 untouched_all=overall, losses=losses)
+                                 overall=overall, losses=losses)
             answer = r["untouched"] if head in kept else r["tuned"]
             out.append({"rule": rule, "set": name, "variant": variant, "fold": fold, "head": head,
                         "untouched": r["untouched"], "gain": answer - r["untouched"]})

@@ -192,9 +192,9 @@ def test_fine_tuning_study_scores_untouched_tuned_and_fit_on_the_same_folds(stud
     assert (wide.loc[kept[kept].index, "fit"] == wide.loc[kept[kept].index, "untouched"]).all()
     assert (wide.loc[kept[~kept].index, "fit"] == wide.loc[kept[~kept].index, "tuned"]).all()
     # the tie-breaks recomputed from the records: fit's own rule (the start on every face fit was given, i.e. the
-    # other folds' test persons) answers exactly what fit answered
+    # other folds' test persons, and the validation faces per head) answers exactly what fit answered
     tie = script.rules(folds)
-    fits = tie[tie["rule"] == "start on every face"].set_index(["variant", "fold", "head"])["gain"]
+    fits = tie[tie["rule"] == script.FIT_RULE].set_index(["variant", "fold", "head"])["gain"]
     assert len(fits) == len(kept) and np.allclose(fits, (wide["fit"] - wide["untouched"]).loc[fits.index])
     text = results.read_text()
     assert "### Fine-tuning study" in text and text.count("| synth |") == 6
