@@ -148,7 +148,7 @@ def run_fold(index: DataIndex, train_rows, test_rows_, config: TrainConfig, cach
     return [{"arm": arm, "head": h, "accuracy": acc, "n": n, "kept": h in result.kept,
              "best_epoch": result.best_epoch, "val_tuned": result.metrics.get(f"val_{h}_acc"),
              "val_untouched": result.untouched.get(h),  # the rule's evidence, to weigh other rules later
-             "val_n": result.val_faces.get(h),
+             "val_n": result.val_faces.get(h), "start_all": result.untouched_all.get(h),
              "val_blend": val_blend.get(h, (None,))[0], "val_nll_tuned": nll["tuned"].get(h), "val_nll_untouched": nll["untouched"].get(h)}
             for arm, scores in rows for h, (acc, n) in scores.items()]
 
@@ -202,10 +202,12 @@ def pooled(records: pd.DataFrame) -> pd.DataFrame:
 
 #: the never-worse rule's tie-breaks compared: an accuracy tie on the validation persons keeps the start
 #: (fit's rule) / goes to the lower validation log-loss / goes to the fine-tuned head
-#: how an accuracy tie on the validation persons is broken: fit's rule first (fine-tuned when its validation
-#: accuracy is one validation face or more above the start model's on every face fit was given)
-FIT_RULE = "fine-tuned if 1 face over the start overall"
-TIE_RULES = (FIT_RULE, "start", "log-loss", "fine-tuned")
+#: fit's own tie-break (an accuracy tie on the validation persons keeps the start), then the others weighed:
+#: the fine-tuned head when its validation accuracy is one validation face (1/n) or more above the start model's
+#: on every face fit was given; the lower validation log-loss; always the fine-tuned head
+FIT_RULE = "start"
+OVERALL_RULE = "fine-tuned if 1 face over the start overall"
+TIE_RULES = (FIT_RULE, OVERALL_RULE, "log-loss", "fine-tuned")
 
 
 def start_on_fit_faces(wide: pd.DataFrame) -> pd.Series:
@@ -243,7 +245,7 @@ def rules(records: pd.DataFrame) -> pd.DataFrame:
         for rule in TIE_RULES:
             losses = {"fine-tuned": ({head: -np.inf}, {head: 0.0}),
                       "log-loss": ({head: r["val_nll_tuned"]}, {head: r["val_nll_untouched"]})}.get(rule)
-            known = rule == FIT_RULE and np.isfinite(r["start_all"]) and r["val_n"] > 0
+            known = rule == OVERALL_RULE and np.isfinite(r["start_all"]) and r["val_n"] > 0
             overall = ({head: r["start_all"]}, {head: int(r["val_n"])}) if known else None
             kept = heads_to_keep({f"val_{head}_acc": r["val_tuned"]}, {head: r["val_untouched"]}, [head], [head],
                                  overall=overall, losses=losses)

@@ -876,15 +876,13 @@ def heads_to_keep(metrics: dict[str, Any], untouched: dict[str, float], start_ta
     does not label (so fitting expressions alone leaves age group and gender as they were). A head
     without validation labels has no evidence and stays fine-tuned.
 
-    An accuracy tie on the validation images (common: both at 100 % on a handful of faces) is broken
-    by ``overall`` = (the start model's accuracy on every image fit was given, the labelled validation
-    images), per head: the start trained on none of the user's images, so its accuracy over all of them
-    is measured on five times the faces. The fine-tuned head wins the tie when its validation accuracy
-    is above that by at least one validation image's worth (1/n: on n validation images it made at
-    least one mistake fewer than the start's overall rate predicts); else, and without ``overall``, the
-    start is kept (benchmarks/RESULTS.md, "Fine-tuning study, part 3"). The fine-tuning study weighs
-    other tie-breaks through ``losses`` = (fine-tuned, untouched) mean negative log-likelihood of the
-    validation labels per head, used without ``overall``: the lower log-loss then wins a tie."""
+    An accuracy tie (common: both at 100 % on a handful of validation faces) keeps the start: fit's
+    rule. The fine-tuning study weighs other tie-breaks through this function (none measured better
+    over three draws of folds: benchmarks/RESULTS.md, "Fine-tuning study, part 3"):
+    ``overall`` = (the start model's accuracy on every image fit was given, the labelled validation
+    images) per head: the fine-tuned head wins a tie when its validation accuracy is at least one
+    validation image (1/n) above that; else ``losses`` = (fine-tuned, untouched) mean negative
+    log-likelihood of the validation labels per head: the lower log-loss wins a tie."""
     kept = {}
     tuned_loss, start_loss = losses or ({}, {})
     accuracy, faces = overall or ({}, {})
@@ -916,8 +914,7 @@ def keep_start(result: TrainResult, start: MultiTaskNet, start_preprocess: Prepr
     or sized otherwise than it was trained on), else None."""
     if start_preprocess != result.preprocess:
         return "the run's preprocessing (image size or crop) differs from the start model's"
-    result.kept = heads_to_keep(result.metrics, result.untouched, start.tasks, result.tasks, labelled_only,
-                                (result.untouched_all, result.val_faces))
+    result.kept = heads_to_keep(result.metrics, result.untouched, start.tasks, result.tasks, labelled_only)
     if result.kept:
         result.model.keep(start, list(result.kept))
     return None

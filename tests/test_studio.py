@@ -191,11 +191,15 @@ def test_fine_tuning_study_scores_untouched_tuned_and_fit_on_the_same_folds(stud
     kept = folds[folds["arm"] == "fit"].set_index(["variant", "fold", "head"])["kept"].astype(bool)
     assert (wide.loc[kept[kept].index, "fit"] == wide.loc[kept[kept].index, "untouched"]).all()
     assert (wide.loc[kept[~kept].index, "fit"] == wide.loc[kept[~kept].index, "tuned"]).all()
-    # the tie-breaks recomputed from the records: fit's own rule (the start on every face fit was given, i.e. the
-    # other folds' test persons, and the validation faces per head) answers exactly what fit answered
+    # the tie-breaks recomputed from the records: fit's own rule answers exactly what fit answered, and the
+    # start's accuracy on every face fit was given (the other folds' test persons) is what fit measured
     tie = script.rules(folds)
     fits = tie[tie["rule"] == script.FIT_RULE].set_index(["variant", "fold", "head"])["gain"]
     assert len(fits) == len(kept) and np.allclose(fits, (wide["fit"] - wide["untouched"]).loc[fits.index])
+    recorded = folds[folds["arm"] == "untouched"].set_index(["set", "variant", "head", "fold"])
+    wide = recorded.rename(columns={"accuracy": "untouched"})[["untouched", "n"]]
+    assert np.allclose(script.start_on_fit_faces(wide), recorded["start_all"])
+    assert (folds.loc[folds["arm"] == "tuned", "val_n"] > 0).all()
     text = results.read_text()
     assert "### Fine-tuning study" in text and text.count("| synth |") == 6
     assert script.main(["--summarize", str(csv), "--results", str(results)]) == 0  # a run cut short: its table
