@@ -173,7 +173,7 @@ def test_freeze_norm_keeps_the_start_statistics(faces_dir, run_dir, tmp_path):
     from conftest import TINY_FIT
     from facemt.cli import main
 
-    still = [*TINY_FIT, "--lr", "1e-9", "--init-from", str(run_dir), "--no-keep-start"]  # weights all but unchanged
+    still = [*TINY_FIT, "--epochs", "1", "--lr", "1e-9", "--init-from", str(run_dir), "--no-keep-start"]  # weights stay
     for name, extra in (("updated", []), ("frozen", ["--freeze-norm"])):
         assert main(["fit", "--data", str(faces_dir), "--out", str(tmp_path / name), *still, *extra]) == 0
     assert json.loads((tmp_path / "frozen" / "config.json").read_text())["train"]["freeze_norm"] is True
@@ -192,7 +192,8 @@ def test_fit_with_distill_stays_nearer_the_start_model(faces_dir, run_dir, tmp_p
     for name, weight in (("free", "0"), ("held", "30")):
         assert main(["fit", "--data", str(faces_dir), "--out", str(tmp_path / name), *fast, "--distill", weight]) == 0
     assert json.loads((tmp_path / "held" / "config.json").read_text())["train"]["distill"] == 30.0
-    assert _moved(tmp_path / "held", run_dir, faces_dir) < 0.75 * _moved(tmp_path / "free", run_dir, faces_dir)
+    held, free = _moved(tmp_path / "held", run_dir, faces_dir), _moved(tmp_path / "free", run_dir, faces_dir)
+    assert held < 0.85 * free  # without the loss both runs would be the same run
 
 
 @pytest.mark.parametrize("extra", [["--no-pretrained"], ["--image-size", "40", "--init-from", "RUN"],
