@@ -63,7 +63,6 @@ VARIANTS: dict[str, dict] = {
     "no-mixup": {"mixup": 0.0},
     "cutmix-1": {"cutmix": 1.0},
     "distill-1": {"distill": 1.0},
-    "distill-3": {"distill": 3.0},
     "freeze-norm": {"freeze_norm": True},
     "freeze-norm+distill-1": {"freeze_norm": True, "distill": 1.0},
 }
@@ -200,8 +199,6 @@ def pooled(records: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-#: the never-worse rule's tie-breaks compared: an accuracy tie on the validation persons keeps the start
-#: (fit's rule) / goes to the lower validation log-loss / goes to the fine-tuned head
 #: fit's own tie-break (an accuracy tie on the validation persons keeps the start), then the others weighed:
 #: the fine-tuned head when its validation accuracy is one validation face (1/n) or more above the start model's
 #: on every face fit was given; the lower validation log-loss; always the fine-tuned head
@@ -234,11 +231,10 @@ def rules(records: pd.DataFrame) -> pd.DataFrame:
     wide = wide.join(records[records["arm"] == "untouched"].set_index(keys)["n"])
     wide = wide.reorder_levels(["set", "variant", "head", "fold"])
     wide["start_all"] = start_on_fit_faces(wide)
-    evidence = records[records["arm"] == "tuned"].set_index(keys)[cols].reorder_levels(wide.index.names)
+    recorded = cols + ["val_n"] if "val_n" in records.columns else cols  # val_n: since part 3 (backfilled before)
+    evidence = records[records["arm"] == "tuned"].set_index(keys)[recorded].reorder_levels(wide.index.names)
     wide = wide.join(evidence).dropna(subset=["tuned", *cols])  # runs that recorded the log-losses
-    if "val_n" in records.columns:
-        wide = wide.join(records[records["arm"] == "tuned"].set_index(keys)["val_n"].reorder_levels(wide.index.names))
-    else:
+    if "val_n" not in wide:
         wide["val_n"] = np.nan
     out = []
     for (name, variant, head, fold), r in wide.iterrows():
