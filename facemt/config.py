@@ -98,6 +98,10 @@ class TrainConfig:
     and variances) as the initial weights have them: training batches
     (augmented, mixed, a few persons) no longer re-estimate them; the
     layers' scales and shifts still train.
+    ``refit`` (``fit`` only): after validation has chosen the epoch and the
+    never-worse rule the heads, train again on every face, the validation
+    persons too, for that many epochs; the saved model is that one, with the
+    validated run's choices and temperatures.
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -125,6 +129,7 @@ class TrainConfig:
     cutmix: float = 0.0
     distill: float = 0.0
     freeze_norm: bool = False
+    refit: bool = False
     dropout: float = 0.2
     val_fraction: float = 0.2
     crop: str = "align"

@@ -69,6 +69,8 @@ class TrainResult:
     val_faces: dict[str, int] = field(default_factory=dict)
     #: heads answered by the start model, with why (:func:`keep_start`); set by :func:`fit`
     kept: dict[str, str] = field(default_factory=dict)
+    #: set by :func:`fit` with ``refit``: what the returned model was trained on (validation persons too)
+    refit: dict[str, Any] | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -817,7 +819,39 @@ def fit(
                    should_stop=should_stop, resume=resume)
     if world().main:
         _never_worse(result, index, (train_rows, val_rows), config, out_dir, cache)
+    if config.refit and len(val_rows):
+        _refit(result, index, config, [*train_rows, *val_rows], out_dir, cache, callback, should_stop)
     return result
+
+
+def _refit(result: TrainResult, index: DataIndex, config: TrainConfig, rows: Sequence[int],
+           out_dir: str | Path | None, cache: ImageCache, callback: Callback | None,
+           should_stop: Callable[[], bool] | None) -> None:
+    """Train once more on ``rows`` (every face fit was given, the validation persons too) for the epochs
+    validation chose, and make that ``result.model``: the heads the never-worse rule gave the start model
+    stay the start model's, the others keep the validated run's temperatures. ``result``'s metrics stay the
+    validated run's (the refit model has no held-out faces left). Interrupted, the validated model stays."""
+    epochs = result.best_epoch
+    again = replace(config, epochs=epochs, head_warmup_epochs=min(config.head_warmup_epochs, epochs - 0.01))
+    persons = index.table["person"].iloc[list(rows)]
+    info = {"images": len(rows), "persons": int(persons.nunique()), "epochs": epochs}
+    if callback:
+        callback("refit", info)
+    try:
+        second = train(index, again, rows, (), None, cache, callback, select_best=False, should_stop=should_stop)
+    except TrainingInterrupted:
+        log.warning("refit interrupted: the run keeps the model validated on held-out persons")
+        return
+    if not world().main:
+        return
+    first = result.model
+    if first.kept is not None:
+        second.model.keep(first.kept, first.kept_tasks)
+    second.model.temperatures.update(first.temperatures)
+    result.model, result.refit = second.model, {**info, "train_metrics": _clean(second.metrics)}
+    if out_dir is not None:
+        _rewrite_checkpoint(result, out_dir)
+        update_config(out_dir, {"refit": result.refit})
 
 
 def _never_worse(result: TrainResult, index: DataIndex, rows: tuple[Sequence[int], Sequence[int]],
@@ -928,7 +962,8 @@ def _rewrite_checkpoint(result: TrainResult, out_dir: str | Path) -> None:
            "weights_sha256", "kept")
     save_checkpoint(out_dir, result.model, config["backbone"], result.preprocess,
                     {k: v for k, v in config.items() if k not in own})
-    log.info("the start model answers %s", ", ".join(f"{t} ({why})" for t, why in result.kept.items()))
+    if result.kept:
+            log.info("the start model answers %s", ", ".join(f"{t} ({why})" for t, why in result.kept.items()))
 
 
 def val_probabilities(model: MultiTaskNet, preprocess: PreprocessConfig, index: DataIndex,

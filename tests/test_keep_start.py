@@ -12,7 +12,7 @@ import facemt
 from facemt.checkpoint import load_checkpoint, read_config, save_checkpoint
 from facemt.cli import main
 from facemt.data import ImageCache, index_folder
-from facemt.engine import decode_images, heads_to_keep
+from facemt.engine import decode_images, heads_to_keep, predict_images
 from facemt.export import export
 from facemt.model import create_model
 from facemt.tasks import TASK_NAMES
@@ -147,3 +147,51 @@ def test_fit_at_another_image_size_cannot_keep_the_start_and_says_so(faces_dir, 
     assert main(["fit", "--data", str(faces_dir), "--init-from", str(run_dir), "--out", str(run), *args]) == 0
     never_worse = read_config(run)["never_worse"]
     assert never_worse["kept"] == {} and "preprocessing" in never_worse["skipped"]
+
+
+def test_refit_trains_again_on_every_face_and_keeps_what_validation_chose(faces_dir, run_dir, tmp_path, capsys):
+    data, runs = _expression_only(faces_dir, tmp_path), {}
+    for name, extra in (("validated", ["--no-keep-start"]), ("refit", ["--no-keep-start", "--refit"]),
+                        ("kept", ["--refit"])):
+        runs[name] = tmp_path / name
+        assert main(["fit", "--data", str(data), "--init-from", str(run_dir), "--out", str(runs[name]), "--json",
+                     *TINY_FIT, "--epochs", "1", *extra]) == 0
+    printed = json.loads(capsys.readouterr().out.split("\n}\n")[1] + "\n}")
+    validated, refit = read_config(runs["validated"]), read_config(runs["refit"])
+    table = index_folder(faces_dir).table
+    assert "refit" not in validated and refit["train"]["refit"] is True
+    assert refit["refit"]["images"] == len(table) and refit["refit"]["persons"] == table["person"].nunique()
+    assert refit["refit"]["epochs"] == refit["best_epoch"] and printed["refit"]["images"] == len(table)
+    # validation chose the same epoch and temperature in both runs; the refit run saves another model
+    assert refit["best_epoch"] == validated["best_epoch"]
+    temperature = {name: c["calibration"]["temperature"]["expression"] for name, c in (("v", validated), ("r", refit))}
+    assert abs(temperature["v"] - temperature["r"]) < 1e-6
+    models = {name: facemt.load(run, device="cpu") for name, run in runs.items()}
+    assert abs(load_checkpoint(runs["refit"])[0].temperatures["expression"] - temperature["v"]) < 1e-6
+    images = decode_images(index_folder(faces_dir), models["refit"].preprocess, ImageCache(), None)
+    got = {name: m.probabilities(images) for name, m in models.items()}
+    assert abs(got["refit"]["expression"] - got["validated"]["expression"]).max() > 1e-3
+    # the heads the never-worse rule gave the start model stay the start model's
+    kept = read_config(runs["kept"])
+    assert kept["refit"]["epochs"] == 1 and set(kept["never_worse"]["kept"]) >= {"age_group", "gender"}
+    start = facemt.load(run_dir, device="cpu").probabilities(images)
+    for t in kept["never_worse"]["kept"]:
+        assert abs(got["kept"][t] - start[t]).max() < 1e-5
+
+
+def test_an_interrupted_refit_leaves_the_validated_model(faces_dir, run_dir, tmp_path):
+    from facemt.config import TrainConfig
+    from facemt.engine import fit
+
+    refitting = []
+    config = TrainConfig(init_from=str(run_dir), epochs=1, image_size=32, batch_size=16, augment="light",
+                         device="cpu", refit=True)
+    result = fit(index_folder(faces_dir), config, tmp_path / "run",
+                 callback=lambda event, info: refitting.append(event) if event == "refit" else None,
+                 should_stop=lambda: bool(refitting))
+    assert refitting and result.refit is None and "refit" not in read_config(tmp_path / "run")
+    assert not (tmp_path / "run" / "resume.json").exists()
+    saved = facemt.load(tmp_path / "run", device="cpu")
+    images = decode_images(index_folder(faces_dir), saved.preprocess, ImageCache(), None)
+    got, want = saved.probabilities(images), predict_images(result.model, images, result.preprocess)
+    assert all(abs(got[t] - want[t]).max() < 1e-5 for t in got)

@@ -84,6 +84,10 @@ class EventProgress:
             if self.decode_task is None:
                 self.decode_task = p.add_task("decode images", total=info["total"])
             p.update(self.decode_task, completed=info["done"])
+        elif event == "refit":
+            p.console.print(f"refit: training again on all {info['images']} images ({info['persons']} persons) "
+                            f"for {info['epochs']} epoch(s)", markup=False, highlight=False)
+            self.train_task = None
         elif event == "epoch_start" and self.train_task is None:
             self.train_task = p.add_task("train", total=info["epochs"] * info["steps"])
         elif event == "step":

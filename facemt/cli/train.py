@@ -75,6 +75,10 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
                               "help": "keep the backbone's batch-normalisation statistics as the initial weights "
                                       "have them (training batches do not re-estimate them; their scales and "
                                       "shifts still train)"}),
+    ("optim", "refit", {"action": "store_true",
+                        "help": "after validating, train again on every face (the validation persons too) for the "
+                                "epochs validation chose and save that model, with the heads and temperatures "
+                                "validation chose (costs a second training)"}),
     ("augment", "jitter_consistency", {"type": float, "metavar": "W",
                                        "help": "also train every face re-framed by a few pixels (the face detector's "
                                        "own alignment noise) to give the same probabilities, with this weight "
@@ -248,13 +252,17 @@ def _fit_and_report(args, out: Console, err: Console, run: Path, config: TrainCo
         print(json.dumps({"run": str(run), "tasks": list(result.tasks), "best_epoch": result.best_epoch,
                           "metrics": result.metrics, "temperatures": dict(result.model.temperatures),
                           "untouched_val_acc": result.untouched, "untouched_all_faces_acc": result.untouched_all,
-                          "kept": result.kept}, indent=2))
+                          "kept": result.kept, "refit": result.refit}, indent=2))
         return EXIT_OK
     out.print(_result_table(result, run))
     if result.untouched:
         out.print("before training: the starting model as it is (facemt predict without this run), on the "
                   "validation persons and on every face given; compare subject-disjoint with 'facemt cv'.",
                   markup=False, highlight=False)
+    if result.refit:
+        out.print(f"saved: the model trained again on all {result.refit['images']} images ({result.refit['persons']} "
+                  f"persons) for {result.refit['epochs']} epoch(s) (--refit); the numbers above are the validated "
+                  "model's, the heads and temperatures it chose are kept.", markup=False, highlight=False)
     if result.kept:
         out.print("answered by the start model (carried in the run, never worse than it): "
                   + "; ".join(f"{t}: {why}" for t, why in result.kept.items()), markup=False, highlight=False)
