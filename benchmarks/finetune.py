@@ -65,6 +65,7 @@ VARIANTS: dict[str, dict] = {
     "distill-1": {"distill": 1.0},
     "freeze-norm": {"freeze_norm": True},
     "freeze-norm+distill-1": {"freeze_norm": True, "distill": 1.0},
+    "refit": {"refit": True},
 }
 
 
@@ -139,8 +140,10 @@ def run_fold(index: DataIndex, train_rows, test_rows_, config: TrainConfig, cach
         probs[name] = {"untouched": _probs(start_model, start_preprocess, table, cache),
                        "tuned": _probs(result.model, result.preprocess, table, cache)}
         probs[name]["blend"] = blend(probs[name]["untouched"], probs[name]["tuned"])
-    val_blend = _scores(val, probs["val"]["blend"], heads)
-    nll = {arm: log_loss(probs["val"][arm], val) for arm in ("untouched", "tuned")}
+    # a refit model trained on the validation persons too: its validation answers are no evidence
+    val_blend = {} if config.refit else _scores(val, probs["val"]["blend"], heads)
+    nll = {arm: {} if config.refit and arm == "tuned" else log_loss(probs["val"][arm], val)
+           for arm in ("untouched", "tuned")}
     rows = [(arm, _scores(test, probs["test"][arm], heads)) for arm in ("untouched", "tuned", "blend")]
     if keep_start(result, start_model, start_preprocess) is None:  # what fit does with the rule on
         rows.append(("fit", _scores(test, _probs(result.model, result.preprocess, test, cache), heads)))
@@ -233,12 +236,14 @@ def rules(records: pd.DataFrame) -> pd.DataFrame:
     wide["start_all"] = start_on_fit_faces(wide)
     recorded = cols + ["val_n"] if "val_n" in records.columns else cols  # val_n: since part 3 (backfilled before)
     evidence = records[records["arm"] == "tuned"].set_index(keys)[recorded].reorder_levels(wide.index.names)
-    wide = wide.join(evidence).dropna(subset=["tuned", *cols])  # runs that recorded the log-losses
+    wide = wide.join(evidence).dropna(subset=["tuned", *cols[:2]])
     if "val_n" not in wide:
         wide["val_n"] = np.nan
     out = []
     for (name, variant, head, fold), r in wide.iterrows():
         for rule in TIE_RULES:
+            if rule == "log-loss" and not np.isfinite(r["val_nll_tuned"]):
+                continue  # not recorded: a refit model, or a run before log-losses were
             losses = {"fine-tuned": ({head: -np.inf}, {head: 0.0}),
                       "log-loss": ({head: r["val_nll_tuned"]}, {head: r["val_nll_untouched"]})}.get(rule)
             known = rule == OVERALL_RULE and np.isfinite(r["start_all"]) and r["val_n"] > 0
@@ -300,6 +305,24 @@ def markdown(summary: pd.DataFrame, records: pd.DataFrame, title: str, command: 
     return lines
 
 
+def over_draws(frames: list[pd.DataFrame], variant: str = "defaults") -> list[str]:
+    """Fit's rule (a tie keeps the start) over several draws of folds (one ``--csv`` per ``--seed``), per set and
+    head: fit minus untouched over every (draw, fold), with the issue's two targets."""
+    cells = []
+    for draw, records in enumerate(frames):
+        tie = rules(records[records["variant"] == variant])
+        cells.append(tie[tie["rule"] == FIT_RULE].assign(draw=draw))
+    every = pd.concat(cells)
+    lines = ["| set | head | fold results | untouched % | fit - untouched | below untouched | "
+             "expression: distance to 100 % closed |", "|---|---|---|---|---|---|---|"]
+    for (name, head), g in every.groupby(["set", "head"]):
+        closed = g["gain"].mean() / (1 - g["untouched"].mean()) if head == "expression" and g["untouched"].mean() < 1 else None
+        lines.append(f"| {name} | {head} | {len(g)} | {_pct(g['untouched'].mean())} | "
+                     f"{_pct(*paired_interval(g['gain']))} | {int((g['gain'] < -1e-9).sum())} | "
+                     f"{'-' if closed is None else f'{100 * closed:.0f} %'} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -320,7 +343,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--csv", type=Path, help="write every fold's scores here as they come")
     p.add_argument("--results", type=Path)
     p.add_argument("--summarize", type=Path, metavar="CSV", help="only write the table of a --csv (a run cut short)")
+    p.add_argument("--draws", type=Path, nargs="+", metavar="CSV", help="only write fit's defaults over these --csv "
+                   "files, one per --seed, pooled")
     args = p.parse_args(argv)
+    if args.draws:
+        lines = [f"\n### Fit's defaults over {len(args.draws)} draws of folds\n", "```",
+                 f"python benchmarks/finetune.py {' '.join(argv)}", "```", "",
+                 *over_draws([pd.read_csv(f) for f in args.draws])]
+        publish(lines, args.results) if args.results else print("\n".join(lines))
+        return 0
     if args.summarize:
         return _publish(pd.read_csv(args.summarize), argv, f"from {args.summarize}", args.results)
     variants = [v.strip() for v in args.only.split(",") if v.strip()]

@@ -204,3 +204,16 @@ def test_fine_tuning_study_scores_untouched_tuned_and_fit_on_the_same_folds(stud
     assert "### Fine-tuning study" in text and text.count("| synth |") == 6
     assert script.main(["--summarize", str(csv), "--results", str(results)]) == 0  # a run cut short: its table
     assert results.read_text().count("| synth |") == 12
+    # a refit model's validation answers are no evidence: without them the log-loss tie-break is left out
+    refit = folds.assign(val_nll_tuned=np.where(folds["variant"] == "linear-probe", np.nan, folds["val_nll_tuned"]))
+    tie = script.rules(refit).groupby("variant")["rule"].unique()
+    assert "log-loss" in tie["defaults"] and "log-loss" not in tie["linear-probe"] and script.FIT_RULE in tie["linear-probe"]
+    # fit's rule over several draws of folds (here the same draw twice): every fold result of each, pooled
+    assert script.main(["--draws", str(csv), str(csv), "--results", str(results)]) == 0
+    rows = [r.split(" | ") for r in results.read_text().split("### Fit's defaults over 2 draws")[1].splitlines()
+            if r.startswith("| synth |")]
+    gains = fits.loc["defaults"].groupby("head").mean()
+    assert {r[1] for r in rows} == set(gains.index)
+    for r in rows:
+        assert int(r[2]) == 2 * len(fits.loc["defaults"].xs(r[1], level="head"))
+        assert abs(float(r[4].split(" ")[0]) - 100 * gains[r[1]]) < 0.051
