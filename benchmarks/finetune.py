@@ -242,7 +242,7 @@ def rules(records: pd.DataFrame) -> pd.DataFrame:
     out = []
     for (name, variant, head, fold), r in wide.iterrows():
         for rule in TIE_RULES:
-            if rule == "log-loss" and not np.isfinite(r["val_nll_tuned"]):
+            if rule == "log-loss" and pd.isna(r["val_nll_tuned"]):
                 continue  # not recorded: a refit model, or a run before log-losses were
             losses = {"fine-tuned": ({head: -np.inf}, {head: 0.0}),
                       "log-loss": ({head: r["val_nll_tuned"]}, {head: r["val_nll_untouched"]})}.get(rule)

@@ -205,7 +205,9 @@ def test_fine_tuning_study_scores_untouched_tuned_and_fit_on_the_same_folds(stud
     assert script.main(["--summarize", str(csv), "--results", str(results)]) == 0  # a run cut short: its table
     assert results.read_text().count("| synth |") == 12
     # a refit model's validation answers are no evidence: without them the log-loss tie-break is left out
-    refit = folds.assign(val_nll_tuned=np.where(folds["variant"] == "linear-probe", np.nan, folds["val_nll_tuned"]))
+    # (None, as a run's own records hold them before any CSV: an object column)
+    refit = folds.assign(val_nll_tuned=folds["val_nll_tuned"].astype(object).where(folds["variant"] != "linear-probe"))
+    refit.loc[refit["variant"] == "linear-probe", "val_nll_tuned"] = None
     tie = script.rules(refit).groupby("variant")["rule"].unique()
     assert "log-loss" in tie["defaults"] and "log-loss" not in tie["linear-probe"] and script.FIT_RULE in tie["linear-probe"]
     # fit's rule over several draws of folds (here the same draw twice): every fold result of each, pooled
