@@ -157,6 +157,8 @@ class TrainConfig:
             raise FacemtError("image_size must be between 16 and 1024")
         if not 0.0 <= self.val_fraction < 1.0:
             raise FacemtError("val_fraction must be in [0, 1)")
+        if self.refit and self.val_fraction == 0.0:
+            raise FacemtError("refit trains again on the validation persons: it needs val_fraction above 0")
         if not 0.0 <= self.dropout < 1.0:
             raise FacemtError("dropout must be in [0, 1)")
         if not 0.0 <= self.label_smoothing < 1.0:

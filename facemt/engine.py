@@ -819,7 +819,9 @@ def fit(
                    should_stop=should_stop, resume=resume)
     if world().main:
         _never_worse(result, index, (train_rows, val_rows), config, out_dir, cache)
-    if config.refit and len(val_rows):
+    if config.refit and not len(val_rows):
+        log.warning("--refit skipped: no validation persons were held out, so the model already saw every face")
+    elif config.refit:
         _refit(result, index, config, [*train_rows, *val_rows], out_dir, cache, callback, should_stop)
     return result
 
@@ -963,7 +965,7 @@ def _rewrite_checkpoint(result: TrainResult, out_dir: str | Path) -> None:
     save_checkpoint(out_dir, result.model, config["backbone"], result.preprocess,
                     {k: v for k, v in config.items() if k not in own})
     if result.kept:
-            log.info("the start model answers %s", ", ".join(f"{t} ({why})" for t, why in result.kept.items()))
+        log.info("the start model answers %s", ", ".join(f"{t} ({why})" for t, why in result.kept.items()))
 
 
 def val_probabilities(model: MultiTaskNet, preprocess: PreprocessConfig, index: DataIndex,

@@ -53,6 +53,7 @@ USER_ERRORS = [
     (["fit", "--data", "FACES", "--out", "OUT", "--dropout", "1.5"], "--dropout"),
     (["fit", "--data", "FACES", "--out", "OUT", "--label-smoothing", "2"], "--label-smoothing"),
     (["fit", "--data", "FACES", "--out", "OUT", "--device", "tpu"], "--device"),
+    (["fit", "--data", "FACES", "--out", "OUT", "--refit", "--val-fraction", "0"], "--refit trains again"),
     (["fit", "--data", "FACES", "--data", "FACES", "--out", "OUT"], "give each source once"),
     (["fit", "--resume", "RUN", "--epochs", "3", "--data", "FACES", "--out", "OUT", "--image-size", "96"],
      "drop --data, --image-size, --epochs, --out"),
