@@ -316,7 +316,8 @@ def over_draws(frames: list[pd.DataFrame], variant: str = "defaults") -> list[st
     lines = ["| set | head | fold results | untouched % | fit - untouched | below untouched | "
              "expression: distance to 100 % closed |", "|---|---|---|---|---|---|---|"]
     for (name, head), g in every.groupby(["set", "head"]):
-        closed = g["gain"].mean() / (1 - g["untouched"].mean()) if head == "expression" and g["untouched"].mean() < 1 else None
+        base = g["untouched"].mean()
+        closed = g["gain"].mean() / (1 - base) if head == "expression" and base < 1 else None
         lines.append(f"| {name} | {head} | {len(g)} | {_pct(g['untouched'].mean())} | "
                      f"{_pct(*paired_interval(g['gain']))} | {int((g['gain'] < -1e-9).sum())} | "
                      f"{'-' if closed is None else f'{100 * closed:.0f} %'} |")
@@ -350,7 +351,10 @@ def main(argv: list[str] | None = None) -> int:
         lines = [f"\n### Fit's defaults over {len(args.draws)} draws of folds\n", "```",
                  f"python benchmarks/finetune.py {' '.join(argv)}", "```", "",
                  *over_draws([pd.read_csv(f) for f in args.draws])]
-        publish(lines, args.results) if args.results else print("\n".join(lines))
+        if args.results:
+            publish(lines, args.results)
+        else:
+            print("\n".join(lines))
         return 0
     if args.summarize:
         return _publish(pd.read_csv(args.summarize), argv, f"from {args.summarize}", args.results)

@@ -209,7 +209,8 @@ def test_fine_tuning_study_scores_untouched_tuned_and_fit_on_the_same_folds(stud
     refit = folds.assign(val_nll_tuned=folds["val_nll_tuned"].astype(object).where(folds["variant"] != "linear-probe"))
     refit.loc[refit["variant"] == "linear-probe", "val_nll_tuned"] = None
     tie = script.rules(refit).groupby("variant")["rule"].unique()
-    assert "log-loss" in tie["defaults"] and "log-loss" not in tie["linear-probe"] and script.FIT_RULE in tie["linear-probe"]
+    assert "log-loss" in tie["defaults"] and "log-loss" not in tie["linear-probe"]
+    assert script.FIT_RULE in tie["linear-probe"]
     # fit's rule over several draws of folds (here the same draw twice): every fold result of each, pooled
     assert script.main(["--draws", str(csv), str(csv), "--results", str(results)]) == 0
     rows = [r.split(" | ") for r in results.read_text().split("### Fit's defaults over 2 draws")[1].splitlines()
