@@ -41,8 +41,9 @@ from studio import SPLIT_FILE, read_split, studio_index, test_rows  # noqa: E402
 from facemt.checkpoint import load_checkpoint  # noqa: E402
 from facemt.config import TrainConfig  # noqa: E402
 from facemt.data import DataIndex, ImageCache, encode_targets, index_jaffe, load_sources  # noqa: E402
-from facemt.engine import fit, heads_to_keep, initial_weights, keep_start, val_probabilities  # noqa: E402
+from facemt.engine import decode_images, fit, heads_to_keep, initial_weights, keep_start, val_probabilities  # noqa: E402
 from facemt.evaluation import evaluate_predictions, paired_interval  # noqa: E402
+from facemt.relative import fit_person_relative, trunk_features  # noqa: E402
 from facemt.splits import make_folds, validation_split  # noqa: E402
 from facemt.tasks import TASKS  # noqa: E402
 
@@ -133,7 +134,8 @@ def run_fold(index: DataIndex, train_rows, test_rows_, config: TrainConfig, cach
     test = index.table.iloc[test_rows_].reset_index(drop=True)
     sub = DataIndex(index.table.iloc[train_rows].reset_index(drop=True), [])
     val = sub.table.iloc[validation_split(sub.table, config.val_fraction, config.seed)[1]].reset_index(drop=True)
-    result = fit(sub, replace(config, keep_start=False), cache=cache)
+    # the study scores the person-relative classifier itself (person_relative below), on both trunks
+    result = fit(sub, replace(config, keep_start=False, person_relative="off"), cache=cache)
     start_model, start_preprocess, _ = start
     probs = {}
     for name, table in (("test", test), ("val", val)):
@@ -145,14 +147,51 @@ def run_fold(index: DataIndex, train_rows, test_rows_, config: TrainConfig, cach
     nll = {arm: {} if config.refit and arm == "tuned" else log_loss(probs["val"][arm], val)
            for arm in ("untouched", "tuned")}
     rows = [(arm, _scores(test, probs["test"][arm], heads)) for arm in ("untouched", "tuned", "blend")]
+    relative = person_relative(sub.table, val, test, {"tuned": result, "start": start}, cache, config.seed)
+    rows += [(arm, scores) for arm, (scores, _) in relative.items()]
+    val_relative = {arm: v for arm, (_, v) in relative.items()}
     if keep_start(result, start_model, start_preprocess) is None:  # what fit does with the rule on
         rows.append(("fit", _scores(test, _probs(result.model, result.preprocess, test, cache), heads)))
     return [{"arm": arm, "head": h, "accuracy": acc, "n": n, "kept": h in result.kept,
              "best_epoch": result.best_epoch, "val_tuned": result.metrics.get(f"val_{h}_acc"),
              "val_untouched": result.untouched.get(h),  # the rule's evidence, to weigh other rules later
              "val_n": result.val_faces.get(h), "start_all": result.untouched_all.get(h),
-             "val_blend": val_blend.get(h, (None,))[0], "val_nll_tuned": nll["tuned"].get(h), "val_nll_untouched": nll["untouched"].get(h)}
+             "val_blend": val_blend.get(h, (None,))[0], "val_nll_tuned": nll["tuned"].get(h),
+             "val_nll_untouched": nll["untouched"].get(h), "val_relative": val_relative.get(arm)}
             for arm, scores in rows for h, (acc, n) in scores.items()]
+
+
+def person_relative(train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, models: dict, cache: ImageCache,
+                    seed: int) -> dict[str, tuple[dict, float | None]]:
+    """The person-relative expression classifier (facemt.relative) on the trunk of each model (the
+    fine-tuned one, the start one), fitted on fit's training persons (``relative-*``) or on every
+    person fit was given (``relative-*-all``): per arm, (test scores of expression, validation accuracy).
+    Faces of persons with too few pictures are answered by that model's own expression head."""
+    if test["expression"].isna().all():
+        return {}
+    val_persons = set(val["person"])
+    out = {}
+    for name, model in models.items():
+        net, preprocess = (model.model, model.preprocess) if name == "tuned" else model[:2]
+        tables = {"train": train, "test": test}
+        feats = {k: trunk_features(net, decode_images(DataIndex(t, []), preprocess, cache, None), preprocess)
+                 for k, t in tables.items()}
+        y = encode_targets(train, ["expression"])["expression"]
+        own = _probs(net, preprocess, test, cache)["expression"]
+        is_val = train["person"].isin(val_persons).to_numpy()
+        for suffix, rows in (("", ~is_val), ("-all", np.ones(len(train), bool))):
+            head = fit_person_relative(feats["train"][rows], train["person"][rows].tolist(), y[rows])
+            if head is None:
+                continue
+            val_acc = None
+            if suffix == "":
+                p = head.probabilities(feats["train"][is_val], train["person"][is_val].tolist())
+                yv, ok = y[is_val], ~np.isnan(p).any(axis=1) & (y[is_val] >= 0)
+                val_acc = float((p[ok].argmax(1) == yv[ok]).mean()) if ok.any() else None
+            p = head.probabilities(feats["test"], test["person"].tolist())
+            p = np.where(np.isnan(p), own, p)
+            out[f"relative-{name}{suffix}"] = (_scores(test, {"expression": p}, ["expression"]), val_acc)
+    return out
 
 
 def summarize(records: pd.DataFrame) -> pd.DataFrame:
@@ -208,6 +247,11 @@ def pooled(records: pd.DataFrame) -> pd.DataFrame:
 FIT_RULE = "start"
 OVERALL_RULE = "fine-tuned if 1 face over the start overall"
 TIE_RULES = (FIT_RULE, OVERALL_RULE, "log-loss", "fine-tuned")
+#: fit's rule, then fit's person-relative step: the classifier (refitted on every person fit was given,
+#: arm ``relative-tuned-all``) answers expression when its validation accuracy (arm ``relative-tuned``)
+#: beats that of the head the rule chose
+RELATIVE_RULE = "start, then person-relative"
+RELATIVE_ARM = "relative-tuned-all"
 
 
 def start_on_fit_faces(wide: pd.DataFrame) -> pd.Series:
@@ -239,6 +283,9 @@ def rules(records: pd.DataFrame) -> pd.DataFrame:
     wide = wide.join(evidence).dropna(subset=["tuned", *cols[:2]])
     if "val_n" not in wide:
         wide["val_n"] = np.nan
+    if "val_relative" in records.columns:
+        relative = records[records["arm"] == "relative-tuned"].set_index(keys)["val_relative"].rename("val_rel")
+        wide = wide.join(relative.reorder_levels(wide.index.names))
     out = []
     for (name, variant, head, fold), r in wide.iterrows():
         for rule in TIE_RULES:
@@ -253,6 +300,10 @@ def rules(records: pd.DataFrame) -> pd.DataFrame:
             answer = r["untouched"] if head in kept else r["tuned"]
             out.append({"rule": rule, "set": name, "variant": variant, "fold": fold, "head": head,
                         "untouched": r["untouched"], "gain": answer - r["untouched"]})
+            if rule == FIT_RULE and pd.notna(r.get("val_rel")) and pd.notna(r.get(RELATIVE_ARM)):
+                chosen = r["val_untouched"] if head in kept else r["val_tuned"]
+                answer = r[RELATIVE_ARM] if r["val_rel"] > chosen else answer
+                out.append({**out[-1], "rule": RELATIVE_RULE, "gain": answer - r["untouched"]})
     return pd.DataFrame(out)
 
 
@@ -305,13 +356,17 @@ def markdown(summary: pd.DataFrame, records: pd.DataFrame, title: str, command: 
     return lines
 
 
-def over_draws(frames: list[pd.DataFrame], variant: str = "defaults") -> list[str]:
-    """Fit's rule (a tie keeps the start) over several draws of folds (one ``--csv`` per ``--seed``), per set and
-    head: fit minus untouched over every (draw, fold), with the issue's two targets."""
+def over_draws(frames: list[pd.DataFrame], variant: str = "defaults", rule: str = FIT_RULE) -> list[str]:
+    """Fit's rule (a tie keeps the start; ``RELATIVE_RULE``: then the person-relative step) over several draws
+    of folds (one ``--csv`` per ``--seed``), per set and head: fit minus untouched over every (draw, fold), with
+    the issue's two targets. A cell without the step's evidence (no such arm recorded) keeps fit's answer."""
     cells = []
     for draw, records in enumerate(frames):
         tie = rules(records[records["variant"] == variant])
-        cells.append(tie[tie["rule"] == FIT_RULE].assign(draw=draw))
+        fit_cells = tie[tie["rule"] == FIT_RULE].set_index(["set", "fold", "head"])
+        chosen = tie[tie["rule"] == rule].set_index(["set", "fold", "head"])
+        fit_cells.loc[chosen.index, "gain"] = chosen["gain"]
+        cells.append(fit_cells.reset_index().assign(draw=draw))
     every = pd.concat(cells)
     lines = ["| set | head | fold results | untouched % | fit - untouched | below untouched | "
              "expression: distance to 100 % closed |", "|---|---|---|---|---|---|---|"]
@@ -348,9 +403,13 @@ def main(argv: list[str] | None = None) -> int:
                    "files, one per --seed, pooled")
     args = p.parse_args(argv)
     if args.draws:
+        frames = [pd.read_csv(f) for f in args.draws]
         lines = [f"\n### Fit's defaults over {len(args.draws)} draws of folds\n", "```",
-                 f"python benchmarks/finetune.py {' '.join(argv)}", "```", "",
-                 *over_draws([pd.read_csv(f) for f in args.draws])]
+                 f"python benchmarks/finetune.py {' '.join(argv)}", "```", "", *over_draws(frames)]
+        if any("val_relative" in f.columns for f in frames):
+            lines += ["", "With fit's person-relative step (expression read against each test person's other "
+                      "pictures where it beat the chosen head on the validation persons):", "",
+                      *over_draws(frames, rule=RELATIVE_RULE)]
         if args.results:
             publish(lines, args.results)
         else:

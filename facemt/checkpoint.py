@@ -92,6 +92,7 @@ def save_checkpoint(
         }
         if model.kept is not None:  # structure only: rebuilt by load_checkpoint before the weights are read
             config["kept"] = kept_spec(model.kept, model.kept_tasks, backbone)
+        config.update(relative_spec(model))
         # Keep the old weights reachable until the new config.json is in place, so
         # a kill between the two renames still leaves a consistent pair.
         previous.unlink(missing_ok=True)
@@ -113,15 +114,25 @@ def kept_spec(start: MultiTaskNet, tasks: tuple[str, ...], backbone: str) -> dic
             "heads": list(tasks), "temperature": {t: float(start.temperatures[t]) for t in start.tasks}}
     if start.kept is not None:
         spec["kept"] = kept_spec(start.kept, start.kept_tasks, backbone)
-    return spec
+    return {**spec, **relative_spec(start)}
+
+
+def relative_spec(model: MultiTaskNet) -> dict[str, Any]:
+    """``config.json``'s ``person_relative`` entry for a model carrying one (facemt.relative), else nothing:
+    the head it answers and the fewest pictures of a person it needs; its weights are in the safetensors."""
+    head = model.relative
+    return {} if head is None else {"person_relative": {"task": "expression", "min_pictures": head.min_pictures}}
 
 
 def _network(spec: dict[str, Any]) -> MultiTaskNet:
     """The (untrained) network a config or a ``kept`` entry describes, with its kept start models."""
     from facemt.model import MultiTaskNet, create_trunk
+    from facemt.relative import PersonRelative
 
     model = MultiTaskNet(create_trunk(spec["backbone"], pretrained=False), check_schema(spec["tasks"]),
                          dropout=float(spec.get("dropout", 0.0)))
+    if "person_relative" in spec:
+        model.relative = PersonRelative(model.trunk.num_features, int(spec["person_relative"]["min_pictures"]))
     if "kept" in spec:
         kept = spec["kept"]
         start = _network(kept)

@@ -31,6 +31,10 @@ BASE_NAME = "base"
 CROP_POLICIES = ("align", "box", "none")
 AUGMENT_PRESETS = ("none", "light", "heavy")
 LOSS_WEIGHTINGS = ("fixed", "uncertainty")
+#: fit --person-relative: use the person-relative expression classifier when validation says so, always, never
+PERSON_RELATIVE = ("auto", "on", "off")
+#: where ``facemt predict --person-from`` reads each picture's person (facemt.data.person_of)
+PERSON_FROM = ("name", "folder")
 #: the class priors a run's probabilities can follow (``facemt predict --prior``)
 PRIORS = ("balanced", "training")
 
@@ -102,6 +106,11 @@ class TrainConfig:
     never-worse rule the heads, train again on every face, the validation
     persons too, for that many epochs; the saved model is that one, with the
     validated run's choices and temperatures.
+    ``person_relative`` (``fit`` only): also fit the person-relative expression
+    classifier (:mod:`facemt.relative`: expression read from how a face differs
+    from the same person's other pictures) and use it when pictures come grouped
+    by person: ``auto`` when it beats the network's expression head on the
+    validation persons, ``on`` always, ``off`` never.
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -130,6 +139,7 @@ class TrainConfig:
     distill: float = 0.0
     freeze_norm: bool = False
     refit: bool = False
+    person_relative: str = "auto"
     dropout: float = 0.2
     val_fraction: float = 0.2
     crop: str = "align"
@@ -159,6 +169,8 @@ class TrainConfig:
             raise FacemtError("val_fraction must be in [0, 1)")
         if self.refit and self.val_fraction == 0.0:
             raise FacemtError("refit trains again on the validation persons: it needs val_fraction above 0")
+        if self.person_relative not in PERSON_RELATIVE:
+            raise FacemtError(f"person_relative must be one of {', '.join(PERSON_RELATIVE)}")
         if not 0.0 <= self.dropout < 1.0:
             raise FacemtError("dropout must be in [0, 1)")
         if not 0.0 <= self.label_smoothing < 1.0:

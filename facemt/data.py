@@ -188,6 +188,28 @@ FACES_AGE_RANGES = {"young": (19, 31), "middle": (39, 55), "old": (69, 80)}
 ADULT_AGE = 18
 
 
+def person_of(path: str | os.PathLike, how: str) -> str:
+    """The person an image file shows, for pictures read together per person: ``name``: the id of a
+    FACES (``004_o_m_a_a.jpg``) or JAFFE (``KA.AN1.39.tiff``) file name; ``folder``: the folder it is in.
+
+    Raises:
+        FacemtError: ``how`` is neither, or a file name follows neither scheme.
+    """
+    path = Path(path)
+    if how == "folder":
+        return str(path.resolve().parent)
+    if how != "name":
+        raise FacemtError(f"unknown person source {how!r}: choose name or folder")
+    faces = FACES_PATTERN.match(path.name.split(".", 1)[0])
+    jaffe = JAFFE_PATTERN.match(path.name.rsplit(".", 1)[0] if path.suffix else path.name)
+    if faces:
+        return faces["person"]
+    if jaffe:
+        return f"jaffe:{jaffe['person']}"
+    raise FacemtError(f"{path}: the file name says no person (FACES names such as 004_o_m_a_a.jpg or JAFFE names "
+                      "such as KA.AN1.39.tiff do); use --person-from folder with one folder per person")
+
+
 def age_to_group(age: int, policy: str = "strict") -> str | None:
     """FACES age group of an age in years.
 

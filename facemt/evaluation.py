@@ -201,6 +201,12 @@ class CVResult:
             zs = g[g["model"] == "zero-shot"].set_index(["seed", "fold"])["accuracy"]
             if len(zs):
                 row.update(_against(mt, zs, "zero_shot", "gain"))
+            relative = g[g["model"] == "person-relative"].set_index(["seed", "fold"])["accuracy"]
+            if len(relative):  # its gain over the multi-task head: the same network, read per person
+                mean, low, high = paired_interval((relative - mt.reindex(relative.index)).dropna())
+                row.update(person_relative_mean=relative.mean(), relative_gain_mean=mean, relative_gain_ci_low=low,
+                           relative_gain_ci_high=high,
+                           person_relative_std=relative.std(ddof=1) if len(relative) > 1 else 0.0)
             rows.append(row)
         out = pd.DataFrame(rows)
         protocols = set(out["protocol"]) if len(out) else set()
@@ -346,6 +352,8 @@ def cross_validate(
         ids = {"protocol": run.protocol, "seed": run.seed, "fold": run.fold, "model": run.history_name}
         histories.append(pd.concat([pd.DataFrame(ids, index=result.history.index), result.history], axis=1))
         scorer.score(result.model, result.preprocess, run, run.model, run.tasks)
+        if run.model == "multitask" and "expression" in run.tasks and config.person_relative != "off":
+            _score_person_relative(scorer, result, run)
         if explained is not None and run.model == "multitask":
             explained.add(result, run, scorer)
         if callback:
@@ -410,14 +418,37 @@ class _Scorer:
     def score(self, model, preprocess, run: _Run, model_name: str, heads: Sequence[str]) -> None:
         from facemt.engine import predict_images
 
+        from facemt.relative import with_person_relative
+
         device = next(model.parameters()).device
-        probs = predict_images(model, self.test_images(run, preprocess), preprocess, self.batch_size, device)
-        metrics = evaluate_predictions(self.table.iloc[run.test_rows], probs)
+        images = self.test_images(run, preprocess)
+        probs = predict_images(model, images, preprocess, self.batch_size, device)
+        test = self.table.iloc[run.test_rows]
+        if "expression" in probs:  # a run carrying the person-relative classifier reads each test person's faces together
+            probs["expression"] = with_person_relative(model, images, preprocess, test["person"].tolist(),
+                                                       probs["expression"])
+        metrics = evaluate_predictions(test, probs)
         for head in heads:
             if metrics[head]["n"]:
                 self.records.append(_record(self.table, self.targets[head], run, model_name, head, metrics[head]))
                 key = (run.protocol, model_name, head)
                 self.confusion[key] = self.confusion.get(key, 0) + np.array(metrics[head]["confusion"])
+
+
+def _score_person_relative(scorer: _Scorer, result, run: _Run) -> None:
+    """The person-relative expression classifier (:mod:`facemt.relative`) fitted on the fold's training
+    persons through the multi-task model's trunk and scored on its test persons as model ``person-relative``
+    (cv has no validation persons to choose it by, as fit does: it is reported beside the head)."""
+    from facemt.relative import MIN_PICTURES, fit_person_relative, trunk_features
+
+    model, rows = result.model, list(run.train_rows)
+    images = scorer.cache.load([scorer.table["path"].iloc[j] for j in rows], result.preprocess)[0]
+    features = trunk_features(model, images, result.preprocess, next(model.parameters()).device)
+    model.relative = fit_person_relative(features, scorer.table["person"].iloc[rows].tolist(),
+                                         scorer.targets["expression"][rows], MIN_PICTURES)
+    if model.relative is not None:
+        scorer.score(model, result.preprocess, run, "person-relative", ["expression"])
+    model.relative = None
 
 
 class _Explained:

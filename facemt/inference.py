@@ -362,9 +362,9 @@ class Predictor:
     def tasks(self) -> tuple[str, ...]:
         return tuple(self.model.tasks)
 
-    def torch_model(self) -> "MultiTaskNet":
-        """The PyTorch network (explanations need gradients): this predictor's own, or with
-        ``engine="auto"`` the folder's weights loaded on first use.
+    def torch_model(self, purpose: str = "explanations") -> "MultiTaskNet":
+        """The PyTorch network (explanations need gradients, the person-relative classifier the trunk's
+        features): this predictor's own, or with ``engine="auto"`` the folder's weights loaded on first use.
 
         Raises:
             FacemtError: the predictor was asked for an ONNX engine by name.
@@ -372,7 +372,7 @@ class Predictor:
         if self.engine == "torch":
             return self.model
         if self.requested_engine != "auto":
-            raise FacemtError(f"explanations need PyTorch gradients, which --engine {self.engine} does not have: "
+            raise FacemtError(f"{purpose}: the PyTorch network is needed, and --engine {self.engine} has none: "
                               "use --engine torch (or auto)")
         if self._torch is None:
             self._torch = load_checkpoint(self.run_dir)[0]
@@ -435,12 +435,56 @@ class Predictor:
                 "crop": self.preprocess.crop, "tta": self.tta, "jitter": self.jitter, "prior": self.prior,
                 **predict_options}
 
-    def probabilities(self, arrays: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    @property
+    def person_relative(self) -> bool:
+        """Whether the run carries the person-relative expression classifier (``fit --person-relative``)."""
+        return "person_relative" in self.config and "expression" in self.tasks
+
+    def probabilities(self, arrays: Sequence[np.ndarray], persons: Sequence[object | None] | None = None
+                      ) -> dict[str, np.ndarray]:
         """Class probabilities per head (N x classes) for faces already framed
         and cached (:func:`facemt.engine.decode_images`), with this
-        predictor's engine, ``tta`` and ``prior``."""
-        return predict_images(self.model, arrays, self.preprocess, self.batch_size, self.device, self.tta,
-                              self.class_weights, self.jitter)
+        predictor's engine, ``tta`` and ``prior``. With ``persons`` (each face's
+        person, None where unknown) and a run carrying the person-relative
+        classifier, expression is read against the same person's other faces
+        among ``arrays`` (:mod:`facemt.relative`) wherever it can be."""
+        probs = predict_images(self.model, arrays, self.preprocess, self.batch_size, self.device, self.tta,
+                               self.class_weights, self.jitter)
+        if persons is not None and self.person_relative:
+            from facemt.relative import with_person_relative
+
+            model = self.torch_model("person-relative expression")
+            probs["expression"] = with_person_relative(model, arrays, self.preprocess, persons, probs["expression"])
+        return probs
+
+    def predict_persons(self, paths: Sequence[str | os.PathLike], persons: Sequence[object | None],
+                        fallback: bool = False, min_face: int = 0) -> list[Prediction]:
+        """The largest face of each image file, knowing each file's person: as :meth:`predict_files`
+        answers them, except that a run carrying the person-relative classifier reads expression
+        against the same person's other faces (persons with its ``min_pictures`` or more faces found).
+        Every face is held in memory until all are framed (a person's pictures are read together)."""
+        if len(paths) != len(persons):
+            raise FacemtError(f"{len(paths)} files but {len(persons)} persons")
+        preds, arrays, who = [], [], []
+        for path, person in zip(paths, persons):
+            try:
+                units = _frame(path, self.preprocess, largest_only=True, fallback=fallback, min_face=min_face)
+            except FacemtError as exc:
+                preds.append(Prediction(str(path), error=str(exc)))
+                continue
+            if not units:
+                preds.append(Prediction(str(path), no_face=True))
+                continue
+            pred = Prediction(str(path))
+            pred.set_face(units[0][0], 0 if self.preprocess.policy.detects else None, self.preprocess)
+            preds.append(pred)
+            arrays.append(units[0][1])
+            who.append(person)
+        if arrays:
+            probs = self.probabilities(arrays, who)
+            for i, pred in enumerate(p for p in preds if p.status == "ok"):
+                pred.labels, pred.probabilities = _answers(probs, i)
+        return preds
 
     def _predictions(self, arrays: Sequence[np.ndarray], sources: Sequence[str | None]) -> list[Prediction]:
         probs = self.probabilities(arrays)

@@ -20,6 +20,7 @@ from torch import nn
 from facemt.config import DEFAULT_BACKBONE
 from facemt.errors import FacemtError
 from facemt.faces import CropPolicy
+from facemt.relative import PersonRelative
 from facemt.tasks import TASKS, select_tasks
 from facemt.transforms import PreprocessConfig, resolve_preprocess
 
@@ -54,6 +55,8 @@ class MultiTaskNet(nn.Module):
         #: the model training started from, when it answers some heads (:meth:`keep`); else None
         self.kept: MultiTaskNet | None = None
         self.kept_tasks: tuple[str, ...] = ()
+        #: the person-relative expression classifier on this trunk (facemt.relative), set by fit; else None
+        self.relative: PersonRelative | None = None
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         own = [t for t in self.tasks if t not in self.kept_tasks]

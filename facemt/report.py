@@ -197,6 +197,8 @@ def render_markdown(result: CVResult, title: str = "facemt cross-validation repo
         "every number is uncertain by many points.",
         "",
     ]
+    if "person_relative_mean" in summary:
+        out += _relative_section(summary)
     if has_zero:
         out += [f"*Not fine-tuned* is the model training started from ({_start(cfg)}), scored untouched on "
                 "the same test folds: what `facemt predict` gives out of the box. Fine-tuning on these images "
@@ -228,6 +230,21 @@ def render_markdown(result: CVResult, title: str = "facemt cross-validation repo
                 "![class-average maps](class_maps.png)", ""]
     out += ["Every fold, seed, model and head: `results.csv` / `results.json`; per-epoch curves: `history.csv`.", ""]
     return "\n".join(out)
+
+
+def _relative_section(summary: pd.DataFrame) -> list[str]:
+    """The person-relative expression classifier beside the multi-task head, per split."""
+    rows = [[r["protocol"], _fmt(r["person_relative_mean"], r["person_relative_std"]),
+             _fmt(r["multitask_mean"], r["multitask_std"]), interval_text(r, "relative_gain")]
+            for _, r in summary.iterrows() if pd.notna(r.get("person_relative_mean"))]
+    return ["## Expression read per person", "",
+            _markdown_table(["split", "person-relative", "multi-task head", "person-relative − head (95% CI)"], rows),
+            "", "*Person-relative* reads each test face's expression against the same person's other test pictures "
+            "(persons with 3 or more), with a classifier fitted on the fold's training persons through the "
+            "multi-task model's trunk (`facemt fit --person-relative`); faces of persons with fewer pictures get "
+            "the head's answer. It helps where every person shows several expressions (FACES, JAFFE) and can "
+            "hurt where a person shows one or two. `facemt fit` uses it only when it beats the head on fit's "
+            "validation persons.", ""]
 
 
 def _folds_text(cfg: dict) -> str:

@@ -159,7 +159,9 @@ def test_help_imports_no_heavy_module():
 
 
 def test_without_a_terminal_fit_logs_each_epoch_with_timing(faces_dir, tmp_path, capsys):
-    assert main(["fit", "--data", str(faces_dir), "--out", str(tmp_path / "r"), *TINY_FIT]) == 0
+    assert main(["fit", "--data", str(faces_dir), "--out", str(tmp_path / "r"), *TINY_FIT,
+                 "--person-relative", "off"]) == 0
+    assert "person_relative_fit" not in read_config(tmp_path / "r")  # off: not even fitted
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("epoch")]
     assert any("epoch   1/2" in l and "elapsed" in l and "eta" in l for l in lines)
     assert any("epoch   2/2" in l for l in lines)
@@ -170,6 +172,7 @@ def test_fit_json_summary(faces_dir, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["best_epoch"] in (1, 2) and set(out["temperatures"]) == set(out["tasks"])
     assert 0 <= out["metrics"]["val_gender_acc"] <= 1
+    assert out["person_relative"]["mode"] == "auto" and isinstance(out["person_relative"]["used"], bool)
 
 
 def test_library_errors_name_fields_and_the_cli_names_options(faces_dir, tmp_path, capsys):

@@ -75,6 +75,13 @@ def test_cv_compares_multi_and_single_task_on_identical_folds(cv_result):
     assert cv_result.warnings == [RANDOM_SPLIT_WARNING]
     summary = cv_result.summary()
     assert {"multitask_mean", "single_mean", "diff_mean", "diff_ci_low", "majority_mean", "identity_leak_gap"} <= set(summary.columns)
+    # the person-relative classifier is scored beside every multi-task model, on expression alone
+    relative = r[r["model"] == "person-relative"]
+    assert set(relative["head"]) == {"expression"} and len(relative) == len(r[(r["model"] == "multitask")
+                                                                                & (r["head"] == "expression")])
+    expression = summary[summary["head"] == "expression"]
+    assert expression["relative_gain_mean"].notna().all() and summary["relative_gain_mean"].isna().sum() == 4
+    assert "## Expression read per person" in facemt.report.render_markdown(cv_result)
     # each image decoded once per input size for all 16 models: theirs (32 px) and the untouched base's
     assert cv_result.config["images_decoded"] == 72 * 2
 
@@ -109,7 +116,7 @@ def test_cv_from_imagenet_or_random_weights_has_no_zero_shot_rows(faces_dir):
     from dataclasses import replace
 
     result = facemt.cross_validate(index_folder(faces_dir), replace(TINY, init_from=None), folds=2, baselines=False)
-    assert set(result.records["model"]) == {"multitask"} and "zero_shot_mean" not in result.summary()
+    assert set(result.records["model"]) == {"multitask", "person-relative"} and "zero_shot_mean" not in result.summary()
     assert result.config["zero_shot"] is None and "not fine-tuned" not in facemt.report.render_markdown(result)
 
 

@@ -181,7 +181,10 @@ def test_fine_tuning_study_scores_untouched_tuned_and_fit_on_the_same_folds(stud
                         "defaults,linear-probe", "--folds", "2", "--train", "epochs=1,batch_size=16",
                         "--csv", str(csv), "--results", str(results)]) == 0
     folds = pd.read_csv(csv)
-    assert set(folds["arm"]) == {"untouched", "tuned", "blend", "fit"} and set(folds["fold"]) == {0, 1}
+    relative = {f"relative-{trunk}{rows}" for trunk in ("tuned", "start") for rows in ("", "-all")}
+    assert set(folds["arm"]) == {"untouched", "tuned", "blend", "fit"} | relative and set(folds["fold"]) == {0, 1}
+    assert set(folds.loc[folds["arm"].isin(relative), "head"]) == {"expression"}
+    assert folds.loc[folds["arm"] == "relative-tuned", "val_relative"].between(0, 1).all()
     assert folds["val_blend"].between(0, 1).all() and (folds[["val_nll_tuned", "val_nll_untouched"]] >= 0).all().all()
     # the start model untouched scores the same whatever the variant; fit equals the start where it kept it
     untouched = folds[folds["arm"] == "untouched"].pivot_table(index=["fold", "head"], columns="variant",
@@ -213,8 +216,20 @@ def test_fine_tuning_study_scores_untouched_tuned_and_fit_on_the_same_folds(stud
     assert script.FIT_RULE in tie["linear-probe"]
     # fit's rule over several draws of folds (here the same draw twice): every fold result of each, pooled
     assert script.main(["--draws", str(csv), str(csv), "--results", str(results)]) == 0
-    rows = [r.split(" | ") for r in results.read_text().split("### Fit's defaults over 2 draws")[1].splitlines()
-            if r.startswith("| synth |")]
+    drawn, with_relative = results.read_text().split("### Fit's defaults over 2 draws")[1].split("person-relative step")
+    rows = [r.split(" | ") for r in drawn.splitlines() if r.startswith("| synth |")]
+    # fit's person-relative step: expression answered by the classifier where it beat the chosen head on validation
+    step = script.rules(folds)
+    step = step[step["rule"] == script.RELATIVE_RULE].set_index(["variant", "fold", "head"])
+    assert len(step) == 4  # expression, in both variants' two folds
+    arms = folds.pivot_table(index=["variant", "fold", "head"], columns="arm", values="accuracy")
+    won = folds[folds["arm"] == "relative-tuned"].set_index(["variant", "fold", "head"])["val_relative"]
+    evidence = folds[folds["arm"] == "tuned"].set_index(["variant", "fold", "head"])
+    for key, r in step.iterrows():
+        chosen = evidence.loc[key, "val_untouched"] if kept[key] else evidence.loc[key, "val_tuned"]
+        want = arms.loc[key, "relative-tuned-all"] if won[key] > chosen else arms.loc[key, "fit"]
+        assert r["gain"] == pytest.approx(want - arms.loc[key, "untouched"])
+    assert "| synth | expression |" in with_relative
     gains = fits.loc["defaults"].groupby("head").mean()
     assert {r[1] for r in rows} == set(gains.index)
     for r in rows:

@@ -179,6 +179,12 @@ def add_prior_arg(p: argparse.ArgumentParser) -> None:
                         "(default: the run's own)")
 
 
+def add_person_relative_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-person-relative", action="store_true",
+                   help="answer expression with the network's head alone, even where the run carries the "
+                        "person-relative classifier (fit --person-relative) and each picture's person is known")
+
+
 def add_model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="RUN|base",
                    help="a run folder written by 'facemt fit', or 'base' (the default): the built-in base model")

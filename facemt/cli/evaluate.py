@@ -18,7 +18,7 @@ from facemt.cli.train import add_train_args, train_config
 from facemt.cli.common import (
     EXIT_OK, EXIT_PARTIAL, EPILOG, timing, EventProgress, load_data, print_summary, crop_override,
     metrics_table, add_engine_arg, add_tta_arg, add_prior_arg, add_model_arg, chosen_model, add_method_arg,
-    add_explain_args, parse_targets,
+    add_explain_args, parse_targets, add_person_relative_arg,
 )
 
 
@@ -83,15 +83,20 @@ def cmd_evaluate(args: argparse.Namespace, out: Console, err: Console) -> int:
     cache = ImageCache()
     with EventProgress(err) as progress:
         images = decode_images(index, predictor.preprocess, cache, progress)
-    metrics = evaluate_predictions(index.table, predictor.probabilities(images))
+    relative = predictor.person_relative and not args.no_person_relative
+    persons = index.table["person"].tolist() if relative else None
+    metrics = evaluate_predictions(index.table, predictor.probabilities(images, persons))
     if args.explain:
         _class_maps(predictor, index, images, Path(args.explain), args.method, args.overwrite, err)
     notes = evaluation_notes(predictor.config, predictor.tasks, index.table)
+    if relative:
+        notes.append("expression is read against each person's other pictures (the run's person-relative "
+                     "classifier; --no-person-relative: the network's head alone)")
     for note in notes:
         err.print(f"note: {note}", style="yellow", markup=False, highlight=False)
     if args.json:
         print(json.dumps({"model": str(predictor.run_dir), "images": len(index), "crop": predictor.preprocess.crop,
-                          "tta": predictor.tta, "prior": predictor.prior, "notes": notes,
+                          "tta": predictor.tta, "prior": predictor.prior, "person_relative": relative, "notes": notes,
                           "framing": cache.framing_counts(index.table), "metrics": metrics}, indent=2))
         return EXIT_OK
     out.print(metrics_table(f"{predictor.run_dir} on {len(index)} images ({predictor.prior} prior)", metrics))
@@ -196,6 +201,11 @@ def cmd_cv(args: argparse.Namespace, out: Console, err: Console) -> int:
         cells += [pct(r.get("zero_shot_mean"), r.get("zero_shot_std")), interval_text(r, "gain")] if zero else []
         table.add_row(r["protocol"], r["head"], *cells, pct(r["majority_mean"]))
     out.print(table)
+    for _, r in summary.iterrows():
+        if "person_relative_mean" in summary and r["person_relative_mean"] == r["person_relative_mean"]:
+            out.print(f"{r['protocol']} {r['head']} read per person (person-relative): "
+                      f"{pct(r['person_relative_mean'], r['person_relative_std'])} %, minus the multi-task head "
+                      f"{interval_text(r, 'relative_gain')}", markup=False, highlight=False)
     out.print(f"report written to {report_dir / 'report.md'}")
     return EXIT_OK
 
@@ -283,6 +293,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     add_prior_arg(p)
     add_explain_args(p, "DIR", "also write class-average maps (rows heads, columns classes: where each head finds "
                       "the evidence for the true class) to DIR/class_maps.png and DIR/class_maps.npz")
+    add_person_relative_arg(p)
     p.add_argument("--overwrite", action="store_true", help="replace class maps already in --explain DIR")
     p.set_defaults(func=cmd_evaluate)
 

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from facemt.errors import FacemtError
-from facemt.config import CROP_POLICIES
+from facemt.config import CROP_POLICIES, PERSON_FROM
 from facemt.tasks import TASK_NAMES, TASKS
 
 from facemt.cli.common import (
@@ -124,6 +124,7 @@ def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
         raise FacemtError("no image or video files found in the given inputs")
     videos = any(is_video_file(f) for f in all_files)
     _check_video_options(args, videos)
+    _check_person_options(args, videos, shard, all_files)
     if shard is not None:
         from facemt.shards import part_path, take_shard
 
@@ -137,6 +138,9 @@ def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
         check_writable(args.plot, args.overwrite, flag="--plot")
     predictor = load(args.model, device=args.device, batch_size=args.batch_size, crop=crop_override(args),
                      engine=args.engine, tta=args.tta, prior=args.prior, jitter=args.jitter)
+    if args.person_from and not predictor.person_relative:
+        err.print(f"note: {predictor.run_dir} carries no person-relative expression classifier (facemt fit fits one "
+                  "where it helps), so --person-from changes no answer", markup=False, highlight=False)
     if shard is not None:
         err.print(f"shard {shard[0]}/{shard[1]}: {len(files)} of {len(all_files)} files -> {out_path}",
                   markup=False, highlight=False)
@@ -180,6 +184,22 @@ def _check_video_options(args: argparse.Namespace, videos: bool) -> None:
             raise FacemtError(f"{flag} must be a positive number (got {value})")
 
 
+def _check_person_options(args: argparse.Namespace, videos: bool, shard, files: Sequence[Path]) -> None:
+    """--person-from reads every picture of a person together: photos only, one face each, one process, and
+    every file name must say its person (checked before any work)."""
+    if not args.person_from:
+        return
+    clash = [flag for flag, on in (("a video input", videos), ("--shard or torchrun", shard is not None),
+                                   ("--max-faces", args.max_faces is not None)) if on]
+    if clash:
+        raise FacemtError(f"--person-from reads the largest face of each photo with the same person's other photos: "
+                          f"it does not go with {', '.join(clash)}")
+    from facemt.data import person_of
+
+    for f in files:
+        person_of(f, args.person_from)
+
+
 def _units(predictor, files: Sequence[Path], fps: float | None) -> int:
     """Progress units: one per photo, one per sampled frame of a video."""
     from facemt.video import expected_samples, is_video_file, open_video
@@ -204,6 +224,12 @@ def _predictions(predictor, files: Sequence[Path], args: argparse.Namespace):
     from facemt.video import VideoPrediction, is_video_file, predict_video
 
     options = {"fallback": args.fallback, "min_face": args.min_face, "max_faces": args.max_faces}
+    if args.person_from:  # every picture of a person read together: the checks in _check_person_options
+        from facemt.data import person_of
+
+        yield from predictor.predict_persons(files, [person_of(f, args.person_from) for f in files],
+                                             fallback=args.fallback, min_face=args.min_face)
+        return
     photos: list[Path] = []
     for f in [*files, None]:
         if f is not None and not is_video_file(f):
@@ -342,6 +368,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                             "default off)")
     video.add_argument("--plot", metavar="FILE.png",
                        help="draw each track's probabilities over time (expression as stacked areas)")
+    p.add_argument("--person-from", choices=PERSON_FROM,
+                   help="each photo's person, from its file 'name' (FACES or JAFFE names) or its 'folder': with a "
+                        "run fit with the person-relative classifier, expression is read against the same person's "
+                        "other photos (3 or more); the largest face of each photo")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out or --plot file")
     p.add_argument("--shard", metavar="K/N",
                    help="predict only the K-th of N shards of the sorted file list, into FILE.part-K-of-N.csv "

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from facemt.errors import FacemtError
-from facemt.config import AUGMENT_PRESETS, CROP_POLICIES, LOSS_WEIGHTINGS, TrainConfig
+from facemt.config import AUGMENT_PRESETS, CROP_POLICIES, LOSS_WEIGHTINGS, PERSON_RELATIVE, TrainConfig
 from facemt.tasks import TASK_NAMES
 
 from facemt.cli.common import (
@@ -79,6 +79,12 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
                         "help": "after validating, train again on every face (the validation persons too) for the "
                                 "epochs validation chose and save that model, with the heads and temperatures "
                                 "validation chose (costs a second training)"}),
+    ("optim", "person_relative", {"choices": PERSON_RELATIVE,
+                                  "help": "also fit an expression classifier that reads a face against the same "
+                                          "person's other pictures, used when pictures come grouped by person "
+                                          "(evaluate, cv, predict --person-from): auto when it beats the "
+                                          "network's expression head on the validation persons, on: always, "
+                                          "off: never (default %(default)s)"}),
     ("augment", "jitter_consistency", {"type": float, "metavar": "W",
                                        "help": "also train every face re-framed by a few pixels (the face detector's "
                                        "own alignment noise) to give the same probabilities, with this weight "
@@ -252,7 +258,8 @@ def _fit_and_report(args, out: Console, err: Console, run: Path, config: TrainCo
         print(json.dumps({"run": str(run), "tasks": list(result.tasks), "best_epoch": result.best_epoch,
                           "metrics": result.metrics, "temperatures": dict(result.model.temperatures),
                           "untouched_val_acc": result.untouched, "untouched_all_faces_acc": result.untouched_all,
-                          "kept": result.kept, "refit": result.refit}, indent=2))
+                          "kept": result.kept, "refit": result.refit, "person_relative": result.person_relative},
+                         indent=2))
         return EXIT_OK
     out.print(_result_table(result, run))
     if result.untouched:
@@ -266,7 +273,19 @@ def _fit_and_report(args, out: Console, err: Console, run: Path, config: TrainCo
     if result.kept:
         out.print("answered by the start model (carried in the run, never worse than it): "
                   + "; ".join(f"{t}: {why}" for t, why in result.kept.items()), markup=False, highlight=False)
+    if result.person_relative:
+        out.print(_relative_line(result.person_relative), markup=False, highlight=False)
     return EXIT_OK
+
+
+def _relative_line(info: dict) -> str:
+    """What fit decided about the person-relative expression classifier, in one line."""
+    scores = (f" ({100 * info['val_accuracy']:.1f} % against the head's {100 * info['own_val_accuracy']:.1f} % on "
+              f"{info['val_images']} validation pictures)" if "val_accuracy" in info else "")
+    if info["used"]:
+        return (f"person-relative expression: used when pictures come grouped by person (evaluate, cv, predict "
+                f"--person-from), for persons with {info['min_pictures']}+ pictures{scores}; {info['reason']}")
+    return f"person-relative expression: not used{scores}; {info['reason']}"
 
 
 def _result_table(result, run: Path) -> Table:

@@ -1,0 +1,193 @@
+"""Person-relative expression: a face's expression read against the same person's other pictures
+(fit fits it, the run carries it, evaluate / cv / predict --person-from use it)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import facemt
+from facemt.checkpoint import load_checkpoint, read_config, save_checkpoint
+from facemt.cli import main
+from facemt.data import ImageCache, index_folder, person_of
+from facemt.engine import decode_images
+from facemt.errors import FacemtError
+from facemt.model import create_model
+from facemt.relative import PersonRelative, centre, fit_person_relative
+from facemt.tasks import TASKS
+
+from conftest import TINY_FIT
+
+EXPRESSIONS = TASKS["expression"].num_classes
+
+
+def _posed(persons: int, seed: int, identity: float = 6.0, expression: float = 1.0):
+    """Trunk-like features of a posed set: every person shows every expression twice; who the person
+    is moves the features far more than what the face does."""
+    rng = np.random.default_rng(seed)
+    directions = np.random.default_rng(99).normal(size=(EXPRESSIONS, 64))  # the same expressions in every set
+    feats, who, labels = [], [], []
+    for p in range(persons):
+        face = rng.normal(scale=identity, size=64)
+        for k in range(2 * EXPRESSIONS):
+            feats.append(face + expression * directions[k % EXPRESSIONS] + rng.normal(scale=0.3, size=64))
+            who.append(f"p{p}")
+            labels.append(k % EXPRESSIONS)
+    return np.array(feats, dtype=np.float32), who, np.array(labels)
+
+
+def test_reading_a_face_against_its_person_removes_who_it_is():
+    x, who, y = _posed(12, seed=0)
+    test_x, test_who, test_y = _posed(4, seed=1)
+    head = fit_person_relative(x, who, y)
+    relative = head.probabilities(test_x, test_who)
+    assert relative.shape == (len(test_y), EXPRESSIONS) and np.allclose(relative.sum(1), 1, atol=1e-5)
+    assert (relative.argmax(1) == test_y).mean() > 0.95
+    # the same classifier on the raw features (no person subtracted) does far worse on new persons
+    from sklearn.linear_model import LogisticRegression
+
+    raw = LogisticRegression(C=0.01, max_iter=3000).fit(x, y).predict(test_x)
+    assert (raw == test_y).mean() < 0.8
+
+
+def test_faces_of_unknown_or_rarely_pictured_persons_are_left_to_the_head():
+    x, who, y = _posed(6, seed=0)
+    head = fit_person_relative(x, who, y, min_pictures=3)
+    persons = ["a", "a", "a", "b", "b", None]
+    out = head.probabilities(x[:6], persons)
+    assert not np.isnan(out[:3]).any() and np.isnan(out[3:]).all()
+    centred, ok = centre(x[:3], ["a"] * 3, 3)
+    assert ok.all() and np.allclose(centred.mean(0), 0, atol=1e-5)
+    # fewer than two expressions labelled on persons with enough pictures: nothing to fit
+    assert fit_person_relative(x, who, np.where(y == 0, 0, -1)) is None
+    assert fit_person_relative(x[:2], who[:2], y[:2]) is None
+
+
+def test_two_expressions_give_a_two_class_classifier_over_the_whole_schema():
+    x, who, y = _posed(8, seed=0)
+    keep = np.isin(y, [1, 3])
+    head = fit_person_relative(x[keep], np.array(who)[keep], y[keep])
+    out = head.probabilities(x[keep], np.array(who)[keep])
+    assert np.allclose(out[:, [0, 2, 4, 5]], 0) and (out.argmax(1) == y[keep]).mean() > 0.95
+
+
+def test_a_run_carries_its_classifier_and_answers_the_same_after_loading(tmp_path):
+    torch.manual_seed(0)
+    model, pre = create_model("resnet18", None, image_size=32)
+    start, _ = create_model("resnet18", None, image_size=32)
+    x, who, y = _posed(4, seed=0)
+    features = np.random.default_rng(0).normal(size=(len(y), model.trunk.num_features)).astype(np.float32)
+    model.relative = fit_person_relative(features, who, y)
+    start.relative = fit_person_relative(features[::-1].copy(), who, y)
+    model.keep(start, ["gender"])  # a start model carrying its own classifier travels too
+    save_checkpoint(tmp_path / "run", model, "resnet18", pre)
+    assert read_config(tmp_path / "run")["person_relative"] == {"task": "expression", "min_pictures": 3}
+    loaded, _, _ = load_checkpoint(tmp_path / "run")
+    assert isinstance(loaded.relative, PersonRelative) and isinstance(loaded.kept.relative, PersonRelative)
+    assert np.allclose(loaded.relative.probabilities(features, who), model.relative.probabilities(features, who),
+                       atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def relative_run(faces_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("relative") / "run"
+    assert main(["fit", "--data", str(faces_dir), "--out", str(run), *TINY_FIT, "--epochs", "1",
+                 "--person-relative", "on"]) == 0
+    return run
+
+
+def test_fit_decides_on_the_validation_persons_and_records_why(run_dir, relative_run):
+    auto = read_config(run_dir)["person_relative_fit"]  # fit's default: auto
+    assert auto["mode"] == "auto" and auto["val_images"] > 0
+    assert auto["used"] == (auto["val_accuracy"] > auto["own_val_accuracy"])
+    assert ("person_relative" in read_config(run_dir)) == auto["used"]
+    on = read_config(relative_run)
+    assert on["person_relative_fit"]["used"] and on["person_relative_fit"]["images"] == 72
+    assert load_checkpoint(relative_run)[0].relative is not None  # off: tests/test_cli.py
+
+
+@pytest.fixture(scope="module")
+def two_persons(faces_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("two")
+    for f in sorted(faces_dir.glob("*.jpg"))[:24]:  # two persons, 12 pictures each
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
+def test_evaluate_reads_each_person_together_unless_told_not_to(relative_run, two_persons, capsys):
+    faces_dir = two_persons
+    predictor = facemt.load(relative_run, device="cpu")
+    index = index_folder(faces_dir)
+    images = decode_images(index, predictor.preprocess, ImageCache(), None)
+    alone, grouped = predictor.probabilities(images), predictor.probabilities(images, index.table["person"].tolist())
+    assert not np.allclose(alone["expression"], grouped["expression"], atol=1e-4)
+    for head in ("age_group", "gender"):
+        assert np.array_equal(alone[head], grouped[head])
+    y = np.array([TASKS["expression"].index(c) for c in index.table["expression"]])
+    results = []
+    for flags in ([], ["--no-person-relative"]):
+        capsys.readouterr()
+        assert main(["evaluate", "--model", str(relative_run), "--data", str(faces_dir), "--json", *flags]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[0]["person_relative"] and not results[1]["person_relative"]
+    for result, probs in zip(results, (grouped, alone)):
+        assert result["metrics"]["expression"]["accuracy"] == pytest.approx((probs["expression"].argmax(1) == y).mean())
+
+
+def _rows(text: str) -> dict[str, dict]:
+    return {r["path"]: r for r in csv.DictReader(io.StringIO(text))}
+
+
+def test_predict_person_from_name_or_folder(relative_run, two_persons, tmp_path, capsys):
+    files = sorted(two_persons.glob("*.jpg"))
+    assert main(["predict", *map(str, files), "--model", str(relative_run), "--csv", "--person-from", "name"]) == 0
+    by_name = _rows(capsys.readouterr().out)
+    assert main(["predict", *map(str, files), "--model", str(relative_run), "--csv"]) == 0
+    alone = _rows(capsys.readouterr().out)
+    predictor = facemt.load(relative_run, device="cpu")
+    want = predictor.predict_persons(files, [person_of(f, "name") for f in files])
+    columns = [f"expression_p_{c}" for c in TASKS["expression"].classes]
+    for p in want:
+        assert np.allclose([float(by_name[p.source][c]) for c in columns],
+                           list(p.probabilities["expression"].values()), atol=1e-5)
+        assert by_name[p.source]["gender"] == alone[p.source]["gender"]
+    assert any(by_name[f]["expression"] != alone[f]["expression"] or
+               not np.allclose([float(by_name[f][c]) for c in columns], [float(alone[f][c]) for c in columns],
+                               atol=1e-4) for f in by_name)
+    # one folder per person reads the same persons
+    for f in files:
+        folder = tmp_path / f.name.split("_")[0]
+        folder.mkdir(exist_ok=True)
+        shutil.copy(f, folder / f"photo{len(list(folder.iterdir()))}.jpg")
+    assert main(["predict", str(tmp_path), "--model", str(relative_run), "--json", "--person-from", "folder"]) == 0
+    by_folder = json.loads(capsys.readouterr().out)
+    assert sorted(p["expression"]["label"] for p in by_folder) == sorted(r["expression"] for r in by_name.values())
+
+
+def test_predict_person_from_says_what_it_cannot_do(relative_run, faces_dir, tmp_path, capsys):
+    odd = tmp_path / "holiday.jpg"
+    shutil.copy(next(faces_dir.glob("*.jpg")), odd)
+    capsys.readouterr()
+    for args, message in ((["--max-faces", "2"], "does not go with --max-faces"),
+                          (["--shard", "1/2", "--out", str(tmp_path / "p.csv")], "does not go with --shard")):
+        assert main(["predict", str(faces_dir), "--model", str(relative_run), "--person-from", "name", *args]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["predict", str(odd), "--model", str(relative_run), "--person-from", "name"]) == 2
+    err = capsys.readouterr().err
+    assert "holiday.jpg: the file name says no person" in err and "Traceback" not in err
+    with pytest.raises(FacemtError, match="files but"):
+        facemt.load(relative_run, device="cpu").predict_persons([odd], [])
+    assert person_of(faces_dir / "004_o_m_a_a.jpg", "name") == "004"
+    assert person_of("KA.SU1.36.tiff", "name") == "jaffe:KA"
+
+
+def test_predict_person_from_with_a_model_without_one_says_so(faces_dir, capsys):
+    files = [str(f) for f in sorted(faces_dir.glob("*.jpg"))[:3]]
+    assert main(["predict", *files, "--csv", "--person-from", "name"]) == 0  # the built-in model carries none
+    assert "carries no person-relative expression classifier" in capsys.readouterr().err
