@@ -372,8 +372,8 @@ class Predictor:
         if self.engine == "torch":
             return self.model
         if self.requested_engine != "auto":
-            raise FacemtError(f"{purpose}: the PyTorch network is needed, and --engine {self.engine} has none: "
-                              "use --engine torch (or auto)")
+            raise FacemtError(f"{purpose} need PyTorch, which --engine {self.engine} does not run: use --engine torch "
+                              "(or auto)")
         if self._torch is None:
             self._torch = load_checkpoint(self.run_dir)[0]
         return self._torch
@@ -453,7 +453,7 @@ class Predictor:
         if persons is not None and self.person_relative:
             from facemt.relative import with_person_relative
 
-            model = self.torch_model("person-relative expression")
+            model = self.torch_model("person-relative expression answers")
             probs["expression"] = with_person_relative(model, arrays, self.preprocess, persons, probs["expression"])
         return probs
 

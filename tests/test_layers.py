@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "facemt"
 FLOORS = [
     {"__init__", "errors", "config", "tasks", "files"},
     {"images", "faces", "synth", "distributed", "shards"},
-    {"transforms", "losses", "model", "data"},
+    {"transforms", "losses", "model", "data", "relative"},
     {"checkpoint", "checks", "splits", "engines", "explain"},
     {"inference", "video"},
     {"engine"},

@@ -183,6 +183,9 @@ def test_predict_person_from_says_what_it_cannot_do(relative_run, faces_dir, tmp
     assert "holiday.jpg: the file name says no person" in err and "Traceback" not in err
     with pytest.raises(FacemtError, match="files but"):
         facemt.load(relative_run, device="cpu").predict_persons([odd], [])
+    files = sorted(faces_dir.glob("*.jpg"))[:3]
+    with pytest.raises(FacemtError, match="person-relative expression answers need PyTorch"):
+        facemt.load(relative_run, engine="onnx").predict_persons(files, ["a"] * 3)
     assert person_of(faces_dir / "004_o_m_a_a.jpg", "name") == "004"
     assert person_of("KA.SU1.36.tiff", "name") == "jaffe:KA"
 
