@@ -147,7 +147,7 @@ def run_fold(index: DataIndex, train_rows, test_rows_, config: TrainConfig, cach
     nll = {arm: {} if config.refit and arm == "tuned" else log_loss(probs["val"][arm], val)
            for arm in ("untouched", "tuned")}
     rows = [(arm, _scores(test, probs["test"][arm], heads)) for arm in ("untouched", "tuned", "blend")]
-    relative = person_relative(sub.table, val, test, {"tuned": result, "start": start}, cache, config.seed)
+    relative = person_relative(sub.table, val, test, {"tuned": result, "start": start}, cache)
     rows += [(arm, scores) for arm, (scores, _) in relative.items()]
     val_relative = {arm: v for arm, (_, v) in relative.items()}
     if keep_start(result, start_model, start_preprocess) is None:  # what fit does with the rule on
@@ -161,8 +161,8 @@ def run_fold(index: DataIndex, train_rows, test_rows_, config: TrainConfig, cach
             for arm, scores in rows for h, (acc, n) in scores.items()]
 
 
-def person_relative(train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, models: dict, cache: ImageCache,
-                    seed: int) -> dict[str, tuple[dict, float | None]]:
+def person_relative(train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, models: dict,
+                    cache: ImageCache) -> dict[str, tuple[dict, float | None]]:
     """The person-relative expression classifier (facemt.relative) on the trunk of each model (the
     fine-tuned one, the start one), fitted on fit's training persons (``relative-*``) or on every
     person fit was given (``relative-*-all``): per arm, (test scores of expression, validation accuracy).
