@@ -119,9 +119,11 @@ def kept_spec(start: MultiTaskNet, tasks: tuple[str, ...], backbone: str) -> dic
 
 def relative_spec(model: MultiTaskNet) -> dict[str, Any]:
     """``config.json``'s ``person_relative`` entry for a model carrying one (facemt.relative), else nothing:
-    the head it answers and the fewest pictures of a person it needs; its weights are in the safetensors."""
+    the head it answers, the fewest pictures of a person it needs and which classifier it is (a run from
+    before there were several: ``centred``); its weights are in the safetensors."""
     head = model.relative
-    return {} if head is None else {"person_relative": {"task": "expression", "min_pictures": head.min_pictures}}
+    return {} if head is None else {"person_relative": {"task": "expression", "min_pictures": head.min_pictures,
+                                                        "variant": head.variant}}
 
 
 def _network(spec: dict[str, Any]) -> MultiTaskNet:
@@ -132,7 +134,9 @@ def _network(spec: dict[str, Any]) -> MultiTaskNet:
     model = MultiTaskNet(create_trunk(spec["backbone"], pretrained=False), check_schema(spec["tasks"]),
                          dropout=float(spec.get("dropout", 0.0)))
     if "person_relative" in spec:
-        model.relative = PersonRelative(model.trunk.num_features, int(spec["person_relative"]["min_pictures"]))
+        relative = spec["person_relative"]
+        model.relative = PersonRelative(model.trunk.num_features, int(relative["min_pictures"]),
+                                        relative.get("variant", "centred"))
     if "kept" in spec:
         kept = spec["kept"]
         start = _network(kept)

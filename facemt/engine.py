@@ -30,7 +30,7 @@ from facemt.shards import take_shard
 from facemt.inference import predict_images, resolve_device
 from facemt.losses import MISSING, MultiTaskLoss, class_prior, expected_calibration_error, fit_temperature
 from facemt.model import MultiTaskNet, create_model
-from facemt.relative import MIN_PICTURES, fit_person_relative, trunk_features
+from facemt.relative import MIN_PICTURES, choose, trunk_features
 from facemt.tasks import TASKS, select_tasks
 from facemt.transforms import PreprocessConfig, build_transform
 
@@ -827,50 +827,37 @@ def fit(
     elif config.refit:
         _refit(result, index, config, [*train_rows, *val_rows], out_dir, cache, callback, should_stop)
     if world().main and config.person_relative != "off" and "expression" in result.model.tasks:
-        _person_relative(result, index, (train_rows, val_rows), config, out_dir, cache)
+        person_relative_step(result, index, (train_rows, val_rows), config, out_dir, cache)
     return result
 
 
-def _person_relative(result: TrainResult, index: DataIndex, rows: tuple[Sequence[int], Sequence[int]],
-                     config: TrainConfig, out_dir: str | Path | None, cache: ImageCache) -> None:
-    """Fit the person-relative expression classifier (:mod:`facemt.relative`) on the training persons'
-    pictures through ``result.model``'s trunk, score it and the model's expression head on the validation
-    persons it can answer, and, with ``person_relative`` ``on`` or when it is more accurate there (a tie
-    keeps the network's head), refit it on every picture fit was given and carry it in the model."""
+def person_relative_step(result: TrainResult, index: DataIndex, rows: tuple[Sequence[int], Sequence[int]],
+                         config: TrainConfig, out_dir: str | Path | None, cache: ImageCache) -> None:
+    """Fit the person-relative expression classifiers (:mod:`facemt.relative`) on the training persons'
+    pictures through ``result.model``'s trunk, score them and the model's expression head on the validation
+    persons they can answer, and, where one is best there (``person_relative`` ``on``: the best of them
+    always), refit it on every picture fit was given and carry it in the model."""
     train_rows, val_rows = (list(map(int, r)) for r in rows)
     every = sorted({*train_rows, *val_rows})
     table = index.table.iloc[every].reset_index(drop=True)
     images = decode_images(DataIndex(table, []), result.preprocess, cache, None)
     device = resolve_device(config.device)
     features = trunk_features(result.model, images, result.preprocess, device)
-    persons = np.array(table["person"].tolist(), dtype=object)
-    labels = encode_targets(table, ["expression"])["expression"]
     is_val = np.isin(every, val_rows)
-    info: dict[str, Any] = {"mode": config.person_relative, "min_pictures": MIN_PICTURES, "used": False}
-    head = fit_person_relative(features[~is_val], persons[~is_val], labels[~is_val], MIN_PICTURES)
-    if head is None:
-        info["reason"] = f"fewer than two expressions labelled on persons with {MIN_PICTURES}+ pictures"
-    else:
-        relative = head.probabilities(features[is_val], persons[is_val])
-        scored = ~np.isnan(relative).any(axis=1) & (labels[is_val] >= 0)
-        if scored.any():
-            own = predict_images(result.model, [im for im, v in zip(images, is_val) if v], result.preprocess,
-                                 device=device)["expression"]
-            y = labels[is_val][scored]
-            info.update(val_images=int(scored.sum()), val_accuracy=float((relative[scored].argmax(1) == y).mean()),
-                        own_val_accuracy=float((own[scored].argmax(1) == y).mean()))
-        better = scored.any() and info["val_accuracy"] > info["own_val_accuracy"]
-        info["used"] = bool(config.person_relative == "on" or better)
-        info["reason"] = ("--person-relative on" if config.person_relative == "on" else
-                          "more accurate than the expression head on the validation persons" if better else
-                          "not more accurate than the expression head on the validation persons" if scored.any()
-                          else f"no validation person with {MIN_PICTURES}+ labelled pictures to decide on")
-    if info["used"]:
-        result.model.relative = fit_person_relative(features, persons, labels, MIN_PICTURES)
+    own = predict_images(result.model, [im for im, v in zip(images, is_val) if v], result.preprocess,
+                         device=device)["expression"]
+    labels = encode_targets(table, ["expression"])["expression"]
+    always = config.person_relative == "on"
+    relative, info = choose(features, table["person"].tolist(), labels, own, is_val, always)
+    info = {"mode": config.person_relative, "min_pictures": MIN_PICTURES, "used": relative is not None, **info}
+    if always and relative is not None:
+        info["reason"] = f"--person-relative on ({info['reason']})"
+    if relative is not None:
+        result.model.relative = relative
         info["images"], info["persons"] = len(table), int(table["person"].nunique())
     result.person_relative = info
     if out_dir is not None:
-        if info["used"]:
+        if relative is not None:
             _rewrite_checkpoint(result, out_dir)
         update_config(out_dir, {"person_relative_fit": info})
 

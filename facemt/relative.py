@@ -10,6 +10,12 @@ answers expression when pictures come grouped by person (``evaluate``, ``cv``, `
 network's own expression head answers every other face. It only helps where a person's pictures
 span the expressions (a person photographed only smiling is centred on a smile), which is why fit
 uses it only when it beats the network's head on the validation persons.
+
+Three classifiers are tried (:data:`VARIANTS`): on the centred features alone (``centred``: persons who
+show every expression), on the features and the centred features side by side (``both``: persons who
+show only one or two expressions, where the centred features say little), and ``both`` multiplied
+with the network's own expression probabilities (``both x head``: the two as a product of experts).
+:func:`choose` picks one on persons held out from its fit, or keeps the network's head.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from facemt.errors import FacemtError
 from facemt.tasks import TASKS
 
 if TYPE_CHECKING:
@@ -34,31 +41,49 @@ C = 0.01
 MIN_PICTURES = 3
 #: a class the training pictures never showed gets this logit (exp() of it is 0 in float32)
 ABSENT = -1e4
+#: the classifiers :func:`choose` tries: name -> (what it reads, whether it multiplies in the network's head)
+VARIANTS: dict[str, tuple[str, bool]] = {"centred": ("centred", False), "both": ("both", False),
+                                         "both x head": ("both", True)}
+#: the name :func:`choose` gives the network's own head
+HEAD = "head"
 
 
 class PersonRelative(nn.Module):
-    """The fitted person-relative expression classifier: standardisation of the centred trunk features
-    and a linear map to the classes of :data:`TASK` (schema order). Its buffers travel in the run's
-    ``model.safetensors`` (``relative.*``); ``config.json`` ``person_relative`` holds ``min_pictures``."""
+    """The fitted person-relative expression classifier (one of :data:`VARIANTS`): standardisation of
+    what it reads and a linear map to the classes of :data:`TASK` (schema order). Its buffers travel in
+    the run's ``model.safetensors`` (``relative.*``); ``config.json`` ``person_relative`` holds
+    ``min_pictures`` and ``variant``."""
 
-    def __init__(self, features: int, min_pictures: int = MIN_PICTURES) -> None:
+    def __init__(self, features: int, min_pictures: int = MIN_PICTURES, variant: str = "centred") -> None:
         super().__init__()
+        if variant not in VARIANTS:
+            raise FacemtError(f"unknown person-relative classifier {variant!r} (known: {', '.join(VARIANTS)}); "
+                              "a newer facemt wrote this run")
         k = TASKS[TASK].num_classes
-        self.min_pictures = int(min_pictures)
-        self.register_buffer("mean", torch.zeros(features))
-        self.register_buffer("scale", torch.ones(features))
-        self.register_buffer("weight", torch.zeros(k, features))
+        self.min_pictures, self.variant = int(min_pictures), variant
+        self.inputs, self.with_head = VARIANTS[variant]
+        width = features * (2 if self.inputs == "both" else 1)
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("scale", torch.ones(width))
+        self.register_buffer("weight", torch.zeros(k, width))
         self.register_buffer("bias", torch.zeros(k))
 
-    def probabilities(self, features: np.ndarray, persons: Sequence[object | None]) -> np.ndarray:
+    def probabilities(self, features: np.ndarray, persons: Sequence[object | None],
+                      own: np.ndarray | None = None) -> np.ndarray:
         """N x classes probabilities for trunk ``features`` (:func:`trunk_features`); rows of a face whose
         person is unknown or has fewer than ``min_pictures`` pictures among them are NaN (the network's
-        own head answers those)."""
-        centred, ok = centre(features, persons, self.min_pictures)
+        own head answers those). ``own``: the network's expression probabilities of the same faces,
+        needed by a variant that multiplies them in."""
+        x, ok = design(features, persons, self.min_pictures, self.inputs)
         out = np.full((len(features), len(self.bias)), np.nan, dtype=np.float32)
         if ok.any():
-            x = (torch.from_numpy(centred[ok]) - self.mean.cpu()) / self.scale.cpu()
-            out[ok] = torch.softmax(x @ self.weight.cpu().T + self.bias.cpu(), dim=1).numpy()
+            x = (torch.from_numpy(x[ok]) - self.mean.cpu()) / self.scale.cpu()
+            logits = x @ self.weight.cpu().T + self.bias.cpu()
+            if self.with_head:
+                if own is None:
+                    raise ValueError(f"the {self.variant!r} person-relative classifier needs the head's probabilities")
+                logits = logits + torch.from_numpy(np.log(np.clip(own[ok], 1e-12, 1.0))).float()
+            out[ok] = torch.softmax(logits, dim=1).numpy()
         return out
 
 
@@ -74,6 +99,16 @@ def centre(features: np.ndarray, persons: Sequence[object | None], min_pictures:
             out[rows] -= out[rows].mean(axis=0)
             ok[rows] = True
     return out, ok
+
+
+def design(features: np.ndarray, persons: Sequence[object | None], min_pictures: int,
+           inputs: str) -> tuple[np.ndarray, np.ndarray]:
+    """What a classifier reading ``inputs`` (``centred`` or ``both``) sees, and which rows it may answer
+    (:func:`centre`)."""
+    centred, ok = centre(features, persons, min_pictures)
+    if inputs == "both":
+        return np.hstack([np.asarray(features, dtype=np.float32), centred]), ok
+    return centred, ok
 
 
 def trunk_features(model: "MultiTaskNet", images: Sequence[np.ndarray], preprocess: "PreprocessConfig",
@@ -94,21 +129,22 @@ def trunk_features(model: "MultiTaskNet", images: Sequence[np.ndarray], preproce
 
 
 def fit_person_relative(features: np.ndarray, persons: Sequence[object | None], labels: np.ndarray,
-                        min_pictures: int = MIN_PICTURES) -> PersonRelative | None:
-    """Fit the classifier on training pictures (``labels``: class indices of :data:`TASK`, -1 where
-    unknown). None when fewer than two classes are labelled on persons with ``min_pictures`` pictures.
-    Centring uses every picture of a person, labelled or not."""
+                        min_pictures: int = MIN_PICTURES, variant: str = "centred") -> PersonRelative | None:
+    """Fit the classifier ``variant`` (:data:`VARIANTS`) on training pictures (``labels``: class indices
+    of :data:`TASK`, -1 where unknown). None when fewer than two classes are labelled on persons with
+    ``min_pictures`` pictures. Centring uses every picture of a person, labelled or not. A variant that
+    multiplies in the network's head is fitted alone (the two are independent experts)."""
     from sklearn.linear_model import LogisticRegression
 
-    centred, ok = centre(features, persons, min_pictures)
+    head = PersonRelative(np.shape(features)[1], min_pictures, variant)
+    x, ok = design(features, persons, min_pictures, head.inputs)
     use = ok & (labels >= 0)
     classes = np.unique(labels[use])
     if len(classes) < 2:
         return None
-    x = centred[use]
+    x = x[use]
     mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-6
     clf = LogisticRegression(C=C, max_iter=3000).fit((x - mean) / scale, labels[use])
-    head = PersonRelative(x.shape[1], min_pictures)
     weight, bias = head.weight.numpy(), head.bias.numpy()  # views: filled in place
     bias[:] = ABSENT
     if len(classes) == 2:  # sklearn's binary model: one row, for the second class
@@ -128,5 +164,47 @@ def with_person_relative(model: "MultiTaskNet", arrays: Sequence[np.ndarray], pr
     if model.relative is None or persons is None or not len(arrays):
         return own
     device = next(model.parameters()).device
-    relative = model.relative.probabilities(trunk_features(model, arrays, preprocess, device), persons)
+    relative = model.relative.probabilities(trunk_features(model, arrays, preprocess, device), persons, own)
     return np.where(np.isnan(relative), own, relative)
+
+
+def _scores(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy and mean log-loss of ``probs`` on ``labels``."""
+    hit = np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)
+    return {"accuracy": float((probs.argmax(1) == labels).mean()), "log_loss": float(-np.log(hit).mean())}
+
+
+def choose(features: np.ndarray, persons: Sequence[object | None], labels: np.ndarray, own: np.ndarray,
+           held_out: np.ndarray, always: bool = False) -> tuple[PersonRelative | None, dict]:
+    """Fit every variant (:data:`VARIANTS`) on the rows not ``held_out`` and score each, and the network's
+    head (``own``: its expression probabilities of the held-out rows), on the held-out rows they answer; the best
+    is the most accurate, then the lowest log-loss (the head among them). Return the best variant refitted
+    on every row, or None where the head is best (``always``: the best variant even then), and what was
+    measured: ``scores`` (name -> accuracy and log-loss), ``val_images`` scored, ``best`` (a name or
+    :data:`HEAD`), ``reason``, and ``variant`` (the one returned)."""
+    persons = np.asarray(persons, dtype=object)
+    fitted = {name: fit_person_relative(features[~held_out], persons[~held_out], labels[~held_out],
+                                        MIN_PICTURES, name) for name in VARIANTS}
+    fitted = {name: clf for name, clf in fitted.items() if clf is not None}
+    if not fitted:
+        return None, {"reason": f"fewer than two expressions labelled on persons with {MIN_PICTURES}+ pictures"}
+    answers = {name: clf.probabilities(features[held_out], persons[held_out], own)
+               for name, clf in fitted.items()}
+    y = labels[held_out]
+    scored = ~np.isnan(next(iter(answers.values()))).any(axis=1) & (y >= 0)
+    if not scored.any():
+        info = {"reason": f"no held-out person with {MIN_PICTURES}+ labelled pictures to decide on"}
+        best = next(iter(fitted)) if always else None
+    else:
+        scores = {name: _scores(p[scored], y[scored]) for name, p in answers.items()}
+        scores[HEAD] = _scores(own[scored], y[scored])
+        rank = lambda k: (-scores[k]["accuracy"], scores[k]["log_loss"], k != HEAD)  # noqa: E731
+        best = min(scores, key=rank)
+        info = {"scores": scores, "val_images": int(scored.sum()), "best": best,
+                "reason": "the network's head is best on the held-out persons" if best == HEAD else
+                f"{best!r} is best on the held-out persons"}
+        if best == HEAD:
+            best = min(fitted, key=rank) if always else None
+    if best is None:
+        return None, info
+    return fit_person_relative(features, persons, labels, MIN_PICTURES, best), {**info, "variant": best}

@@ -19,7 +19,7 @@ from facemt.data import ImageCache, index_folder, person_of
 from facemt.engine import decode_images
 from facemt.errors import FacemtError
 from facemt.model import create_model
-from facemt.relative import PersonRelative, centre, fit_person_relative
+from facemt.relative import HEAD, VARIANTS, PersonRelative, centre, choose, fit_person_relative
 from facemt.tasks import TASKS
 
 from conftest import TINY_FIT
@@ -87,11 +87,81 @@ def test_a_run_carries_its_classifier_and_answers_the_same_after_loading(tmp_pat
     start.relative = fit_person_relative(features[::-1].copy(), who, y)
     model.keep(start, ["gender"])  # a start model carrying its own classifier travels too
     save_checkpoint(tmp_path / "run", model, "resnet18", pre)
-    assert read_config(tmp_path / "run")["person_relative"] == {"task": "expression", "min_pictures": 3}
+    assert read_config(tmp_path / "run")["person_relative"] == {"task": "expression", "min_pictures": 3,
+                                                                "variant": "centred"}
     loaded, _, _ = load_checkpoint(tmp_path / "run")
     assert isinstance(loaded.relative, PersonRelative) and isinstance(loaded.kept.relative, PersonRelative)
     assert np.allclose(loaded.relative.probabilities(features, who), model.relative.probabilities(features, who),
                        atol=1e-6)
+    own = np.random.default_rng(1).dirichlet(np.ones(EXPRESSIONS), size=len(y)).astype(np.float32)
+    model.relative = fit_person_relative(features, who, y, variant="both x head")
+    save_checkpoint(tmp_path / "run2", model, "resnet18", pre)
+    loaded = load_checkpoint(tmp_path / "run2")[0].relative
+    assert loaded.variant == "both x head" and loaded.mean.shape == (2 * model.trunk.num_features,)
+    assert np.allclose(loaded.probabilities(features, who, own), model.relative.probabilities(features, who, own),
+                       atol=1e-6)
+    config = read_config(tmp_path / "run2")
+    config["person_relative"]["variant"] = "sideways"  # a run from a newer facemt
+    (tmp_path / "run2" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FacemtError, match="unknown person-relative classifier 'sideways'"):
+        load_checkpoint(tmp_path / "run2")
+
+
+def _one_expression_each(persons: int, seed: int):
+    """Features of persons who each show one expression (three frames of it): who the person is moves
+    the features less than the expression does, and centring on the person leaves nothing."""
+    rng = np.random.default_rng(seed)
+    directions = np.random.default_rng(99).normal(size=(EXPRESSIONS, 64))
+    feats, who, labels = [], [], []
+    for p in range(persons):
+        face, k = rng.normal(scale=0.5, size=64), p % EXPRESSIONS
+        for _ in range(3):
+            feats.append(face + 2.0 * directions[k] + rng.normal(scale=0.1, size=64))
+            who.append(f"p{p}")
+            labels.append(k)
+    return np.array(feats, dtype=np.float32), who, np.array(labels)
+
+
+def test_features_beside_the_centred_ones_read_persons_who_show_one_expression():
+    x, who, y = _one_expression_each(36, seed=0)
+    test_x, test_who, test_y = _one_expression_each(12, seed=1)
+    accuracy = {name: (fit_person_relative(x, who, y, variant=name).probabilities(
+        test_x, test_who, np.full((len(test_y), EXPRESSIONS), 1 / EXPRESSIONS)).argmax(1) == test_y).mean()
+        for name in VARIANTS}
+    assert accuracy["both"] > 0.9 and accuracy["both x head"] > 0.9 and accuracy["centred"] < 0.5
+
+
+def test_both_x_head_is_both_multiplied_by_the_heads_probabilities():
+    x, who, y = _posed(6, seed=0)
+    own = np.random.default_rng(0).dirichlet(np.ones(EXPRESSIONS), size=len(y)).astype(np.float32)
+    both = fit_person_relative(x, who, y, variant="both").probabilities(x, who)
+    product = fit_person_relative(x, who, y, variant="both x head").probabilities(x, who, own)
+    want = both * own / (both * own).sum(1, keepdims=True)
+    assert np.allclose(product, want, atol=1e-5)
+    with pytest.raises(ValueError, match="needs the head's probabilities"):
+        fit_person_relative(x, who, y, variant="both x head").probabilities(x, who)
+
+
+def test_choose_keeps_the_head_unless_a_classifier_beats_it_on_the_held_out_persons():
+    x, who, y = _posed(10, seed=0)
+    held_out = np.isin(who, ["p8", "p9"])
+    guess = np.full((held_out.sum(), EXPRESSIONS), 1 / EXPRESSIONS, dtype=np.float32)
+    relative, info = choose(x, who, y, guess, held_out)  # a head that knows nothing: a classifier wins
+    assert relative is not None and info["best"] == info["variant"] != HEAD and info["val_images"] == held_out.sum()
+    best = max(info["scores"], key=lambda k: (info["scores"][k]["accuracy"], -info["scores"][k]["log_loss"]))
+    assert best == info["best"] and info["scores"][best]["accuracy"] > 0.95
+    # held-out persons whose expressions look like the next one's to the features, and a head that knows them
+    y = np.where(held_out, (y + 1) % EXPRESSIONS, y)
+    sure = np.eye(EXPRESSIONS, dtype=np.float32)[y[held_out]] * 0.999 + 0.001 / EXPRESSIONS
+    relative, info = choose(x, who, y, sure, held_out)
+    assert relative is None and info["best"] == HEAD and "variant" not in info
+    assert all(info["scores"][k]["accuracy"] < 0.5 for k in ("centred", "both"))
+    relative, info = choose(x, who, y, sure, held_out, always=True)  # --person-relative on: the best classifier
+    assert relative is not None and info["best"] == HEAD and info["variant"] in VARIANTS
+    assert relative.variant == info["variant"]
+    # two pictures of one person held out: too few to read against each other, so auto keeps the head
+    relative, info = choose(x, who, y, guess[:2], np.arange(len(y)) < 2)
+    assert relative is None and "no held-out person" in info["reason"]
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +174,9 @@ def relative_run(faces_dir, tmp_path_factory):
 
 def test_fit_decides_on_the_validation_persons_and_records_why(run_dir, relative_run):
     auto = read_config(run_dir)["person_relative_fit"]  # fit's default: auto
-    assert auto["mode"] == "auto" and auto["val_images"] > 0
-    assert auto["used"] == (auto["val_accuracy"] > auto["own_val_accuracy"])
+    assert auto["mode"] == "auto" and auto["val_images"] > 0 and set(auto["scores"]) == {HEAD, *VARIANTS}
+    rank = {k: (v["accuracy"], -v["log_loss"]) for k, v in auto["scores"].items()}
+    assert rank[auto["best"]] == max(rank.values()) and auto["used"] == (auto["best"] != HEAD)
     assert ("person_relative" in read_config(run_dir)) == auto["used"]
     on = read_config(relative_run)
     assert on["person_relative_fit"]["used"] and on["person_relative_fit"]["images"] == 72

@@ -182,8 +182,15 @@ def test_fine_tuning_study_scores_untouched_tuned_and_fit_on_the_same_folds(stud
                         "--csv", str(csv), "--results", str(results)]) == 0
     folds = pd.read_csv(csv)
     relative = {f"relative-{trunk}{rows}" for trunk in ("tuned", "start") for rows in ("", "-all")}
-    assert set(folds["arm"]) == {"untouched", "tuned", "blend", "fit"} | relative and set(folds["fold"]) == {0, 1}
-    assert set(folds.loc[folds["arm"].isin(relative), "head"]) == {"expression"}
+    assert set(folds["arm"]) == {"untouched", "tuned", "blend", "fit", "step"} | relative
+    assert set(folds["fold"]) == {0, 1}
+    assert set(folds.loc[folds["arm"].isin(relative | {"step"}), "head"]) == {"expression"}
+    # fit's person-relative step as fit runs it: what it chose, and the fit arm's answer where it chose the head
+    steps = folds[folds["arm"] == "step"].set_index(["variant", "fold", "head"])
+    assert len(steps) == 4 and set(steps["step_choice"]) <= {"head", "centred", "both", "both x head"}
+    fitted = folds[folds["arm"] == "fit"].set_index(["variant", "fold", "head"])["accuracy"]
+    on_head = steps["step_choice"] == "head"
+    assert np.allclose(steps.loc[on_head, "accuracy"], fitted.loc[steps.index[on_head]])
     assert folds.loc[folds["arm"] == "relative-tuned", "val_relative"].between(0, 1).all()
     assert folds["val_blend"].between(0, 1).all() and (folds[["val_nll_tuned", "val_nll_untouched"]] >= 0).all().all()
     # the start model untouched scores the same whatever the variant; fit equals the start where it kept it
@@ -216,7 +223,8 @@ def test_fine_tuning_study_scores_untouched_tuned_and_fit_on_the_same_folds(stud
     assert script.FIT_RULE in tie["linear-probe"]
     # fit's rule over several draws of folds (here the same draw twice): every fold result of each, pooled
     assert script.main(["--draws", str(csv), str(csv), "--results", str(results)]) == 0
-    drawn, with_relative = results.read_text().split("### Fit's defaults over 2 draws")[1].split("person-relative step")
+    drawn, with_relative, with_step = (results.read_text().split("### Fit's defaults over 2 draws")[1]
+                                       .split("person-relative step"))
     rows = [r.split(" | ") for r in drawn.splitlines() if r.startswith("| synth |")]
     # fit's person-relative step: expression answered by the classifier where it beat the chosen head on validation
     step = script.rules(folds)
@@ -230,6 +238,9 @@ def test_fine_tuning_study_scores_untouched_tuned_and_fit_on_the_same_folds(stud
         want = arms.loc[key, "relative-tuned-all"] if won[key] > chosen else arms.loc[key, "fit"]
         assert r["gain"] == pytest.approx(want - arms.loc[key, "untouched"])
     assert "| synth | expression |" in with_relative
+    step_row = next(r.split(" | ") for r in with_step.splitlines() if r.startswith("| synth | expression |"))
+    gain = (steps["accuracy"] - arms.loc[steps.index, "untouched"]).loc["defaults"].mean()
+    assert abs(float(step_row[4].split(" ")[0]) - 100 * gain) < 0.051
     gains = fits.loc["defaults"].groupby("head").mean()
     assert {r[1] for r in rows} == set(gains.index)
     for r in rows:

@@ -80,11 +80,11 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
                                 "epochs validation chose and save that model, with the heads and temperatures "
                                 "validation chose (costs a second training)"}),
     ("optim", "person_relative", {"choices": PERSON_RELATIVE,
-                                  "help": "also fit an expression classifier that reads a face against the same "
+                                  "help": "also fit expression classifiers that read a face against the same "
                                           "person's other pictures, used when pictures come grouped by person "
-                                          "(evaluate, cv, predict --person-from): auto when it beats the "
-                                          "network's expression head on the validation persons, on: always, "
-                                          "off: never (default %(default)s)"}),
+                                          "(evaluate, cv, predict --person-from): auto: the best of three when it "
+                                          "beats the network's expression head on the validation persons, on: the "
+                                          "best of three always, off: none (default %(default)s)"}),
     ("augment", "jitter_consistency", {"type": float, "metavar": "W",
                                        "help": "also train every face re-framed by a few pixels (the face detector's "
                                        "own alignment noise) to give the same probabilities, with this weight "
@@ -279,12 +279,13 @@ def _fit_and_report(args, out: Console, err: Console, run: Path, config: TrainCo
 
 
 def _relative_line(info: dict) -> str:
-    """What fit decided about the person-relative expression classifier, in one line."""
-    scores = (f" ({100 * info['val_accuracy']:.1f} % against the head's {100 * info['own_val_accuracy']:.1f} % on "
-              f"{info['val_images']} validation pictures)" if "val_accuracy" in info else "")
+    """What fit decided about the person-relative expression classifiers, in one line."""
+    scores = info.get("scores", {})
+    scores = (" (validation accuracy on " + f"{info['val_images']} pictures: "
+              + ", ".join(f"{name} {100 * s['accuracy']:.1f} %" for name, s in scores.items()) + ")" if scores else "")
     if info["used"]:
-        return (f"person-relative expression: used when pictures come grouped by person (evaluate, cv, predict "
-                f"--person-from), for persons with {info['min_pictures']}+ pictures{scores}; {info['reason']}")
+        return (f"person-relative expression: {info['variant']!r} used when pictures come grouped by person (evaluate, "
+                f"cv, predict --person-from), for persons with {info['min_pictures']}+ pictures{scores}; {info['reason']}")
     return f"person-relative expression: not used{scores}; {info['reason']}"
 
 
