@@ -419,6 +419,14 @@ def over_draws(frames: list[pd.DataFrame], variant: str = "defaults", rule: str 
     return lines
 
 
+def step_choices(frames: list[pd.DataFrame], variant: str = "defaults") -> list[str]:
+    """How often fit's person-relative step chose each classifier (or the head), per set, over the draws."""
+    steps = pd.concat([f[(f["arm"] == STEP_ARM) & (f["variant"] == variant)] for f in frames if "step_choice" in f])
+    return ["What the step chose, per set over every fold result: " + "; ".join(
+        f"{name} " + ", ".join(f"{choice} {n}" for choice, n in g["step_choice"].value_counts().items())
+        for name, g in steps.groupby("set")) + "."]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -453,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         if any(STEP_ARM in set(f["arm"]) for f in frames):
             lines += ["", "With fit's person-relative step as fit runs it now (the best of three classifiers and the "
                       "head on the validation persons; draws without the arm keep fit's answer):", "",
-                      *over_draws(frames, arm=STEP_ARM)]
+                      *over_draws(frames, arm=STEP_ARM), "", *step_choices(frames)]
         if args.results:
             publish(lines, args.results)
         else:

@@ -241,6 +241,9 @@ def test_fine_tuning_study_scores_untouched_tuned_and_fit_on_the_same_folds(stud
     step_row = next(r.split(" | ") for r in with_step.splitlines() if r.startswith("| synth | expression |"))
     gain = (steps["accuracy"] - arms.loc[steps.index, "untouched"]).loc["defaults"].mean()
     assert abs(float(step_row[4].split(" ")[0]) - 100 * gain) < 0.051
+    chose = with_step.split("What the step chose, per set over every fold result: synth ")[1].split(".")[0]
+    counts = {c.rsplit(" ", 1)[0]: int(c.rsplit(" ", 1)[1]) for c in chose.split(", ")}
+    assert counts == (steps.loc["defaults", "step_choice"].value_counts() * 2).to_dict()  # the same draw twice
     gains = fits.loc["defaults"].groupby("head").mean()
     assert {r[1] for r in rows} == set(gains.index)
     for r in rows:
