@@ -188,6 +188,14 @@ FACES_AGE_RANGES = {"young": (19, 31), "middle": (39, 55), "old": (69, 80)}
 ADULT_AGE = 18
 
 
+def persons_in(table: pd.DataFrame) -> list[str | None]:
+    """Each row's person for reading a person's pictures together, qualified by the row's source where
+    the table mixes sources (person ``01`` of two sets is two people); None where unknown."""
+    sources = table["source"].nunique() > 1 if "source" in table else False
+    return [None if pd.isna(p) else f"{s}/{p}" if sources else str(p)
+            for p, s in zip(table["person"], table["source"] if sources else table["person"])]
+
+
 def person_of(path: str | os.PathLike, how: str) -> str:
     """The person an image file shows, for pictures read together per person: ``name``: the id of a
     FACES (``004_o_m_a_a.jpg``) or JAFFE (``KA.AN1.39.tiff``) file name; ``folder``: the folder it is in.

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 from facemt.checkpoint import (ResumeState, base_dir, discard_resume, load_checkpoint, load_resume,
                                read_config, run_name, save_checkpoint, save_resume, update_config)
 from facemt.checks import check_data
-from facemt.data import DataIndex, FaceDataset, ImageCache, encode_targets, is_ferplus_test, soft_targets
+from facemt.data import (DataIndex, FaceDataset, ImageCache, encode_targets, is_ferplus_test, persons_in,
+                         soft_targets)
 from facemt.splits import validation_split
 from facemt.config import (BASE_NAME, DEFAULT_IMAGE_SIZE, DISTILL_TEMPERATURE, FINE_TUNE_BACKBONE_LR_SCALE,
                            FINE_TUNE_MIXUP, TrainConfig)
@@ -848,7 +849,7 @@ def person_relative_step(result: TrainResult, index: DataIndex, rows: tuple[Sequ
                          device=device)["expression"]
     labels = encode_targets(table, ["expression"])["expression"]
     always = config.person_relative == "on"
-    relative, info = choose(features, table["person"].tolist(), labels, own, is_val, always)
+    relative, info = choose(features, persons_in(table), labels, own, is_val, always)
     info = {"mode": config.person_relative, "min_pictures": MIN_PICTURES, "used": relative is not None, **info}
     if always and relative is not None:
         info["reason"] = f"--person-relative on ({info['reason']})"

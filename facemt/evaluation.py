@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from facemt.data import DataIndex, ImageCache, encode_targets
+from facemt.data import DataIndex, ImageCache, encode_targets, persons_in
 from facemt.splits import make_folds, person_groups
 from facemt.errors import FacemtError
 from facemt.losses import expected_calibration_error
-from facemt.tasks import TASKS
+from facemt.tasks import PERSON_HEADS, TASKS
 
 if TYPE_CHECKING:
     from facemt.engine import TrainConfig
@@ -78,8 +78,6 @@ def evaluation_notes(config: dict, tasks: Sequence[str], table: pd.DataFrame) ->
     return notes
 
 
-#: Heads whose label cannot change within one person (a person has one age group and one gender in a set).
-PERSON_HEADS = ("age_group", "gender")
 
 
 def person_consistency(table: pd.DataFrame, predicted: dict[str, np.ndarray],
@@ -425,7 +423,7 @@ class _Scorer:
         probs = predict_images(model, images, preprocess, self.batch_size, device)
         test = self.table.iloc[run.test_rows]
         if "expression" in probs:  # a run carrying the person-relative classifier reads each test person's faces together
-            probs["expression"] = with_person_relative(model, images, preprocess, test["person"].tolist(),
+            probs["expression"] = with_person_relative(model, images, preprocess, persons_in(test),
                                                        probs["expression"])
         metrics = evaluate_predictions(test, probs)
         for head in heads:
@@ -444,7 +442,7 @@ def _score_person_relative(scorer: _Scorer, result, run: _Run) -> None:
     model, rows = result.model, list(run.train_rows)
     images = scorer.cache.load([scorer.table["path"].iloc[j] for j in rows], result.preprocess)[0]
     features = trunk_features(model, images, result.preprocess, next(model.parameters()).device)
-    model.relative = fit_person_relative(features, scorer.table["person"].iloc[rows].tolist(),
+    model.relative = fit_person_relative(features, persons_in(scorer.table.iloc[rows]),
                                          scorer.targets["expression"][rows], MIN_PICTURES)
     if model.relative is not None:
         scorer.score(model, result.preprocess, run, "person-relative", ["expression"])

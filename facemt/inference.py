@@ -16,7 +16,7 @@ from facemt.config import PRIORS
 from facemt.engines import ENGINES, OnnxModel, matching_graph, onnxruntime_available, quantize_int8
 from facemt.errors import FacemtError
 from facemt.images import ImageInput, as_rgb_image
-from facemt.tasks import TASKS, check_schema, class_prior
+from facemt.tasks import PERSON_HEADS, TASKS, check_schema, class_prior, per_person
 from facemt.faces import Face, face_to_photo, framing
 from facemt.synth import draw_face, make_person
 from facemt.transforms import PreprocessConfig, build_transform, face_images
@@ -445,11 +445,15 @@ class Predictor:
         """Class probabilities per head (N x classes) for faces already framed
         and cached (:func:`facemt.engine.decode_images`), with this
         predictor's engine, ``tta`` and ``prior``. With ``persons`` (each face's
-        person, None where unknown) and a run carrying the person-relative
+        person, None where unknown), the faces of a person share one answer for
+        age group and gender (:func:`facemt.tasks.per_person`: the mean of their
+        log-probabilities), and with a run carrying the person-relative
         classifier, expression is read against the same person's other faces
         among ``arrays`` (:mod:`facemt.relative`) wherever it can be."""
         probs = predict_images(self.model, arrays, self.preprocess, self.batch_size, self.device, self.tta,
                                self.class_weights, self.jitter)
+        if persons is not None:
+            probs.update({t: per_person(p, persons) for t, p in probs.items() if t in PERSON_HEADS})
         if persons is not None and self.person_relative:
             from facemt.relative import with_person_relative
 
@@ -460,8 +464,9 @@ class Predictor:
     def predict_persons(self, paths: Sequence[str | os.PathLike], persons: Sequence[object | None],
                         fallback: bool = False, min_face: int = 0) -> list[Prediction]:
         """The largest face of each image file, knowing each file's person: as :meth:`predict_files`
-        answers them, except that a run carrying the person-relative classifier reads expression
-        against the same person's other faces (persons with its ``min_pictures`` or more faces found).
+        answers them, except that a person's faces share one age group and gender answer and a run
+        carrying the person-relative classifier reads expression against the same person's other
+        faces (persons with its ``min_pictures`` or more faces found).
         Every face is held in memory until all are framed (a person's pictures are read together)."""
         if len(paths) != len(persons):
             raise FacemtError(f"{len(paths)} files but {len(persons)} persons")

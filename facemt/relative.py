@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from facemt.errors import FacemtError
-from facemt.tasks import TASKS
+from facemt.tasks import TASKS, person_keys
 
 if TYPE_CHECKING:
     from facemt.model import MultiTaskNet
@@ -90,7 +90,7 @@ class PersonRelative(nn.Module):
 def centre(features: np.ndarray, persons: Sequence[object | None], min_pictures: int) -> tuple[np.ndarray, np.ndarray]:
     """``features`` minus the mean of the same person's rows, and which rows have a person with at
     least ``min_pictures`` rows (the others are left as they are and should not be used)."""
-    keys = np.array(["" if p is None or (isinstance(p, float) and np.isnan(p)) else str(p) for p in persons])
+    keys = person_keys(persons)
     out = np.array(features, dtype=np.float32, copy=True)
     ok = np.zeros(len(keys), dtype=bool)
     for person in np.unique(keys[keys != ""]):

@@ -54,6 +54,9 @@ TASKS: dict[str, Task] = {
     )
 }
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)
+#: heads whose label cannot change within one person (one age group, one gender in a set of pictures):
+#: pictures read together per person share one answer for them (facemt.relative.per_person)
+PERSON_HEADS: tuple[str, ...] = ("age_group", "gender")
 
 
 def select_tasks(names: Iterable[str] | str | None = None) -> tuple[str, ...]:
@@ -101,3 +104,24 @@ def class_prior(counts: Sequence[float] | np.ndarray) -> np.ndarray:
     (:func:`facemt.inference.prior_weights`) use."""
     c = np.asarray(counts, dtype=float) + 1.0
     return c / c.sum()
+
+
+def person_keys(persons: Sequence[object | None]) -> np.ndarray:
+    """Each row's person as a string; "" where unknown (None or NaN)."""
+    return np.array(["" if p is None or (isinstance(p, float) and np.isnan(p)) else str(p) for p in persons])
+
+
+def per_person(probs: np.ndarray, persons: Sequence[object | None]) -> np.ndarray:
+    """``probs`` (N x classes of a head that cannot change within a person: :data:`PERSON_HEADS`)
+    with every row of a person with two or more rows replaced by that person's answer: the mean of the
+    rows' log-probabilities, renormalised (each picture's evidence counts once). Rows of unknown persons
+    and persons with one row stay as they are."""
+    keys = person_keys(persons)
+    out = np.array(probs, dtype=np.float32, copy=True)
+    for person in np.unique(keys[keys != ""]):
+        rows = keys == person
+        if rows.sum() >= 2:
+            pooled = np.log(np.clip(out[rows], 1e-12, 1.0)).mean(axis=0)
+            pooled = np.exp(pooled - pooled.max())
+            out[rows] = pooled / pooled.sum()
+    return out

@@ -15,12 +15,12 @@ import torch
 import facemt
 from facemt.checkpoint import load_checkpoint, read_config, save_checkpoint
 from facemt.cli import main
-from facemt.data import ImageCache, index_folder, person_of
+from facemt.data import ImageCache, index_folder, person_of, persons_in
 from facemt.engine import decode_images
 from facemt.errors import FacemtError
 from facemt.model import create_model
 from facemt.relative import HEAD, VARIANTS, PersonRelative, centre, choose, fit_person_relative
-from facemt.tasks import TASKS
+from facemt.tasks import TASKS, per_person
 
 from conftest import TINY_FIT
 
@@ -196,19 +196,26 @@ def test_evaluate_reads_each_person_together_unless_told_not_to(relative_run, tw
     predictor = facemt.load(relative_run, device="cpu")
     index = index_folder(faces_dir)
     images = decode_images(index, predictor.preprocess, ImageCache(), None)
-    alone, grouped = predictor.probabilities(images), predictor.probabilities(images, index.table["person"].tolist())
+    persons = index.table["person"].tolist()
+    alone, grouped = predictor.probabilities(images), predictor.probabilities(images, persons)
     assert not np.allclose(alone["expression"], grouped["expression"], atol=1e-4)
-    for head in ("age_group", "gender"):
-        assert np.array_equal(alone[head], grouped[head])
-    y = np.array([TASKS["expression"].index(c) for c in index.table["expression"]])
+    for head in ("age_group", "gender"):  # one answer per person: the mean of the pictures' log-probabilities
+        assert np.allclose(grouped[head], per_person(alone[head], persons), atol=1e-6)
+        for person in set(persons):
+            rows = grouped[head][np.array(persons) == person]
+            assert np.allclose(rows, rows[0], atol=1e-6)
     results = []
     for flags in ([], ["--no-person-relative"]):
         capsys.readouterr()
         assert main(["evaluate", "--model", str(relative_run), "--data", str(faces_dir), "--json", *flags]) == 0
         results.append(json.loads(capsys.readouterr().out))
     assert results[0]["person_relative"] and not results[1]["person_relative"]
+    assert results[0]["per_person"] == ["age_group", "gender"] and results[1]["per_person"] == []
+    assert any("one answer per person" in n for n in results[0]["notes"])
     for result, probs in zip(results, (grouped, alone)):
-        assert result["metrics"]["expression"]["accuracy"] == pytest.approx((probs["expression"].argmax(1) == y).mean())
+        for head in TASKS:
+            y = np.array([TASKS[head].index(c) for c in index.table[head]])
+            assert result["metrics"][head]["accuracy"] == pytest.approx((probs[head].argmax(1) == y).mean())
 
 
 def _rows(text: str) -> dict[str, dict]:
@@ -227,7 +234,10 @@ def test_predict_person_from_name_or_folder(relative_run, two_persons, tmp_path,
     for p in want:
         assert np.allclose([float(by_name[p.source][c]) for c in columns],
                            list(p.probabilities["expression"].values()), atol=1e-5)
-        assert by_name[p.source]["gender"] == alone[p.source]["gender"]
+        assert by_name[p.source]["gender"] == p.labels["gender"] and by_name[p.source]["age_group"] == p.labels["age_group"]
+    for person in {person_of(f, "name") for f in files}:  # one age group and gender per person
+        rows = [by_name[str(f)] for f in files if person_of(f, "name") == person]
+        assert len({(r["gender"], r["age_group"]) for r in rows}) == 1
     assert any(by_name[f]["expression"] != alone[f]["expression"] or
                not np.allclose([float(by_name[f][c]) for c in columns], [float(alone[f][c]) for c in columns],
                                atol=1e-4) for f in by_name)
@@ -262,6 +272,35 @@ def test_predict_person_from_says_what_it_cannot_do(relative_run, faces_dir, tmp
 
 
 def test_predict_person_from_with_a_model_without_one_says_so(faces_dir, capsys):
-    files = [str(f) for f in sorted(faces_dir.glob("*.jpg"))[:3]]
+    files = [str(f) for f in sorted(faces_dir.glob("*.jpg"))[:4]]
     assert main(["predict", *files, "--csv", "--person-from", "name"]) == 0  # the built-in model carries none
-    assert "carries no person-relative expression classifier" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "carries no person-relative expression classifier" in captured.err and "age group and gender" in captured.err
+    grouped = _rows(captured.out)
+    assert main(["predict", *files, "--csv"]) == 0
+    alone = _rows(capsys.readouterr().out)
+    columns = [c for c in next(iter(alone.values())) if c.startswith(("expression_p_", "gender_p_", "age_group_p_"))]
+    for head in ("age_group", "gender"):
+        head_columns = [c for c in columns if c.startswith(f"{head}_p_")]
+        for person in {person_of(f, "name") for f in files}:
+            mine = [f for f in files if person_of(f, "name") == person]
+            probs = np.array([[float(alone[f][c]) for c in head_columns] for f in mine])
+            want = per_person(probs, [person] * len(mine))
+            assert np.allclose([[float(grouped[f][c]) for c in head_columns] for f in mine], want, atol=1e-5)
+    for f in files:  # expression: the network's answer, as without --person-from
+        assert np.allclose([float(grouped[f][c]) for c in columns if c.startswith("expression_p_")],
+                           [float(alone[f][c]) for c in columns if c.startswith("expression_p_")], atol=1e-6)
+
+
+def test_a_persons_pictures_share_one_age_group_and_gender():
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.3, 0.7], [0.5, 0.5]], dtype=np.float32)
+    out = per_person(probs, ["a", "a", "a", None, "b"])
+    mean_log = np.log(probs[:3]).mean(0)
+    want = np.exp(mean_log) / np.exp(mean_log).sum()
+    assert np.allclose(out[:3], want, atol=1e-6) and out[0].argmax() == 0  # two of three pictures say class 0
+    assert np.allclose(out[3:], probs[3:])  # an unknown person and a person with one picture: as they were
+    import pandas as pd
+
+    table = pd.DataFrame({"person": ["01", "01", None, "01"], "source": ["faces", "faces", "faces", "rafd"]})
+    assert persons_in(table) == ["faces/01", "faces/01", None, "rafd/01"]  # two sets: two people called 01
+    assert persons_in(table.assign(source="faces")) == ["01", "01", None, "01"]

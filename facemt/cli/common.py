@@ -181,8 +181,9 @@ def add_prior_arg(p: argparse.ArgumentParser) -> None:
 
 def add_person_relative_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-person-relative", action="store_true",
-                   help="answer expression with the network's head alone, even where the run carries the "
-                        "person-relative classifier (fit --person-relative) and each picture's person is known")
+                   help="read every picture alone even where its person is known: no one age group and gender "
+                        "per person, and expression from the network's head even where the run carries the "
+                        "person-relative classifier (fit --person-relative)")
 
 
 def add_model_arg(p: argparse.ArgumentParser) -> None:

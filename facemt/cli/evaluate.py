@@ -67,7 +67,8 @@ def cmd_check_data(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from facemt.data import ImageCache
+    from facemt.data import ImageCache, persons_in
+    from facemt.tasks import PERSON_HEADS
     from facemt.engine import decode_images
     from facemt.evaluation import evaluate_predictions, evaluation_notes
     from facemt.inference import load
@@ -83,12 +84,16 @@ def cmd_evaluate(args: argparse.Namespace, out: Console, err: Console) -> int:
     cache = ImageCache()
     with EventProgress(err) as progress:
         images = decode_images(index, predictor.preprocess, cache, progress)
-    relative = predictor.person_relative and not args.no_person_relative
-    persons = index.table["person"].tolist() if relative else None
+    persons = None if args.no_person_relative else persons_in(index.table)
+    pooled = [t for t in PERSON_HEADS if t in predictor.tasks] if persons and _has_pairs(persons) else []
+    relative = bool(persons) and predictor.person_relative
     metrics = evaluate_predictions(index.table, predictor.probabilities(images, persons))
     if args.explain:
         _class_maps(predictor, index, images, Path(args.explain), args.method, args.overwrite, err)
     notes = evaluation_notes(predictor.config, predictor.tasks, index.table)
+    if pooled:
+        notes.append(f"{' and '.join(pooled)}: one answer per person, from all of that person's pictures "
+                     "(--no-person-relative: each picture alone)")
     if relative:
         notes.append("expression is read against each person's other pictures (the run's person-relative "
                      "classifier; --no-person-relative: the network's head alone)")
@@ -96,7 +101,8 @@ def cmd_evaluate(args: argparse.Namespace, out: Console, err: Console) -> int:
         err.print(f"note: {note}", style="yellow", markup=False, highlight=False)
     if args.json:
         print(json.dumps({"model": str(predictor.run_dir), "images": len(index), "crop": predictor.preprocess.crop,
-                          "tta": predictor.tta, "prior": predictor.prior, "person_relative": relative, "notes": notes,
+                          "tta": predictor.tta, "prior": predictor.prior, "person_relative": relative,
+                          "per_person": pooled, "notes": notes,
                           "framing": cache.framing_counts(index.table), "metrics": metrics}, indent=2))
         return EXIT_OK
     out.print(metrics_table(f"{predictor.run_dir} on {len(index)} images ({predictor.prior} prior)", metrics))
@@ -117,6 +123,12 @@ def cmd_evaluate(args: argparse.Namespace, out: Console, err: Console) -> int:
             cm.add_row(c, *map(str, row))
         out.print(cm)
     return EXIT_OK
+
+
+def _has_pairs(persons: list) -> bool:
+    """Whether some person has two or more of the pictures."""
+    known = [p for p in persons if p is not None]
+    return len(set(known)) < len(known)
 
 
 def _class_maps(predictor, index, images, folder: Path, method: str, overwrite: bool, err: Console) -> None:

@@ -140,7 +140,8 @@ def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
                      engine=args.engine, tta=args.tta, prior=args.prior, jitter=args.jitter)
     if args.person_from and not predictor.person_relative:
         err.print(f"note: {predictor.run_dir} carries no person-relative expression classifier (facemt fit fits one "
-                  "where it helps), so --person-from changes no answer", markup=False, highlight=False)
+                  "where it helps), so --person-from reads only age group and gender per person",
+                  markup=False, highlight=False)
     if shard is not None:
         err.print(f"shard {shard[0]}/{shard[1]}: {len(files)} of {len(all_files)} files -> {out_path}",
                   markup=False, highlight=False)
@@ -369,9 +370,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     video.add_argument("--plot", metavar="FILE.png",
                        help="draw each track's probabilities over time (expression as stacked areas)")
     p.add_argument("--person-from", choices=PERSON_FROM,
-                   help="each photo's person, from its file 'name' (FACES or JAFFE names) or its 'folder': with a "
-                        "run fit with the person-relative classifier, expression is read against the same person's "
-                        "other photos (3 or more); the largest face of each photo")
+                   help="each photo's person, from its file 'name' (FACES or JAFFE names) or its 'folder': a "
+                        "person's photos get one age group and gender (from all of them), and with a run fit with "
+                        "the person-relative classifier, expression is read against the same person's other photos "
+                        "(3 or more); the largest face of each photo")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out or --plot file")
     p.add_argument("--shard", metavar="K/N",
                    help="predict only the K-th of N shards of the sorted file list, into FILE.part-K-of-N.csv "
