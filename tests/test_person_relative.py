@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,7 +192,7 @@ def two_persons(faces_dir, tmp_path_factory):
     return folder
 
 
-def test_evaluate_reads_each_person_together_unless_told_not_to(relative_run, two_persons, capsys):
+def test_evaluate_reads_each_person_together_unless_told_not_to(relative_run, two_persons, tmp_path, capsys):
     faces_dir = two_persons
     predictor = facemt.load(relative_run, device="cpu")
     index = index_folder(faces_dir)
@@ -212,6 +213,14 @@ def test_evaluate_reads_each_person_together_unless_told_not_to(relative_run, tw
     assert results[0]["person_relative"] and not results[1]["person_relative"]
     assert results[0]["per_person"] == ["age_group", "gender"] and results[1]["per_person"] == []
     assert any("one answer per person" in n for n in results[0]["notes"])
+    manifest = tmp_path / "no_persons.csv"  # the same pictures, nobody's person known: every picture alone
+    index.table.drop(columns=["person"]).assign(path=[str(Path(p).resolve()) for p in index.table["path"]]).to_csv(
+        manifest, index=False)
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(relative_run), "--data", str(manifest), "--json"]) == 0
+    unknown = json.loads(capsys.readouterr().out)
+    assert not unknown["person_relative"] and unknown["per_person"] == []
+    assert unknown["metrics"]["expression"]["accuracy"] == results[1]["metrics"]["expression"]["accuracy"]
     for result, probs in zip(results, (grouped, alone)):
         for head in TASKS:
             y = np.array([TASKS[head].index(c) for c in index.table[head]])

@@ -85,8 +85,10 @@ def cmd_evaluate(args: argparse.Namespace, out: Console, err: Console) -> int:
     with EventProgress(err) as progress:
         images = decode_images(index, predictor.preprocess, cache, progress)
     persons = None if args.no_person_relative else persons_in(index.table)
+    if persons is not None and all(p is None for p in persons):
+        persons = None  # nobody's person is known: every picture alone
     pooled = [t for t in PERSON_HEADS if t in predictor.tasks] if persons and _has_pairs(persons) else []
-    relative = bool(persons) and predictor.person_relative
+    relative = persons is not None and predictor.person_relative
     metrics = evaluate_predictions(index.table, predictor.probabilities(images, persons))
     if args.explain:
         _class_maps(predictor, index, images, Path(args.explain), args.method, args.overwrite, err)
