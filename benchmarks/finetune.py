@@ -40,7 +40,7 @@ from studio import SPLIT_FILE, read_split, studio_index, test_rows  # noqa: E402
 
 from facemt.checkpoint import load_checkpoint  # noqa: E402
 from facemt.config import TrainConfig  # noqa: E402
-from facemt.data import DataIndex, ImageCache, encode_targets, index_jaffe, load_sources  # noqa: E402
+from facemt.data import DataIndex, ImageCache, encode_targets, index_jaffe, load_sources, persons_in  # noqa: E402
 from facemt.engine import (decode_images, fit, heads_to_keep, initial_weights, keep_start,  # noqa: E402
                            person_relative_step, val_probabilities)
 from facemt.inference import predict_images  # noqa: E402
@@ -179,7 +179,7 @@ def fit_step(result, sub: DataIndex, val: pd.DataFrame, test: pd.DataFrame, conf
                          replace(config, person_relative="auto"), None, cache)
     images = decode_images(DataIndex(test, []), result.preprocess, cache, None)
     own = predict_images(result.model, images, result.preprocess)["expression"]
-    probs = with_person_relative(result.model, images, result.preprocess, test["person"].tolist(), own)
+    probs = with_person_relative(result.model, images, result.preprocess, persons_in(test), own)
     result.model.relative = None
     info = result.person_relative
     return _scores(test, {"expression": probs}, ["expression"]), info.get("variant", info.get("best", "-"))

@@ -191,9 +191,10 @@ ADULT_AGE = 18
 def persons_in(table: pd.DataFrame) -> list[str | None]:
     """Each row's person for reading a person's pictures together, qualified by the row's source where
     the table mixes sources (person ``01`` of two sets is two people); None where unknown."""
-    sources = table["source"].nunique() > 1 if "source" in table else False
-    return [None if pd.isna(p) else f"{s}/{p}" if sources else str(p)
-            for p, s in zip(table["person"], table["source"] if sources else table["person"])]
+    persons = table["person"]
+    if "source" in table and table["source"].nunique() > 1:
+        persons = (table["source"].astype(str) + "/" + persons.astype(str)).where(persons.notna())
+    return [None if pd.isna(p) else str(p) for p in persons]
 
 
 def person_of(path: str | os.PathLike, how: str) -> str:

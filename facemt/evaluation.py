@@ -78,8 +78,6 @@ def evaluation_notes(config: dict, tasks: Sequence[str], table: pd.DataFrame) ->
     return notes
 
 
-
-
 def person_consistency(table: pd.DataFrame, predicted: dict[str, np.ndarray],
                        heads: Sequence[str] = PERSON_HEADS) -> pd.DataFrame:
     """For every person with two or more pictures and every head of ``heads``: whether the
@@ -415,7 +413,6 @@ class _Scorer:
 
     def score(self, model, preprocess, run: _Run, model_name: str, heads: Sequence[str]) -> None:
         from facemt.engine import predict_images
-
         from facemt.relative import with_person_relative
 
         device = next(model.parameters()).device

@@ -240,11 +240,11 @@ def _relative_section(summary: pd.DataFrame) -> list[str]:
     return ["## Expression read per person", "",
             _markdown_table(["split", "person-relative", "multi-task head", "person-relative − head (95% CI)"], rows),
             "", "*Person-relative* reads each test face's expression against the same person's other test pictures "
-            "(persons with 3 or more), with a classifier fitted on the fold's training persons through the "
+            "(persons with 3 or more), with a classifier (`centred`) fitted on the fold's training persons through the "
             "multi-task model's trunk (`facemt fit --person-relative`); faces of persons with fewer pictures get "
-            "the head's answer. It helps where every person shows several expressions (FACES, JAFFE) and can "
-            "hurt where a person shows one or two. `facemt fit` uses it only when it beats the head on fit's "
-            "validation persons.", ""]
+            "the head's answer. It helps where every person shows several expressions "
+            "(FACES, JAFFE) and can hurt where a person shows one or two. `facemt fit` also tries two readings "
+            "for those and keeps one only when it beats the head on fit's validation persons.", ""]
 
 
 def _folds_text(cfg: dict) -> str:

@@ -55,7 +55,7 @@ TASKS: dict[str, Task] = {
 }
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)
 #: heads whose label cannot change within one person (one age group, one gender in a set of pictures):
-#: pictures read together per person share one answer for them (facemt.relative.per_person)
+#: pictures read together per person share one answer for them (:func:`per_person`)
 PERSON_HEADS: tuple[str, ...] = ("age_group", "gender")
 
 
