@@ -14,7 +14,7 @@ from facemt.data import DataIndex, ImageCache, encode_targets, persons_in
 from facemt.splits import make_folds, person_groups
 from facemt.errors import FacemtError
 from facemt.losses import expected_calibration_error
-from facemt.tasks import PERSON_HEADS, TASKS
+from facemt.tasks import PERSON_HEADS, TASKS, has_pairs, per_person
 
 if TYPE_CHECKING:
     from facemt.engine import TrainConfig
@@ -145,12 +145,19 @@ def paired_interval(diff: Sequence[float], level: float = 0.95) -> tuple[float, 
     return mean, mean - half, mean + half
 
 
-def _against(multitask: pd.Series, other: pd.Series, name: str, diff: str) -> dict:
-    """``other``'s mean and std as ``name_*``, and multitask - other paired over
-    (seed, fold) with its 95 % interval as ``diff_*``."""
-    mean, low, high = paired_interval((multitask - other.reindex(multitask.index)).dropna())
-    return {f"{name}_mean": other.mean(), f"{name}_std": other.std(ddof=1) if len(other) > 1 else 0.0,
-            f"{diff}_mean": mean, f"{diff}_ci_low": low, f"{diff}_ci_high": high}
+def _spread(accuracy: pd.Series, name: str) -> dict:
+    """``accuracy``'s mean and std over (seed, fold) as ``name_mean`` / ``name_std``."""
+    return {f"{name}_mean": accuracy.mean(), f"{name}_std": accuracy.std(ddof=1) if len(accuracy) > 1 else 0.0}
+
+
+def _paired(a: pd.Series, b: pd.Series, diff: str) -> dict:
+    """a - b paired over (seed, fold): the mean and its 95 % interval as ``diff_mean`` / ``diff_ci_*``."""
+    mean, low, high = paired_interval((a - b.reindex(a.index)).dropna())
+    return {f"{diff}_mean": mean, f"{diff}_ci_low": low, f"{diff}_ci_high": high}
+
+
+#: cv's records of a head read per person (:func:`facemt.tasks.per_person`): model -> its name there
+PER_PERSON = {"multitask": "per-person", "zero-shot": "zero-shot per-person"}
 
 
 @dataclass
@@ -181,28 +188,31 @@ class CVResult:
         paired difference (multi - single) with a 95% t-interval over folds x
         seeds, and the majority-class baseline; when training started from a
         facemt model, that model untouched (``zero_shot_*``) and what
-        fine-tuning added to it (``gain_*``: multi-task - zero-shot, paired)."""
+        fine-tuning added to it (``gain_*``: multi-task - zero-shot, paired); the
+        person-relative expression classifier (``person_relative_*``, ``relative_gain_*``
+        over the head); age group and gender read per test person (``per_person_*``,
+        ``per_person_gain_*`` over each picture alone, and the untouched model read per
+        person: ``zero_shot_per_person_*``, ``per_person_zero_gain_*``)."""
         rows = []
-        r = self.records
-        for (protocol, head), g in r.groupby(["protocol", "head"], sort=False):
-            mt = g[g["model"] == "multitask"].set_index(["seed", "fold"])["accuracy"]
-            st = g[g["model"] == "single"].set_index(["seed", "fold"])["accuracy"]
-            row = {
-                "protocol": protocol, "head": head, "pairs": int(len(mt)),
-                "multitask_mean": mt.mean(), "multitask_std": mt.std(ddof=1) if len(mt) > 1 else 0.0,
-                "majority_mean": g[g["model"] == "multitask"]["majority_accuracy"].mean(),
-            }
-            if len(st):
-                row.update(_against(mt, st, "single", "diff"))
-            zs = g[g["model"] == "zero-shot"].set_index(["seed", "fold"])["accuracy"]
-            if len(zs):
-                row.update(_against(mt, zs, "zero_shot", "gain"))
-            relative = g[g["model"] == "person-relative"].set_index(["seed", "fold"])["accuracy"]
-            if len(relative):  # its gain over the multi-task head: the same network, read per person
-                mean, low, high = paired_interval((relative - mt.reindex(relative.index)).dropna())
-                row.update(person_relative_mean=relative.mean(), relative_gain_mean=mean, relative_gain_ci_low=low,
-                           relative_gain_ci_high=high,
-                           person_relative_std=relative.std(ddof=1) if len(relative) > 1 else 0.0)
+        for (protocol, head), g in self.records.groupby(["protocol", "head"], sort=False):
+            acc = {m: a.set_index(["seed", "fold"])["accuracy"] for m, a in g.groupby("model", sort=False)}
+            mt = acc["multitask"]
+            row = {"protocol": protocol, "head": head, "pairs": int(len(mt)), **_spread(mt, "multitask"),
+                   "majority_mean": g[g["model"] == "multitask"]["majority_accuracy"].mean()}
+            if "single" in acc:
+                row.update(_spread(acc["single"], "single"), **_paired(mt, acc["single"], "diff"))
+            if "zero-shot" in acc:
+                row.update(_spread(acc["zero-shot"], "zero_shot"), **_paired(mt, acc["zero-shot"], "gain"))
+            if "person-relative" in acc:  # its gain over the multi-task head: the same network, read per person
+                relative = acc["person-relative"]
+                row.update(_spread(relative, "person_relative"), **_paired(relative, mt, "relative_gain"))
+            together = acc.get(PER_PERSON["multitask"])
+            if together is not None:  # age group and gender: one answer from all of a test person's pictures
+                row.update(_spread(together, "per_person"), **_paired(together, mt, "per_person_gain"))
+                untouched = acc.get(PER_PERSON["zero-shot"])
+                if untouched is not None:
+                    row.update(_spread(untouched, "zero_shot_per_person"),
+                               **_paired(together, untouched, "per_person_zero_gain"))
             rows.append(row)
         out = pd.DataFrame(rows)
         protocols = set(out["protocol"]) if len(out) else set()
@@ -422,6 +432,14 @@ class _Scorer:
         if "expression" in probs:  # a run carrying the person-relative classifier reads each test person's faces together
             probs["expression"] = with_person_relative(model, images, preprocess, persons_in(test),
                                                        probs["expression"])
+        self._add(run, model_name, heads, test, probs)
+        persons = persons_in(test)
+        if model_name in PER_PERSON and has_pairs(persons):  # age group and gender: one answer per test person
+            pooled = {t: per_person(probs[t], persons) for t in PERSON_HEADS if t in probs and t in heads}
+            self._add(run, PER_PERSON[model_name], list(pooled), test, pooled)
+
+    def _add(self, run: _Run, model_name: str, heads: Sequence[str], test: pd.DataFrame,
+             probs: dict[str, np.ndarray]) -> None:
         metrics = evaluate_predictions(test, probs)
         for head in heads:
             if metrics[head]["n"]:

@@ -197,14 +197,16 @@ def render_markdown(result: CVResult, title: str = "facemt cross-validation repo
         "every number is uncertain by many points.",
         "",
     ]
-    if "person_relative_mean" in summary:
-        out += _relative_section(summary)
     if has_zero:
         out += [f"*Not fine-tuned* is the model training started from ({_start(cfg)}), scored untouched on "
                 "the same test folds: what `facemt predict` gives out of the box. Fine-tuning on these images "
                 "helped a head where *multi − not fine-tuned* is above zero with its whole interval. Here every "
                 "head is the fine-tuned one; `facemt fit` answers a head with the starting model where fine-tuning "
                 "does not beat it on fit's own validation persons.", ""]
+    if "person_relative_mean" in summary:
+        out += _relative_section(summary)
+    if "per_person_mean" in summary:
+        out += _per_person_section(summary)
     out += [
         "## Other metrics (multi-task, mean over folds x seeds)",
         "",
@@ -245,6 +247,28 @@ def _relative_section(summary: pd.DataFrame) -> list[str]:
             "the head's answer. It helps where every person shows several expressions "
             "(FACES, JAFFE) and can hurt where a person shows one or two. `facemt fit` also tries two readings "
             "for those and keeps one only when it beats the head on fit's validation persons.", ""]
+
+
+def _per_person_section(summary: pd.DataFrame) -> list[str]:
+    """Age group and gender read once per test person, beside each picture alone (and the untouched model's)."""
+    zero = "zero_shot_per_person_mean" in summary
+    header = ["split", "head", "each picture alone", "per person", "per person − each picture (95% CI)"]
+    header += ["not fine-tuned, per person", "per person: fine-tuned − not (95% CI)"] if zero else []
+    rows = []
+    for _, r in summary.iterrows():
+        if pd.isna(r.get("per_person_mean")):
+            continue
+        row = [r["protocol"], r["head"], _fmt(r["multitask_mean"], r["multitask_std"]),
+               _fmt(r["per_person_mean"], r["per_person_std"]), interval_text(r, "per_person_gain")]
+        if zero:
+            row += [_fmt(r.get("zero_shot_per_person_mean"), r.get("zero_shot_per_person_std")),
+                    interval_text(r, "per_person_zero_gain")]
+        rows.append(row)
+    return ["## Age group and gender read per person", "", _markdown_table(header, rows), "",
+            "A person's age group and gender do not change across their pictures. *Per person* gives every test "
+            "picture of a person the one answer of all that person's test pictures (the mean of their "
+            "log-probabilities), as `facemt evaluate` and `facemt predict --person-from` do; the multi-task "
+            "table above reads each picture alone (the network's own accuracy).", ""]
 
 
 def _folds_text(cfg: dict) -> str:

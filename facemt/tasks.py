@@ -111,6 +111,13 @@ def person_keys(persons: Sequence[object | None]) -> np.ndarray:
     return np.array(["" if p is None or (isinstance(p, float) and np.isnan(p)) else str(p) for p in persons])
 
 
+def has_pairs(persons: Sequence[object | None]) -> bool:
+    """Whether some known person has two or more of the rows (:func:`per_person` changes something)."""
+    keys = person_keys(persons)
+    known = keys[keys != ""]
+    return len(set(known)) < len(known)
+
+
 def per_person(probs: np.ndarray, persons: Sequence[object | None]) -> np.ndarray:
     """``probs`` (N x classes of a head that cannot change within a person: :data:`PERSON_HEADS`)
     with every row of a person with two or more rows replaced by that person's answer: the mean of the

@@ -12,6 +12,7 @@ from facemt.data import index_folder
 from facemt.engine import TrainConfig
 from facemt.evaluation import RANDOM_SPLIT_WARNING, expected_calibration_error, head_metrics
 from facemt.splits import make_folds
+from facemt.tasks import PERSON_HEADS, per_person
 
 TINY = TrainConfig(epochs=1, image_size=32, batch_size=16, augment="light", device="cpu")
 
@@ -82,6 +83,12 @@ def test_cv_compares_multi_and_single_task_on_identical_folds(cv_result):
     expression = summary[summary["head"] == "expression"]
     assert expression["relative_gain_mean"].notna().all() and summary["relative_gain_mean"].isna().sum() == 4
     assert "## Expression read per person" in facemt.report.render_markdown(cv_result)
+    # age group and gender read once per test person beside every multi-task and untouched model
+    for name in ("per-person", "zero-shot per-person"):
+        assert set(r[r["model"] == name]["head"]) == {"age_group", "gender"}
+    assert len(r[r["model"] == "per-person"]) == len(r[(r["model"] == "multitask") & (r["head"] != "expression")])
+    assert summary["per_person_gain_mean"].notna().sum() == summary["per_person_zero_gain_mean"].notna().sum() == 4
+    assert summary[summary["head"] == "expression"]["per_person_mean"].isna().all()
     # each image decoded once per input size for all 16 models: theirs (32 px) and the untouched base's
     assert cv_result.config["images_decoded"] == 72 * 2
 
@@ -94,14 +101,25 @@ def test_cv_scores_the_untouched_starting_model_on_the_same_folds(cv_result, fac
     index = index_folder(faces_dir)
     assert cv_result.config["zero_shot"] == "base"
     zero = cv_result.records[cv_result.records["model"] == "zero-shot"]
+    together = cv_result.records[cv_result.records["model"] == "zero-shot per-person"]
     assert len(zero) == 2 * 2 * 3  # protocols x folds x heads, once per fold (not per trained model)
     base = facemt.load(device="cpu")
     for k, (_, test_rows) in enumerate(make_folds(index.table, "subject", 2, TINY.seed)):
         sub = DataIndex(index.table.iloc[test_rows].reset_index(drop=True), [])
-        expected = evaluate_predictions(sub.table, base.probabilities(decode_images(sub, base.preprocess, ImageCache(), None)))
+        probs = base.probabilities(decode_images(sub, base.preprocess, ImageCache(), None))
+        expected = evaluate_predictions(sub.table, probs)
         for head, m in expected.items():
             got = zero[(zero.protocol == "subject") & (zero.fold == k) & (zero["head"] == head)]["accuracy"]
             assert got.item() == pytest.approx(m["accuracy"])
+        # read per person: one answer for all of a test person's pictures (the mean of their log-probabilities)
+        persons = list(sub.table["person"])
+        pooled = {t: per_person(probs[t], persons) for t in PERSON_HEADS}
+        for head, m in evaluate_predictions(sub.table, pooled).items():
+            got = together[(together.protocol == "subject") & (together.fold == k)
+                              & (together["head"] == head)]["accuracy"]
+            assert got.item() == pytest.approx(m["accuracy"])
+            answers = pd.Series(pooled[head].argmax(1)).groupby(sub.table["person"].to_numpy()).nunique()
+            assert (answers == 1).all()
     summary = cv_result.summary()
     multitask = cv_result.records[cv_result.records["model"] == "multitask"].set_index(["protocol", "seed", "fold", "head"])
     gains = (multitask["accuracy"] - zero.set_index(["protocol", "seed", "fold", "head"])["accuracy"]).groupby(
@@ -116,7 +134,7 @@ def test_cv_from_imagenet_or_random_weights_has_no_zero_shot_rows(faces_dir):
     from dataclasses import replace
 
     result = facemt.cross_validate(index_folder(faces_dir), replace(TINY, init_from=None), folds=2, baselines=False)
-    assert set(result.records["model"]) == {"multitask", "person-relative"} and "zero_shot_mean" not in result.summary()
+    assert set(result.records["model"]) == {"multitask", "person-relative", "per-person"} and "zero_shot_mean" not in result.summary()
     assert result.config["zero_shot"] is None and "not fine-tuned" not in facemt.report.render_markdown(result)
 
 
@@ -148,8 +166,8 @@ def test_cv_cli_writes_a_consistent_report(faces_dir, tmp_path, capsys):
     argv = ["cv", "--data", str(faces_dir), "--out", str(out), "--folds", "2", "--split", "both",
             "--epochs", "1", "--image-size", "32", "--batch-size", "16", "--device", "cpu"]
     assert main(argv) == 0
-    err = capsys.readouterr().err
-    assert "identity leak" in err
+    captured = capsys.readouterr()
+    assert "identity leak" in captured.err
     names = {p.name for p in out.iterdir()}
     assert {"report.md", "results.json", "results.csv", "summary.csv", "history.csv", "comparison.png",
             "learning_curves_subject.png", "learning_curves_random.png", "confusion_subject.png",
@@ -164,6 +182,11 @@ def test_cv_cli_writes_a_consistent_report(faces_dir, tmp_path, capsys):
         recomputed = csv_records[(csv_records.protocol == row["protocol"]) & (csv_records.model == "multitask")
                                  & (csv_records["head"] == row["head"])]["accuracy"].mean()
         assert recomputed == pytest.approx(row["multitask_mean"])
+        if row["head"] != "expression":  # age group and gender read per person, in the report and on screen
+            together = f"{100 * row['per_person_mean']:.1f} ± {100 * row['per_person_std']:.1f}"
+            assert f"| {row['protocol']} | {row['head']} | {mean:.1f} ± {std:.1f} | {together} |" in report
+            assert f"{row['protocol']} {row['head']} read per person: {together} %" in captured.out
+    assert "## Age group and gender read per person" in report
     assert "Warning" in report
     assert main(argv) == 2  # refuses to overwrite a report
     capsys.readouterr()

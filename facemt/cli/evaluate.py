@@ -68,7 +68,7 @@ def cmd_check_data(args: argparse.Namespace, out: Console, err: Console) -> int:
 
 def cmd_evaluate(args: argparse.Namespace, out: Console, err: Console) -> int:
     from facemt.data import ImageCache, persons_in
-    from facemt.tasks import PERSON_HEADS
+    from facemt.tasks import PERSON_HEADS, has_pairs
     from facemt.engine import decode_images
     from facemt.evaluation import evaluate_predictions, evaluation_notes
     from facemt.inference import load
@@ -87,7 +87,7 @@ def cmd_evaluate(args: argparse.Namespace, out: Console, err: Console) -> int:
     persons = None if args.no_person_relative else persons_in(index.table)
     if persons is not None and all(p is None for p in persons):
         persons = None  # nobody's person is known: every picture alone
-    pooled = [t for t in PERSON_HEADS if t in predictor.tasks] if persons and _has_pairs(persons) else []
+    pooled = [t for t in PERSON_HEADS if t in predictor.tasks] if persons and has_pairs(persons) else []
     relative = persons is not None and predictor.person_relative
     metrics = evaluate_predictions(index.table, predictor.probabilities(images, persons))
     if args.explain:
@@ -125,12 +125,6 @@ def cmd_evaluate(args: argparse.Namespace, out: Console, err: Console) -> int:
             cm.add_row(c, *map(str, row))
         out.print(cm)
     return EXIT_OK
-
-
-def _has_pairs(persons: list) -> bool:
-    """Whether some person has two or more of the pictures."""
-    known = [p for p in persons if p is not None]
-    return len(set(known)) < len(known)
 
 
 def _class_maps(predictor, index, images, folder: Path, method: str, overwrite: bool, err: Console) -> None:
@@ -220,6 +214,13 @@ def cmd_cv(args: argparse.Namespace, out: Console, err: Console) -> int:
             out.print(f"{r['protocol']} {r['head']} read per person (person-relative): "
                       f"{pct(r['person_relative_mean'], r['person_relative_std'])} %, minus the multi-task head "
                       f"{interval_text(r, 'relative_gain')}", markup=False, highlight=False)
+        if "per_person_mean" in summary and r["per_person_mean"] == r["per_person_mean"]:
+            untouched = r.get("zero_shot_per_person_mean")
+            out.print(f"{r['protocol']} {r['head']} read per person: {pct(r['per_person_mean'], r['per_person_std'])} %, "
+                      f"minus each picture alone {interval_text(r, 'per_person_gain')}"
+                      + ("" if untouched is None or untouched != untouched else
+                         f"; not fine-tuned, per person: {pct(untouched, r['zero_shot_per_person_std'])} %"),
+                      markup=False, highlight=False)
     out.print(f"report written to {report_dir / 'report.md'}")
     return EXIT_OK
 
