@@ -45,7 +45,7 @@ from facemt.engine import (decode_images, fit, heads_to_keep, initial_weights, k
                            person_relative_step, val_probabilities)
 from facemt.inference import predict_images  # noqa: E402
 from facemt.evaluation import evaluate_predictions, paired_interval  # noqa: E402
-from facemt.relative import fit_person_relative, trunk_features, with_person_relative  # noqa: E402
+from facemt.relative import MIN_PICTURES, VARIANTS as CLASSIFIERS, fit_person_relative, trunk_features, with_person_relative  # noqa: E402
 from facemt.splits import make_folds, validation_split  # noqa: E402
 from facemt.tasks import TASKS  # noqa: E402
 
@@ -163,15 +163,16 @@ def run_fold(index: DataIndex, train_rows, test_rows_, config: TrainConfig, cach
              "val_n": result.val_faces.get(h), "start_all": result.untouched_all.get(h),
              "val_blend": val_blend.get(h, (None,))[0], "val_nll_tuned": nll["tuned"].get(h),
              "val_nll_untouched": nll["untouched"].get(h), "val_relative": val_relative.get(arm),
-             "step_choice": step[1] if step and arm == "step" else None}
+             "step_choice": step[1] if step and arm == "step" else None,
+             **(step[2] if step and arm == "step" else {})}
             for arm, scores in rows for h, (acc, n) in scores.items()]
 
 
 def fit_step(result, sub: DataIndex, val: pd.DataFrame, test: pd.DataFrame, config: TrainConfig,
-             cache: ImageCache) -> tuple[dict, str] | None:
+             cache: ImageCache) -> tuple[dict, str, dict] | None:
     """Fit's person-relative step (facemt.engine.person_relative_step, fit's default ``auto``) on the model
-    fit writes: test scores of expression and what it chose (a variant, or ``head``); None without
-    expression labels."""
+    fit writes: test scores of expression, what it chose (a variant, or ``head``) and every candidate's
+    evidence (:func:`step_candidates`); None without expression labels."""
     if test["expression"].isna().all():
         return None
     is_val = sub.table["path"].isin(set(val["path"])).to_numpy()
@@ -182,7 +183,32 @@ def fit_step(result, sub: DataIndex, val: pd.DataFrame, test: pd.DataFrame, conf
     probs = with_person_relative(result.model, images, result.preprocess, persons_in(test), own)
     result.model.relative = None
     info = result.person_relative
-    return _scores(test, {"expression": probs}, ["expression"]), info.get("variant", info.get("best", "-"))
+    detail = step_candidates(result, sub, test, info, cache)
+    return _scores(test, {"expression": probs}, ["expression"]), info.get("variant", info.get("best", "-")), detail
+
+
+def step_candidates(result, sub: DataIndex, test: pd.DataFrame, info: dict, cache: ImageCache) -> dict:
+    """Every candidate of fit's step: its validation accuracy and log-loss (``step_val_*``, ``step_nll_*``;
+    the head's too) and, for each classifier, its test accuracy had fit carried it (refitted on every
+    picture fit was given, as fit does: ``step_test_*``), to weigh other ways of choosing later."""
+    detail = {}
+    for name, score in info.get("scores", {}).items():
+        key = name.replace(" ", "_")
+        detail[f"step_val_{key}"], detail[f"step_nll_{key}"] = score["accuracy"], score["log_loss"]
+    images = {name: decode_images(DataIndex(t, []), result.preprocess, cache, None)
+              for name, t in (("fit", sub.table), ("test", test))}
+    features = {name: trunk_features(result.model, im, result.preprocess) for name, im in images.items()}
+    own = predict_images(result.model, images["test"], result.preprocess)["expression"]
+    labels = encode_targets(sub.table, ["expression"])["expression"]
+    for name in CLASSIFIERS:
+        clf = fit_person_relative(features["fit"], persons_in(sub.table), labels, MIN_PICTURES, name)
+        if clf is not None:
+            result.model.relative = clf
+            probs = with_person_relative(result.model, images["test"], result.preprocess, persons_in(test), own)
+            detail[f"step_test_{name.replace(' ', '_')}"] = _scores(test, {"expression": probs}, ["expression"])[
+                "expression"][0]
+    result.model.relative = None
+    return detail
 
 
 def person_relative(train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame, models: dict,

@@ -191,6 +191,13 @@ def test_fine_tuning_study_scores_untouched_tuned_and_fit_on_the_same_folds(stud
     fitted = folds[folds["arm"] == "fit"].set_index(["variant", "fold", "head"])["accuracy"]
     on_head = steps["step_choice"] == "head"
     assert np.allclose(steps.loc[on_head, "accuracy"], fitted.loc[steps.index[on_head]])
+    # every candidate's evidence: the choice is the best on validation; a chosen classifier's recorded test
+    # accuracy is the step's own
+    for _, r in steps.iterrows():
+        val = {c: r[f"step_val_{c.replace(' ', '_')}"] for c in ("head", "centred", "both", "both x head")}
+        assert all(0 <= v <= 1 for v in val.values()) and val[r["step_choice"]] == max(val.values())
+        if r["step_choice"] != "head":
+            assert r[f"step_test_{r['step_choice'].replace(' ', '_')}"] == pytest.approx(r["accuracy"])
     assert folds.loc[folds["arm"] == "relative-tuned", "val_relative"].between(0, 1).all()
     assert folds["val_blend"].between(0, 1).all() and (folds[["val_nll_tuned", "val_nll_untouched"]] >= 0).all().all()
     # the start model untouched scores the same whatever the variant; fit equals the start where it kept it
