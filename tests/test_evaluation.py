@@ -163,7 +163,7 @@ def test_same_seeds_same_results(faces_dir):
 
 def test_cv_cli_writes_a_consistent_report(faces_dir, tmp_path, capsys):
     out = tmp_path / "report"
-    argv = ["cv", "--data", str(faces_dir), "--out", str(out), "--folds", "2", "--split", "both",
+    argv = ["cv", "--data", str(faces_dir), "--out", str(out), "--folds", "2", "--split", "both", "--no-baselines",
             "--epochs", "1", "--image-size", "32", "--batch-size", "16", "--device", "cpu"]
     assert main(argv) == 0
     captured = capsys.readouterr()
