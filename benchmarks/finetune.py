@@ -453,6 +453,42 @@ def step_choices(frames: list[pd.DataFrame], variant: str = "defaults") -> list[
         for name, g in steps.groupby("set")) + "."]
 
 
+#: the step's candidates as the study's columns name them (``step_val_*``, ``step_nll_*``, ``step_test_*``)
+CANDIDATES = ("head", *(c.replace(" ", "_") for c in CLASSIFIERS))
+
+
+def step_rules(frames: list[pd.DataFrame], variant: str = "defaults") -> list[str]:
+    """Ways of choosing among the step's candidates, from the evidence the step arm records (draws
+    without it are left out): per set, the mean test expression accuracy of fit's choice (the most
+    accurate on validation, then the lowest log-loss), of the lowest validation log-loss alone, of each
+    candidate always, and of the best on the test persons (hindsight: no rule can reach it)."""
+    cells = []
+    for f in frames:
+        if "step_test_centred" not in f:
+            continue
+        f = f[f["variant"] == variant]
+        head = f[f["arm"] == "fit"].set_index(["set", "fold", "head"])["accuracy"]
+        for _, r in f[f["arm"] == STEP_ARM].iterrows():
+            test = {c: head.get((r["set"], r["fold"], r["head"])) if c == "head" else r.get(f"step_test_{c}")
+                    for c in CANDIDATES}
+            scored = [c for c in CANDIDATES if pd.notna(test[c]) and pd.notna(r.get(f"step_nll_{c}"))]
+            if not scored:
+                continue
+            cells.append({"set": r["set"], "fit's choice": r["accuracy"],
+                          "lowest validation log-loss": test[min(scored, key=lambda c: (r[f"step_nll_{c}"], c != "head"))],
+                          **{f"always {c.replace('_', ' ')}": test[c] for c in scored},
+                          "best on test (hindsight)": max(test[c] for c in scored)})
+    if not cells:
+        return []
+    table = pd.DataFrame(cells).groupby("set").agg(["mean", "count"])
+    columns = list(dict.fromkeys(c for c, _ in table.columns))
+    lines = ["| set | fold results | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
+    for name, r in table.iterrows():
+        lines.append(f"| {name} | {int(r[(columns[0], 'count')])} | "
+                     + " | ".join("-" if pd.isna(r[(c, 'mean')]) else _pct(r[(c, "mean")]) for c in columns) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -488,6 +524,10 @@ def main(argv: list[str] | None = None) -> int:
             lines += ["", "With fit's person-relative step as fit runs it now (the best of three classifiers and the "
                       "head on the validation persons; draws without the arm keep fit's answer):", "",
                       *over_draws(frames, arm=STEP_ARM), "", *step_choices(frames)]
+            rules_ = step_rules(frames)
+            if rules_:
+                lines += ["", "Ways of choosing among the step's candidates (mean test expression accuracy %, "
+                          "fold results with every candidate's evidence):", "", *rules_]
         if args.results:
             publish(lines, args.results)
         else:

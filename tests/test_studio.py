@@ -251,6 +251,19 @@ def test_fine_tuning_study_scores_untouched_tuned_and_fit_on_the_same_folds(stud
     chose = with_step.split("What the step chose, per set over every fold result: synth ")[1].split(".")[0]
     counts = {c.rsplit(" ", 1)[0]: int(c.rsplit(" ", 1)[1]) for c in chose.split(", ")}
     assert counts == (steps.loc["defaults", "step_choice"].value_counts() * 2).to_dict()  # the same draw twice
+    # ways of choosing among the candidates: fit's choice is the step's accuracy, each "always" its candidate's,
+    # hindsight the best of them
+    ways = with_step.split("Ways of choosing")[1]
+    header = next(r for r in ways.splitlines() if r.startswith("| set |")).strip("| ").split(" | ")
+    cells = dict(zip(header, next(r for r in ways.splitlines() if r.startswith("| synth |")).strip("| ").split(" | ")))
+    mine = steps.loc["defaults"]
+    assert int(cells["fold results"]) == 2 * len(mine)
+    assert abs(float(cells["fit's choice"]) - 100 * mine["accuracy"].mean()) < 0.051
+    assert abs(float(cells["always head"]) - 100 * fitted.loc["defaults"].loc[mine.index].mean()) < 0.051
+    assert abs(float(cells["always centred"]) - 100 * mine["step_test_centred"].mean()) < 0.051
+    hindsight = np.maximum(mine[["step_test_centred", "step_test_both", "step_test_both_x_head"]].max(axis=1),
+                           fitted.loc["defaults"].loc[mine.index])
+    assert abs(float(cells["best on test (hindsight)"]) - 100 * hindsight.mean()) < 0.051
     gains = fits.loc["defaults"].groupby("head").mean()
     assert {r[1] for r in rows} == set(gains.index)
     for r in rows:
