@@ -429,11 +429,10 @@ class _Scorer:
         images = self.test_images(run, preprocess)
         probs = predict_images(model, images, preprocess, self.batch_size, device)
         test = self.table.iloc[run.test_rows]
-        if "expression" in probs:  # a run carrying the person-relative classifier reads each test person's faces together
-            probs["expression"] = with_person_relative(model, images, preprocess, persons_in(test),
-                                                       probs["expression"])
-        self._add(run, model_name, heads, test, probs)
         persons = persons_in(test)
+        if "expression" in probs:  # a run carrying the person-relative classifier reads each test person's faces together
+            probs["expression"] = with_person_relative(model, images, preprocess, persons, probs["expression"])
+        self._add(run, model_name, heads, test, probs)
         if model_name in PER_PERSON and has_pairs(persons):  # age group and gender: one answer per test person
             pooled = {t: per_person(probs[t], persons) for t in PERSON_HEADS if t in probs and t in heads}
             self._add(run, PER_PERSON[model_name], list(pooled), test, pooled)
