@@ -136,7 +136,7 @@ def fine_tune(index: DataIndex, name: str, epochs: int, model: str) -> list[dict
     if not heads or index.table["person"].nunique() < 5:
         return []
     config = TrainConfig(epochs=epochs, tasks=tuple(heads), init_from=model, device="cpu")
-    result = cross_validate(index, config, folds=5, split="subject", baselines=False)
+    result = cross_validate(index, config, folds=5, split="subject", baselines=False, fit_model=False)
     rows = []
     for (head, model_name), g in result.records.groupby(["head", "model"]):
         rows.append({"set": name, "head": head, "group": f"cv {model_name}", "n": int(g["n_test"].sum()),

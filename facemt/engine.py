@@ -775,6 +775,22 @@ def _clean(row: dict[str, float]) -> dict[str, float | None]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
 
+def fit_split(index: DataIndex, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The training and validation rows :func:`fit` uses (subject-disjoint when persons are known).
+
+    Raises:
+        FacemtError: the data is the FER+ test split, or a head ``config.tasks`` names has fewer than two
+            classes among the training rows.
+    """
+    if any(is_ferplus_test(Path(p).parent) for p in index.table["path"]):
+        raise FacemtError("FER2013Test is the FER+ test split and is never trained on: train on FER2013Train "
+                          "(validate on FER2013Valid) and evaluate on FER2013Test")
+    train_rows, val_rows = validation_split(index.table, config.val_fraction, config.seed)
+    if config.tasks:
+        resolve_tasks(index, config.tasks, train_rows)
+    return train_rows, val_rows
+
+
 def fit(
     index: DataIndex,
     config: TrainConfig,
@@ -790,10 +806,7 @@ def fit(
     The checkpoint records the dataset summary, the data sources and which
     persons validated. See :func:`train` for the other arguments and errors.
     """
-    if any(is_ferplus_test(Path(p).parent) for p in index.table["path"]):
-        raise FacemtError("FER2013Test is the FER+ test split and is never trained on: train on FER2013Train "
-                          "(validate on FER2013Valid) and evaluate on FER2013Test")
-    train_rows, val_rows = validation_split(index.table, config.val_fraction, config.seed)
+    train_rows, val_rows = fit_split(index, config)
     report = check_data(index, config.tasks, val_rows, decode=False)
     if report.problems:
         raise FacemtError("; ".join(report.problems))

@@ -157,7 +157,7 @@ def _paired(a: pd.Series, b: pd.Series, diff: str) -> dict:
 
 
 #: cv's records of a head read per person (:func:`facemt.tasks.per_person`): model -> its name there
-PER_PERSON = {"multitask": "per-person", "zero-shot": "zero-shot per-person"}
+PER_PERSON = {"multitask": "per-person", "zero-shot": "zero-shot per-person", "fit": "fit per-person"}
 
 
 @dataclass
@@ -188,11 +188,13 @@ class CVResult:
         paired difference (multi - single) with a 95% t-interval over folds x
         seeds, and the majority-class baseline; when training started from a
         facemt model, that model untouched (``zero_shot_*``) and what
-        fine-tuning added to it (``gain_*``: multi-task - zero-shot, paired); the
+        fine-tuning added to it (``gain_*``: multi-task - zero-shot, paired); what
+        ``facemt fit`` writes (``fit_*``, ``fit_gain_*`` over the untouched model); the
         person-relative expression classifier (``person_relative_*``, ``relative_gain_*``
         over the head); age group and gender read per test person (``per_person_*``,
         ``per_person_gain_*`` over each picture alone, and the untouched model read per
-        person: ``zero_shot_per_person_*``, ``per_person_zero_gain_*``)."""
+        person: ``zero_shot_per_person_*``, ``per_person_zero_gain_*``; fit's model read per person:
+        ``fit_per_person_*``, ``fit_per_person_gain_*`` over the untouched model read per person)."""
         rows = []
         for (protocol, head), g in self.records.groupby(["protocol", "head"], sort=False):
             acc = {m: a.set_index(["seed", "fold"])["accuracy"] for m, a in g.groupby("model", sort=False)}
@@ -203,6 +205,10 @@ class CVResult:
                 row.update(_spread(acc["single"], "single"), **_paired(mt, acc["single"], "diff"))
             if "zero-shot" in acc:
                 row.update(_spread(acc["zero-shot"], "zero_shot"), **_paired(mt, acc["zero-shot"], "gain"))
+            if "fit" in acc:  # what `facemt fit` writes, trained on the fold's training persons
+                row.update(_spread(acc["fit"], "fit"))
+                if "zero-shot" in acc:
+                    row.update(_paired(acc["fit"], acc["zero-shot"], "fit_gain"))
             if "person-relative" in acc:  # its gain over the multi-task head: the same network, read per person
                 relative = acc["person-relative"]
                 row.update(_spread(relative, "person_relative"), **_paired(relative, mt, "relative_gain"))
@@ -213,6 +219,11 @@ class CVResult:
                 if untouched is not None:
                     row.update(_spread(untouched, "zero_shot_per_person"),
                                **_paired(together, untouched, "per_person_zero_gain"))
+                fitted = acc.get(PER_PERSON["fit"])
+                if fitted is not None:
+                    row.update(_spread(fitted, "fit_per_person"))
+                    if untouched is not None:
+                        row.update(_paired(fitted, untouched, "fit_per_person_gain"))
             rows.append(row)
         out = pd.DataFrame(rows)
         protocols = set(out["protocol"]) if len(out) else set()
@@ -253,17 +264,17 @@ class _Run:
     fold: int
     train_rows: np.ndarray
     test_rows: np.ndarray
-    model: str  # multitask or single
+    model: str  # multitask, fit (what `facemt fit` writes) or single
     tasks: tuple[str, ...]
 
     @property
     def label(self) -> str:
-        single = "" if self.model == "multitask" else f" {self.tasks[0]}"
+        single = f" {self.tasks[0]}" if self.model == "single" else ""
         return f"{self.protocol} seed {self.seed} fold {self.fold + 1} {self.model}{single}"
 
     @property
     def history_name(self) -> str:
-        return self.model if self.model == "multitask" else f"single:{self.tasks[0]}"
+        return f"single:{self.tasks[0]}" if self.model == "single" else self.model
 
 
 def _record(table: pd.DataFrame, y: np.ndarray, run: _Run, model_name: str, head: str, metrics: dict) -> dict:
@@ -294,6 +305,7 @@ def cross_validate(
     cache: ImageCache | None = None,
     callback: Callable[[str, dict], None] | None = None,
     explain: str | None = None,
+    fit_model: bool = True,
 ) -> CVResult:
     """Train and test the multi-task model and (with ``baselines``) one single-task
     model per head on identical folds and seeds. When training starts from a
@@ -316,6 +328,12 @@ def cross_validate(
         explain: an explanation method (:data:`facemt.explain.METHODS`): every
             multi-task model also maps its test faces' evidence for their true
             class per head; ``class_maps`` holds the class averages.
+        fit_model: also run :func:`facemt.engine.fit` itself on every fold's
+            training persons (its own validation persons among them, the
+            never-worse rule, the refit, the person-relative step) and score
+            the model it writes (records with model ``fit``): what ``facemt
+            fit`` gives a user with these images. What fit chose on each fold
+            is in ``config["fit_folds"]``.
 
     Returns:
         a :class:`CVResult`.
@@ -324,21 +342,16 @@ def cross_validate(
         FacemtError: bad protocol settings or unusable data.
     """
     from facemt.checkpoint import load_checkpoint, run_name
-    from facemt.engine import initial_weights, resolve_device, resolve_tasks, train
+    from facemt.engine import initial_weights, resolve_device, resolve_tasks
 
-    if split not in SPLITS:
-        raise FacemtError(f"unknown split {split!r}: choose {', '.join(SPLITS)}")
-    if seeds < 1 or folds < 2:
-        raise FacemtError("--seeds must be >= 1 and --folds >= 2")
-    if test_size is not None and not 0 < test_size < 1:
-        raise FacemtError("--test-size must be between 0 and 1")
+    _check_protocol(split, folds, seeds, test_size)
     config.validate()
     if explain:
         from facemt.explain import check_method
 
         check_method(explain)
     tasks = resolve_tasks(index, config.tasks)
-    plan, folds_run, messages = _plan(index, config, tasks, folds, split, seeds, baselines, test_size)
+    plan, folds_run, messages = _plan(index, config, tasks, folds, split, seeds, baselines, test_size, fit_model)
     cache = cache or ImageCache()
     scorer = _Scorer(index.table, encode_targets(index.table, tasks), cache, config.batch_size)
     explained = _Explained(explain) if explain else None
@@ -346,22 +359,17 @@ def cross_validate(
     # training on each test fold: what that model gives out of the box, paired with what fine-tuning adds.
     start = initial_weights(config)
     untouched = load_checkpoint(start, map_location=resolve_device(config.device)) if start else None
-    histories = []
+    histories, fitted = [], []
     for i, run in enumerate(plan):
         if callback:
             callback("run_start", {"run": i + 1, "runs": len(plan), "label": run.label, "epochs": config.epochs})
         if untouched is not None and run.model == "multitask":
             model, preprocess, _ = untouched
             scorer.score(model, preprocess, run, "zero-shot", [t for t in tasks if t in model.tasks])
-        result = train(index, replace(config, tasks=run.tasks, seed=run.seed), run.train_rows, run.test_rows,
-                       cache=cache, callback=callback, select_best=False)
-        ids = {"protocol": run.protocol, "seed": run.seed, "fold": run.fold, "model": run.history_name}
-        histories.append(pd.concat([pd.DataFrame(ids, index=result.history.index), result.history], axis=1))
-        scorer.score(result.model, result.preprocess, run, run.model, run.tasks)
-        if run.model == "multitask" and "expression" in run.tasks and config.person_relative != "off":
-            _score_person_relative(scorer, result, run)
-        if explained is not None and run.model == "multitask":
-            explained.add(result, run, scorer)
+        if run.model == "fit":
+            fitted.append(_fit_fold(index, config, run, scorer, cache, callback))
+        else:
+            histories.append(_train_fold(index, config, run, scorer, cache, callback, explained))
         if callback:
             callback("run_end", {"run": i + 1, "runs": len(plan), "label": run.label})
     settings = {
@@ -370,17 +378,65 @@ def cross_validate(
         "framings": len(cache.framings),
         "zero_shot": run_name(start) if start else None,  # the model training started from
     }
+    if fitted:
+        settings["fit_folds"] = fitted
     if explained is not None:
         settings["explain"] = explain
     return CVResult(pd.DataFrame(scorer.records), pd.concat(histories, ignore_index=True), scorer.confusion, settings,
                     messages, explained.class_maps() if explained is not None else None)
 
 
+def _check_protocol(split: str, folds: int, seeds: int, test_size: float | None) -> None:
+    if split not in SPLITS:
+        raise FacemtError(f"unknown split {split!r}: choose {', '.join(SPLITS)}")
+    if seeds < 1 or folds < 2:
+        raise FacemtError("--seeds must be >= 1 and --folds >= 2")
+    if test_size is not None and not 0 < test_size < 1:
+        raise FacemtError("--test-size must be between 0 and 1")
+
+
+def _train_fold(index: DataIndex, config: "TrainConfig", run: _Run, scorer: "_Scorer", cache: ImageCache,
+                callback: Callable[[str, dict], None] | None, explained: "_Explained | None") -> pd.DataFrame:
+    """Train one model of the plan a fixed number of epochs on the fold's training rows, score it on its
+    test rows (and the multi-task model's person-relative reading and maps); returns its history."""
+    from facemt.engine import train
+
+    result = train(index, replace(config, tasks=run.tasks, seed=run.seed), run.train_rows, run.test_rows,
+                   cache=cache, callback=callback, select_best=False)
+    scorer.score(result.model, result.preprocess, run, run.model, run.tasks)
+    if run.model == "multitask" and "expression" in run.tasks and config.person_relative != "off":
+        _score_person_relative(scorer, result, run)
+    if explained is not None and run.model == "multitask":
+        explained.add(result, run, scorer)
+    ids = {"protocol": run.protocol, "seed": run.seed, "fold": run.fold, "model": run.history_name}
+    return pd.concat([pd.DataFrame(ids, index=result.history.index), result.history], axis=1)
+
+
+def _fit_subset(index: DataIndex, run: _Run) -> DataIndex:
+    return DataIndex(index.table.iloc[run.train_rows].reset_index(drop=True), [])
+
+
+def _fit_fold(index: DataIndex, config: "TrainConfig", run: _Run, scorer: "_Scorer", cache: ImageCache,
+              callback: Callable[[str, dict], None] | None) -> dict:
+    """``facemt fit`` itself on the fold's training persons (it holds out its own validation persons among
+    them, applies the never-worse rule, refits and takes the person-relative step, as it does for a user),
+    the model it writes scored on the fold's test persons as model ``fit``; returns what fit chose."""
+    from facemt.engine import fit
+
+    result = fit(_fit_subset(index, run), replace(config, seed=run.seed), cache=cache, callback=callback)
+    scorer.score(result.model, result.preprocess, run, "fit", [t for t in run.tasks if t in result.model.tasks])
+    step = result.person_relative or {}
+    return {"protocol": run.protocol, "seed": run.seed, "fold": run.fold, "best_epoch": result.best_epoch,
+            "refit": result.refit is not None, "answered_by_start": dict(result.kept),
+            "person_relative": step.get("variant") if step.get("used") else None}
+
+
 def _plan(index: DataIndex, config: "TrainConfig", tasks: Sequence[str], folds: int, split: str, seeds: int,
-          baselines: bool, test_size: float | None) -> tuple[list[_Run], dict[str, int], list[str]]:
+          baselines: bool, test_size: float | None, fit_model: bool = False
+          ) -> tuple[list[_Run], dict[str, int], list[str]]:
     """Every model to train (one per protocol, seed, fold and model kind), the folds each protocol got, and
     the warnings for the report; a fold whose training rows leave a head with one class is an error now."""
-    from facemt.engine import resolve_tasks
+    from facemt.engine import fit_split, resolve_tasks
 
     table = index.table
     protocols = ["subject", "random"] if split == "both" else [split]
@@ -388,7 +444,8 @@ def _plan(index: DataIndex, config: "TrainConfig", tasks: Sequence[str], folds: 
     if "random" in protocols and table["person"].notna().any():
         messages.append(RANDOM_SPLIT_WARNING)
         log.info(RANDOM_SPLIT_WARNING)
-    models = [("multitask", tasks)] + ([("single", (t,)) for t in tasks] if baselines and len(tasks) > 1 else [])
+    models = [("multitask", tasks)] + ([("fit", tasks)] if fit_model else [])
+    models += [("single", (t,)) for t in tasks] if baselines and len(tasks) > 1 else []
     splits = {(protocol, seed): make_folds(table, protocol, folds, seed, test_size)
               for protocol in protocols for seed in range(config.seed, config.seed + seeds)}
     folds_run = {protocol: len(splits[protocol, config.seed]) for protocol in protocols}
@@ -403,7 +460,10 @@ def _plan(index: DataIndex, config: "TrainConfig", tasks: Sequence[str], folds: 
             for model_name, model_tasks in models]
     for run in plan:  # the rule fit applies (a head needs two classes), for every fold before any training
         try:
-            resolve_tasks(index, run.tasks, run.train_rows)
+            if run.model == "fit":  # what fit checks before training, on the fold's training persons
+                fit_split(_fit_subset(index, run), replace(config, seed=run.seed))
+            else:
+                resolve_tasks(index, run.tasks, run.train_rows)
         except FacemtError as exc:
             raise FacemtError(f"{run.label}: {exc} (fewer --folds, more persons, or --tasks without it)") from None
     return plan, folds_run, messages

@@ -94,24 +94,24 @@ def plot_confusions(result: CVResult, protocol: str, path: Path) -> None:
 
 
 #: legend names of the bars of :func:`plot_comparison`
-LEGEND = {"multitask": "multi-task", "single": "single-task", "zero_shot": "not fine-tuned"}
+LEGEND = {"multitask": "multi-task", "fit": "what fit writes", "single": "single-task", "zero_shot": "not fine-tuned"}
 
 
 def plot_comparison(summary: pd.DataFrame, path: Path) -> None:
-    """Bar chart per head: multi-task vs single-task vs not fine-tuned vs
-    majority class, with std error bars."""
+    """Bar chart per head: multi-task vs what fit writes vs single-task vs not
+    fine-tuned vs majority class, with std error bars."""
     protocols = list(dict.fromkeys(summary["protocol"]))
     fig, axes = plt.subplots(1, len(protocols), figsize=(5.5 * len(protocols), 3.8), squeeze=False)
     for ax, protocol in zip(axes[0], protocols):
         s = summary[summary["protocol"] == protocol]
         x = np.arange(len(s))
-        bars = [("multitask", "tab:blue"), ("single", "tab:green"), ("zero_shot", "tab:gray")]
-        width = 0.26
+        bars = [(name, color) for name, color in (("multitask", "tab:blue"), ("fit", "tab:orange"),
+                                                   ("single", "tab:green"), ("zero_shot", "tab:gray"))
+                if f"{name}_mean" in s and s[f"{name}_mean"].notna().any()]
+        width = 0.8 / len(bars)
         for i, (name, color) in enumerate(bars):
-            if f"{name}_mean" not in s or s[f"{name}_mean"].isna().all():
-                continue
-            ax.bar(x + (i - 1) * width, 100 * s[f"{name}_mean"], width, yerr=100 * s[f"{name}_std"].fillna(0),
-                   capsize=4, color=color, label=LEGEND[name])
+            ax.bar(x + (i - (len(bars) - 1) / 2) * width, 100 * s[f"{name}_mean"], width,
+                   yerr=100 * s[f"{name}_std"].fillna(0), capsize=4, color=color, label=LEGEND[name])
         ax.scatter(x, 100 * s["majority_mean"], marker="_", s=900, color="black", label="majority class", zorder=3)
         ax.set_xticks(x, s["head"])
         ax.set_ylim(0, 125)
@@ -165,16 +165,20 @@ def render_markdown(result: CVResult, title: str = "facemt cross-validation repo
         f"lr {train['lr']}, initial weights: {_start(cfg)}.",
         f"Protocol: split `{cfg['split']}`, "
         + (f"test size {cfg['test_size']}" if cfg["test_size"] else _folds_text(cfg))
-        + f", {cfg['seeds']} seed(s); every model trains a fixed number of epochs (the test fold never picks one). "
-        + _decoded_text(cfg),
+        + f", {cfg['seeds']} seed(s); every model trains a fixed number of epochs (the test fold never picks one"
+        + ("; *what fit writes* picks its epochs on its own validation persons, as `facemt fit` does" if "fit_folds" in cfg
+           else "") + "). " + _decoded_text(cfg),
         "",
         "## Test accuracy per head (%, mean ± std over folds x seeds)",
         "",
     ]
     has_single = "single_mean" in summary
     has_zero = "zero_shot_mean" in summary
+    has_fit = "fit_mean" in summary
     header = (["split", "head", "multi-task"] + (["single-task", "multi − single (95% CI)"] if has_single else [])
-              + (["not fine-tuned", "multi − not fine-tuned (95% CI)"] if has_zero else []) + ["majority class"])
+              + (["not fine-tuned", "multi − not fine-tuned (95% CI)"] if has_zero else [])
+              + (["what fit writes"] + (["fit − not fine-tuned (95% CI)"] if has_zero else []) if has_fit else [])
+              + ["majority class"])
     if "identity_leak_gap" in summary:
         header.append("identity-leak gap (random − subject)")
     rows = []
@@ -184,6 +188,8 @@ def render_markdown(result: CVResult, title: str = "facemt cross-validation repo
             row += [_fmt(r.get("single_mean"), r.get("single_std")), interval_text(r, "diff")]
         if has_zero:
             row += [_fmt(r.get("zero_shot_mean"), r.get("zero_shot_std")), interval_text(r, "gain")]
+        if has_fit:
+            row += [_fmt(r.get("fit_mean"), r.get("fit_std"))] + ([interval_text(r, "fit_gain")] if has_zero else [])
         row.append(_fmt(r["majority_mean"]))
         if "identity_leak_gap" in summary:
             row.append("-" if pd.isna(r["identity_leak_gap"]) else f"{100 * r['identity_leak_gap']:+.1f}")
@@ -200,9 +206,10 @@ def render_markdown(result: CVResult, title: str = "facemt cross-validation repo
     if has_zero:
         out += [f"*Not fine-tuned* is the model training started from ({_start(cfg)}), scored untouched on "
                 "the same test folds: what `facemt predict` gives out of the box. Fine-tuning on these images "
-                "helped a head where *multi − not fine-tuned* is above zero with its whole interval. Here every "
-                "head is the fine-tuned one; `facemt fit` answers a head with the starting model where fine-tuning "
-                "does not beat it on fit's own validation persons.", ""]
+                "helped a head where *multi − not fine-tuned* is above zero with its whole interval. In the "
+                "*multi-task* column every head is the fine-tuned one.", ""]
+    if has_fit:
+        out += _fit_section(cfg)
     if "person_relative_mean" in summary:
         out += _relative_section(summary)
     if "per_person_mean" in summary:
@@ -234,6 +241,26 @@ def render_markdown(result: CVResult, title: str = "facemt cross-validation repo
     return "\n".join(out)
 
 
+def _fit_section(cfg: dict) -> list[str]:
+    """What `facemt fit` chose on the folds: epochs, heads answered by the start model, the person-relative step."""
+    folds = pd.DataFrame(cfg["fit_folds"])
+    rows = []
+    for protocol, g in folds.groupby("protocol", sort=False):
+        kept = pd.Series([h for k in g["answered_by_start"] for h in k]).value_counts()
+        steps = g["person_relative"].fillna("the head").value_counts() if "expression" in cfg["tasks"] else {}
+        rows.append([protocol, str(len(g)), f"{g['best_epoch'].mean():.1f}",
+                     ", ".join(f"{h} {n}" for h, n in kept.items()) or "none",
+                     ", ".join(f"{v} {n}" for v, n in steps.items()) or "-"])
+    return ["*What fit writes* is `facemt fit` itself run on each fold's training persons, with its defaults: it "
+            "holds out its own validation persons among them to pick the epoch"
+            + (" and refits on all of them" if folds["refit"].any() else "") + ", answers a head with the starting "
+            "model where fine-tuning does not beat it on those validation persons (never worse than the start), and "
+            "reads expression against each test person's other pictures where that beat the head there. This is "
+            "the model a user of `facemt fit` gets from these images. What fit chose, per split (counts of folds):",
+            "", _markdown_table(["split", "folds", "mean epoch chosen", "heads answered by the starting model",
+                                 "expression read by"], rows), ""]
+
+
 def _relative_section(summary: pd.DataFrame) -> list[str]:
     """The person-relative expression classifier beside the multi-task head, per split."""
     rows = [[r["protocol"], _fmt(r["person_relative_mean"], r["person_relative_std"]),
@@ -252,8 +279,11 @@ def _relative_section(summary: pd.DataFrame) -> list[str]:
 def _per_person_section(summary: pd.DataFrame) -> list[str]:
     """Age group and gender read once per test person, beside each picture alone (and the untouched model's)."""
     zero = "zero_shot_per_person_mean" in summary
+    fitted = "fit_per_person_mean" in summary
     header = ["split", "head", "each picture alone", "per person", "per person − each picture (95% CI)"]
     header += ["not fine-tuned, per person", "per person: fine-tuned − not (95% CI)"] if zero else []
+    header += ["what fit writes, per person"] + (["per person: fit − not fine-tuned (95% CI)"] if zero else []) \
+        if fitted else []
     rows = []
     for _, r in summary.iterrows():
         if pd.isna(r.get("per_person_mean")):
@@ -263,6 +293,9 @@ def _per_person_section(summary: pd.DataFrame) -> list[str]:
         if zero:
             row += [_fmt(r.get("zero_shot_per_person_mean"), r.get("zero_shot_per_person_std")),
                     interval_text(r, "per_person_zero_gain")]
+        if fitted:
+            row += [_fmt(r.get("fit_per_person_mean"), r.get("fit_per_person_std"))]
+            row += [interval_text(r, "fit_per_person_gain")] if zero else []
         rows.append(row)
     return ["## Age group and gender read per person", "", _markdown_table(header, rows), "",
             "A person's age group and gender do not change across their pictures. *Per person* gives every test "

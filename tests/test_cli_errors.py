@@ -163,7 +163,7 @@ def test_fit_prints_the_split_it_used(faces_dir, tmp_path, capsys):
 def test_cv_says_how_many_folds_ran_and_reports_an_honest_baseline(faces_dir, tmp_path, capsys):
     out = tmp_path / "cv"
     assert main(["cv", "--data", str(faces_dir), "--out", str(out), "--folds", "10", "--no-baselines",
-                 *TINY_FIT, "--epochs", "1", "--tasks", "gender,expression"]) == 0
+                 "--no-fit-model", *TINY_FIT, "--epochs", "1", "--tasks", "gender,expression"]) == 0
     err = capsys.readouterr().err
     assert "6 folds, not 10" in err
     report = (out / "report.md").read_text()
@@ -185,6 +185,18 @@ def test_cv_applies_fits_two_class_rule_to_every_fold(faces_dir, tmp_path, capsy
     err = capsys.readouterr().err
     assert "a head needs at least two classes" in err and "fold 1" in err
     assert not (tmp_path / "cv").exists()
+
+
+def test_cv_checks_fits_own_split_of_every_fold_before_training(faces_dir, tmp_path, capsys):
+    # two men and two women, two folds: each fold trains on one man and one woman, and fit itself holds
+    # one of those two out for validation, which leaves a single gender to train its named head on
+    manifest = _manifest(faces_dir, tmp_path, persons={"001", "002", "003", "004"})
+    argv = ["cv", "--data", str(manifest), "--out", str(tmp_path / "cv"), "--no-baselines", "--folds", "2",
+            "--tasks", "gender", *TINY_FIT, "--epochs", "1"]
+    assert main(argv) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "fold 1 fit: cannot train gender: its training images have only" in err
+    assert "Traceback" not in err and not (tmp_path / "cv").exists()
 
 
 def test_evaluate_says_which_heads_and_classes_it_cannot_score(faces_dir, tmp_path, capsys):

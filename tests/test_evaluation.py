@@ -63,7 +63,7 @@ def test_head_metrics_and_ece():
 
 @pytest.fixture(scope="module")
 def cv_result(faces_dir):
-    return facemt.cross_validate(index_folder(faces_dir), TINY, folds=2, split="both", seeds=1)
+    return facemt.cross_validate(index_folder(faces_dir), TINY, folds=2, split="both", seeds=1, fit_model=False)
 
 
 def test_cv_compares_multi_and_single_task_on_identical_folds(cv_result):
@@ -133,7 +133,8 @@ def test_cv_scores_the_untouched_starting_model_on_the_same_folds(cv_result, fac
 def test_cv_from_imagenet_or_random_weights_has_no_zero_shot_rows(faces_dir):
     from dataclasses import replace
 
-    result = facemt.cross_validate(index_folder(faces_dir), replace(TINY, init_from=None), folds=2, baselines=False)
+    result = facemt.cross_validate(index_folder(faces_dir), replace(TINY, init_from=None), folds=2, baselines=False,
+                                   fit_model=False)
     assert set(result.records["model"]) == {"multitask", "person-relative", "per-person"} and "zero_shot_mean" not in result.summary()
     assert result.config["zero_shot"] is None and "not fine-tuned" not in facemt.report.render_markdown(result)
 
@@ -156,15 +157,15 @@ def test_subject_protocol_never_tests_a_training_person(cv_result, faces_dir):
 
 def test_same_seeds_same_results(faces_dir):
     index = index_folder(faces_dir)
-    a = facemt.cross_validate(index, TINY, folds=2, split="subject", seeds=1, baselines=False)
-    b = facemt.cross_validate(index, TINY, folds=2, split="subject", seeds=1, baselines=False)
+    a = facemt.cross_validate(index, TINY, folds=2, split="subject", seeds=1, baselines=False, fit_model=False)
+    b = facemt.cross_validate(index, TINY, folds=2, split="subject", seeds=1, baselines=False, fit_model=False)
     pd.testing.assert_frame_equal(a.records, b.records)
 
 
 def test_cv_cli_writes_a_consistent_report(faces_dir, tmp_path, capsys):
     out = tmp_path / "report"
     argv = ["cv", "--data", str(faces_dir), "--out", str(out), "--folds", "2", "--split", "both", "--no-baselines",
-            "--epochs", "1", "--image-size", "32", "--batch-size", "16", "--device", "cpu"]
+            "--no-fit-model", "--epochs", "1", "--image-size", "32", "--batch-size", "16", "--device", "cpu"]
     assert main(argv) == 0
     captured = capsys.readouterr()
     assert "identity leak" in captured.err
@@ -193,6 +194,52 @@ def test_cv_cli_writes_a_consistent_report(faces_dir, tmp_path, capsys):
     assert main([*argv, "--overwrite", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)["summary"]
     assert {(r["protocol"], r["head"]) for r in summary} == {(r["protocol"], r["head"]) for r in results["summary"]}
+
+
+def test_cv_scores_what_fit_writes_on_each_fold(faces_dir, run_dir, tmp_path, capsys):
+    """cv's model ``fit`` is facemt.engine.fit itself on each fold's training persons (never-worse rule and
+    person-relative step included), scored on the fold's test persons, in the report and on screen."""
+    from facemt.config import TrainConfig as Config
+    from facemt.data import DataIndex, ImageCache
+    from facemt.engine import decode_images, fit, predict_images
+    from facemt.relative import with_person_relative
+
+    out = tmp_path / "report"
+    assert main(["cv", "--data", str(faces_dir), "--out", str(out), "--folds", "2", "--no-baselines", "--epochs", "2",
+                 "--image-size", "32", "--batch-size", "16", "--device", "cpu", "--init-from", str(run_dir)]) == 0
+    screen = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    records = pd.DataFrame(results["records"])
+    config = Config.from_dict(results["config"]["train"])
+    index = index_folder(faces_dir)
+    chosen = {(f["seed"], f["fold"]): f for f in results["config"]["fit_folds"]}
+    assert len(chosen) == 2
+    for k, (train_rows, test_rows) in enumerate(make_folds(index.table, "subject", 2, config.seed)):
+        result = fit(DataIndex(index.table.iloc[train_rows].reset_index(drop=True), []), config, cache=ImageCache())
+        test = index.table.iloc[test_rows].reset_index(drop=True)
+        images = decode_images(DataIndex(test, []), result.preprocess, ImageCache(), None)
+        probs = predict_images(result.model, images, result.preprocess)
+        probs["expression"] = with_person_relative(result.model, images, result.preprocess, list(test["person"]),
+                                                   probs["expression"])
+        for head, m in facemt.evaluation.evaluate_predictions(test, probs).items():
+            got = records[(records["model"] == "fit") & (records["fold"] == k) & (records["head"] == head)]
+            assert got["accuracy"].item() == pytest.approx(m["accuracy"], abs=1.5 / len(test))
+        assert chosen[config.seed, k]["answered_by_start"] == result.kept
+        assert chosen[config.seed, k]["best_epoch"] == result.best_epoch
+    # fit per person beside the untouched model per person; fit minus untouched paired per fold
+    assert set(records[records["model"] == "fit per-person"]["head"]) == {"age_group", "gender"}
+    report = (out / "report.md").read_text()
+    assert "what fit writes" in report and "heads answered by the starting model" in report
+    for row in results["summary"]:
+        fitted = records[(records["model"] == "fit") & (records["head"] == row["head"])].set_index("fold")["accuracy"]
+        zero = records[(records["model"] == "zero-shot") & (records["head"] == row["head"])].set_index("fold")["accuracy"]
+        assert row["fit_gain_mean"] == pytest.approx((fitted - zero).mean())
+        cell = f"{100 * row['fit_mean']:.1f} ± {100 * row['fit_std']:.1f}"
+        assert f"{cell} | {100 * row['fit_gain_mean']:+.1f}" in report
+        by_start = sum(row["head"] in f["answered_by_start"] for f in chosen.values())
+        assert (f"subject {row['head']} as fit writes it: {cell} %, minus not fine-tuned {100 * row['fit_gain_mean']:+.1f}"
+                in " ".join(screen.split()))
+        assert f"answered by the starting model in {by_start} of 2 folds" in " ".join(screen.split())
 
 
 def test_cv_rejects_bad_settings(faces_dir):

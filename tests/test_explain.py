@@ -102,7 +102,7 @@ def test_class_average_maps_count_and_average_per_true_class():
 def test_cv_and_evaluate_write_class_maps(faces_dir, run_dir, tmp_path):
     out = tmp_path / "cv"
     assert main(["cv", "--data", str(faces_dir), "--out", str(out), "--folds", "2", "--no-baselines",
-                 *TINY_FIT, "--epochs", "1", "--explain"]) == 0
+                 "--no-fit-model", *TINY_FIT, "--epochs", "1", "--explain"]) == 0
     assert (out / "class_maps.png").read_bytes()[:4] == b"\x89PNG"
     arrays = np.load(out / "class_maps.npz")
     assert arrays["expression/anger"].shape == (MAP_SIDE, MAP_SIDE) and int(arrays["expression/anger/count"]) == 12

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -155,11 +156,15 @@ class _CVProgress(EventProgress):
             super().__call__(event, info)
         elif event == "run_start":
             if self.train_task is None:
-                self.train_task = p.add_task("cv", total=info["runs"] * info["epochs"])
+                self.total = info["runs"] * info["epochs"]
+                self.train_task = p.add_task("cv", total=self.total)
             p.update(self.train_task, description=f"model {info['run']}/{info['runs']} {info['label']}")
             if not self.console.is_terminal:  # a log file or CI: no bar is drawn, so say where the run is
                 self.console.print(f"cv model {info['run']}/{info['runs']} {info['label']}{timing(self.started, info['run'] - 1, info['runs'])}",
                                    markup=False, highlight=False)
+        elif event == "refit":  # fit's second training, on every face it was given
+            self.total += math.ceil(info["epochs"])
+            p.update(self.train_task, total=self.total)
         elif event == "epoch_end":
             p.update(self.train_task, advance=1)
 
@@ -187,7 +192,7 @@ def cmd_cv(args: argparse.Namespace, out: Console, err: Console) -> int:
     with _CVProgress(err) as progress:
         result = cross_validate(index, config, folds=args.folds, split=args.split, seeds=args.seeds,
                                 baselines=args.baselines, test_size=args.test_size, callback=progress,
-                                explain=args.method if args.explain else None)
+                                explain=args.method if args.explain else None, fit_model=args.fit_model)
     for warning in result.warnings:
         err.print(f"warning: {warning}", style="yellow", markup=False)
     write_report(result, report_dir)
@@ -202,14 +207,37 @@ def cmd_cv(args: argparse.Namespace, out: Console, err: Console) -> int:
     columns += ["not fine-tuned", "gain [95% CI]"] if zero else []
     for col in columns + ["majority"]:
         table.add_column(col, justify="left" if col in ("split", "head") else "right")
-    pct = lambda m, s=None: "-" if m is None or m != m else f"{100 * m:.1f}" + ("" if s is None or s != s else f" ± {100 * s:.1f}")  # noqa: E731
+    pct = _pct
     for _, r in summary.iterrows():
         cells = [pct(r["multitask_mean"], r["multitask_std"])]
         cells += [pct(r.get("single_mean"), r.get("single_std")), interval_text(r, "diff")] if single else []
         cells += [pct(r.get("zero_shot_mean"), r.get("zero_shot_std")), interval_text(r, "gain")] if zero else []
         table.add_row(r["protocol"], r["head"], *cells, pct(r["majority_mean"]))
     out.print(table)
+    _print_lines(summary, result.config, out)
+    out.print(f"report written to {report_dir / 'report.md'}")
+    return EXIT_OK
+
+
+def _pct(mean: float | None, std: float | None = None) -> str:
+    return "-" if mean is None or mean != mean else f"{100 * mean:.1f}" + ("" if std is None or std != std else f" ± {100 * std:.1f}")
+
+
+def _print_lines(summary, config: dict, out: Console) -> None:
+    """Below cv's table, one line per head for what fit writes and for each reading per person."""
+    from facemt.report import interval_text
+
+    pct = _pct
     for _, r in summary.iterrows():
+        if "fit_gain_mean" in summary and r["fit_mean"] == r["fit_mean"]:  # fit from a starting model
+            folds = [f for f in config["fit_folds"] if f["protocol"] == r["protocol"]]
+            by_start = sum(r["head"] in f["answered_by_start"] for f in folds)
+            out.print(f"{r['protocol']} {r['head']} as fit writes it: {pct(r['fit_mean'], r['fit_std'])} %, minus not "
+                      f"fine-tuned {interval_text(r, 'fit_gain')}; answered by the starting model in {by_start} of "
+                      f"{len(folds)} folds", markup=False, highlight=False)
+        elif "fit_mean" in summary and r["fit_mean"] == r["fit_mean"]:
+            out.print(f"{r['protocol']} {r['head']} as fit writes it: {pct(r['fit_mean'], r['fit_std'])} %",
+                      markup=False, highlight=False)
         if "person_relative_mean" in summary and r["person_relative_mean"] == r["person_relative_mean"]:
             out.print(f"{r['protocol']} {r['head']} read per person (person-relative): "
                       f"{pct(r['person_relative_mean'], r['person_relative_std'])} %, minus the multi-task head "
@@ -221,8 +249,6 @@ def cmd_cv(args: argparse.Namespace, out: Console, err: Console) -> int:
                       + ("" if untouched is None or untouched != untouched else
                          f"; not fine-tuned, per person: {pct(untouched, r['zero_shot_per_person_std'])} %"),
                       markup=False, highlight=False)
-    out.print(f"report written to {report_dir / 'report.md'}")
-    return EXIT_OK
 
 
 def cmd_explain(args: argparse.Namespace, out: Console, err: Console) -> int:
@@ -346,6 +372,10 @@ def add_cv_parser(sub: argparse._SubParsersAction) -> None:
                    "(--split random --test-size 0.3 is the original 70/30 protocol)")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
                    help="also train one single-task model per head on the same folds (default on)")
+    p.add_argument("--fit-model", action=argparse.BooleanOptionalAction, default=True,
+                   help="also run fit itself on each fold's training persons (its own validation persons, the "
+                   "never-worse rule, the refit, the person-relative step) and score the model it writes: what "
+                   "`facemt fit` gives you on such images (default on; about twice a multi-task model's time)")
     p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     p.add_argument("--json", action="store_true", help="print the summary table as JSON")
     add_explain_args(p, None, "also map where each multi-task model finds the evidence for its test faces' true "
