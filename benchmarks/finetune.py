@@ -19,6 +19,10 @@ improve on the validation persons, or that the set does not label, answered by t
 Variants change one thing against fit's defaults. Reported: per set, head and variant the mean test
 accuracy and paired differences over folds with 95 % t-intervals (against untouched, against defaults).
 A benchmark, not a test: nothing here asserts.
+
+``--manifests DIR`` only writes each set as a CSV manifest (``DIR/NAME.csv``: path, person and labels),
+which ``facemt cv --data DIR/NAME.csv`` reads as a user's folder: its *what fit writes* column is this
+study's ``step`` arm run by the package itself.
 """
 
 from __future__ import annotations
@@ -511,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--summarize", type=Path, metavar="CSV", help="only write the table of a --csv (a run cut short)")
     p.add_argument("--draws", type=Path, nargs="+", metavar="CSV", help="only write fit's defaults over these --csv "
                    "files, one per --seed, pooled")
+    p.add_argument("--manifests", type=Path, metavar="DIR", help="only write each set as DIR/NAME.csv for facemt cv")
     args = p.parse_args(argv)
     if args.draws:
         frames = [pd.read_csv(f) for f in args.draws]
@@ -546,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.persons:
         sets = {f"{k}[{args.persons}]": subset(v, args.persons, args.seed) for k, v in sets.items()
                 if v.table["person"].nunique() > args.persons}
+    if args.manifests:
+        return write_manifests(sets, args.manifests)
     base = TrainConfig(init_from=args.model, device="cpu", seed=args.seed)
     base = replace(base, **{k: type(getattr(base, k))(v) for k, v in (kv.split("=") for kv in args.train.split(",") if kv)})
     start = load_checkpoint(initial_weights(base), map_location="cpu")
@@ -561,6 +568,16 @@ def main(argv: list[str] | None = None) -> int:
                     pd.DataFrame(records).to_csv(args.csv, index=False)
     return _publish(pd.DataFrame(records), argv, f"from `{args.model}` ({time.perf_counter() - started:.0f} s)",
                     args.results)
+
+
+def write_manifests(sets: dict[str, DataIndex], folder: Path) -> int:
+    """Each set as ``folder/NAME.csv`` (path, person and the three labels), the folder ``facemt cv`` reads."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, index in sets.items():
+        path = folder / f"{name}.csv"
+        index.table[["path", "person", *TASKS]].to_csv(path, index=False)
+        print(f"{path}: {len(index.table)} pictures of {index.table['person'].nunique()} persons")
+    return 0
 
 
 def _publish(records: pd.DataFrame, argv: list[str], what: str, results: Path | None) -> int:

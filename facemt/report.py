@@ -244,21 +244,25 @@ def render_markdown(result: CVResult, title: str = "facemt cross-validation repo
 def _fit_section(cfg: dict) -> list[str]:
     """What `facemt fit` chose on the folds: epochs, heads answered by the start model, the person-relative step."""
     folds = pd.DataFrame(cfg["fit_folds"])
+    unlabelled = sorted({h for k in folds["answered_by_start"] for h in k if h not in cfg["tasks"]})
     rows = []
     for protocol, g in folds.groupby("protocol", sort=False):
-        kept = pd.Series([h for k in g["answered_by_start"] for h in k]).value_counts()
+        kept = pd.Series([h for k in g["answered_by_start"] for h in k if h in cfg["tasks"]]).value_counts()
         steps = g["person_relative"].fillna("the head").value_counts() if "expression" in cfg["tasks"] else {}
         rows.append([protocol, str(len(g)), f"{g['best_epoch'].mean():.1f}",
                      ", ".join(f"{h} {n}" for h, n in kept.items()) or "none",
                      ", ".join(f"{v} {n}" for v, n in steps.items()) or "-"])
-    return ["*What fit writes* is `facemt fit` itself run on each fold's training persons, with its defaults: it "
+    return ["*What fit writes* is `facemt fit` itself run on each fold's training persons, with the settings above: it "
             "holds out its own validation persons among them to pick the epoch"
             + (" and refits on all of them" if folds["refit"].any() else "") + ", answers a head with the starting "
             "model where fine-tuning does not beat it on those validation persons (never worse than the start), and "
             "reads expression against each test person's other pictures where that beat the head there. This is "
             "the model a user of `facemt fit` gets from these images. What fit chose, per split (counts of folds):",
             "", _markdown_table(["split", "folds", "mean epoch chosen", "heads answered by the starting model",
-                                 "expression read by"], rows), ""]
+                                 "expression read by"], rows), ""] + (
+        ["Heads these images cannot train (no labels, or labels of one class: " + ", ".join(unlabelled) + ") are "
+         "answered by the starting model in the model fit writes; cv scores the heads it trains.", ""]
+        if unlabelled else [])
 
 
 def _relative_section(summary: pd.DataFrame) -> list[str]:

@@ -230,6 +230,8 @@ def test_cv_scores_what_fit_writes_on_each_fold(faces_dir, run_dir, tmp_path, ca
     assert set(records[records["model"] == "fit per-person"]["head"]) == {"age_group", "gender"}
     report = (out / "report.md").read_text()
     assert "what fit writes" in report and "heads answered by the starting model" in report
+    epochs = np.mean([f["best_epoch"] for f in chosen.values()])
+    assert f"| subject | 2 | {epochs:.1f} |" in report  # what fit chose, per split
     for row in results["summary"]:
         fitted = records[(records["model"] == "fit") & (records["head"] == row["head"])].set_index("fold")["accuracy"]
         zero = records[(records["model"] == "zero-shot") & (records["head"] == row["head"])].set_index("fold")["accuracy"]

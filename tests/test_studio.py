@@ -168,6 +168,22 @@ print(json.dumps({{"bins": bins, "head": model.heads["age_years"].weight.shape[0
     assert "age_years" not in json.dumps(config["calibration"])
 
 
+def test_fine_tuning_study_writes_its_sets_as_manifests_cv_reads(studio_root, tmp_path, capsys):
+    from facemt.tasks import TASKS
+
+    script = _script("finetune")
+    split = tmp_path / "split.txt"
+    split.write_text("cfd/01\nnimstim/01\nnimstim/02\n")
+    assert script.main(["--data-root", str(studio_root), "--split", str(split), "--manifests", str(tmp_path / "m")]) == 0
+    sets = script.shared_sets(studio_root, split)
+    for name, index in sets.items():
+        read = load_sources([tmp_path / "m" / f"{name}.csv"]).table
+        columns = ["person", *TASKS]
+        pd.testing.assert_frame_equal(read[columns].astype(object).where(read[columns].notna(), None),
+                                      index.table[columns].astype(object).where(index.table[columns].notna(), None))
+    assert f"nimstim+rafd.csv: {len(sets['nimstim+rafd'].table)} pictures of 2 persons" in capsys.readouterr().out
+
+
 def test_fine_tuning_study_scores_untouched_tuned_and_fit_on_the_same_folds(studio_root, faces_dir, run_dir, tmp_path):
     script = _script("finetune")
     split = tmp_path / "split.txt"

@@ -232,9 +232,11 @@ def _print_lines(summary, config: dict, out: Console) -> None:
         if "fit_gain_mean" in summary and r["fit_mean"] == r["fit_mean"]:  # fit from a starting model
             folds = [f for f in config["fit_folds"] if f["protocol"] == r["protocol"]]
             by_start = sum(r["head"] in f["answered_by_start"] for f in folds)
+            relative = sum(f["person_relative"] is not None for f in folds) if r["head"] == "expression" else 0
             out.print(f"{r['protocol']} {r['head']} as fit writes it: {pct(r['fit_mean'], r['fit_std'])} %, minus not "
                       f"fine-tuned {interval_text(r, 'fit_gain')}; answered by the starting model in {by_start} of "
-                      f"{len(folds)} folds", markup=False, highlight=False)
+                      f"{len(folds)} folds" + (f", read against each person's other pictures in {relative}"
+                                               if relative else ""), markup=False, highlight=False)
         elif "fit_mean" in summary and r["fit_mean"] == r["fit_mean"]:
             out.print(f"{r['protocol']} {r['head']} as fit writes it: {pct(r['fit_mean'], r['fit_std'])} %",
                       markup=False, highlight=False)
