@@ -71,6 +71,8 @@ class TrainResult:
     val_faces: dict[str, int] = field(default_factory=dict)
     #: heads answered by the start model, with why (:func:`keep_start`); set by :func:`fit`
     kept: dict[str, str] = field(default_factory=dict)
+    #: set by :func:`fit`: the never-worse rule's record (``enabled``; ``skipped`` with why, when it could not apply)
+    never_worse: dict[str, Any] = field(default_factory=dict)
     #: set by :func:`fit` with ``refit``: what the returned model was trained on (validation persons too)
     refit: dict[str, Any] | None = None
     #: set by :func:`fit`: the person-relative expression classifier's evidence and whether the model uses it
@@ -927,6 +929,7 @@ def _never_worse(result: TrainResult, index: DataIndex, rows: tuple[Sequence[int
             log.warning("no head can be answered by the start model: %s", skipped)
         elif result.kept and out_dir is not None:
             _rewrite_checkpoint(result, out_dir)
+    result.never_worse = never_worse
     calibrate_run(out_dir, result.model, index, val_rows, result.preprocess, cache, config.device)
     if start and out_dir is not None:
         update_config(out_dir, {"untouched": {"model": run_name(start), "val_accuracy": result.untouched,

@@ -428,6 +428,7 @@ def _fit_fold(index: DataIndex, config: "TrainConfig", run: _Run, scorer: "_Scor
     step = result.person_relative or {}
     return {"protocol": run.protocol, "seed": run.seed, "fold": run.fold, "best_epoch": result.best_epoch,
             "refit": result.refit is not None, "answered_by_start": dict(result.kept),
+            "never_worse_skipped": result.never_worse.get("skipped"),  # e.g. another image size than the start's
             "person_relative": step.get("variant") if step.get("used") else None}
 
 

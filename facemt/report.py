@@ -245,12 +245,15 @@ def _fit_section(cfg: dict) -> list[str]:
     """What `facemt fit` chose on the folds: epochs, heads answered by the start model, the person-relative step."""
     folds = pd.DataFrame(cfg["fit_folds"])
     unlabelled = sorted({h for k in folds["answered_by_start"] for h in k if h not in cfg["tasks"]})
+    skipped = folds["never_worse_skipped"].dropna().unique() if "never_worse_skipped" in folds else []
     rows = []
     for protocol, g in folds.groupby("protocol", sort=False):
         kept = pd.Series([h for k in g["answered_by_start"] for h in k if h in cfg["tasks"]]).value_counts()
         steps = g["person_relative"].fillna("the head").value_counts() if "expression" in cfg["tasks"] else {}
-        rows.append([protocol, str(len(g)), f"{g['best_epoch'].mean():.1f}",
-                     ", ".join(f"{h} {n}" for h, n in kept.items()) or "none",
+        rule = ", ".join(f"{h} {n}" for h, n in kept.items()) or "none"
+        if len(skipped):
+            rule = f"rule skipped in {int(g['never_worse_skipped'].notna().sum())} folds" + (f"; {rule}" if kept.any() else "")
+        rows.append([protocol, str(len(g)), f"{g['best_epoch'].mean():.1f}", rule,
                      ", ".join(f"{v} {n}" for v, n in steps.items()) or "-"])
     return ["*What fit writes* is `facemt fit` itself run on each fold's training persons, with the settings above: it "
             "holds out its own validation persons among them to pick the epoch"
@@ -262,7 +265,9 @@ def _fit_section(cfg: dict) -> list[str]:
                                  "expression read by"], rows), ""] + (
         ["Heads these images cannot train (no labels, or labels of one class: " + ", ".join(unlabelled) + ") are "
          "answered by the starting model in the model fit writes; cv scores the heads it trains.", ""]
-        if unlabelled else [])
+        if unlabelled else []) + (
+        ["The never-worse rule could not apply: " + "; ".join(skipped) + " (Training: never worse than the start).", ""]
+        if len(skipped) else [])
 
 
 def _relative_section(summary: pd.DataFrame) -> list[str]:

@@ -244,6 +244,25 @@ def test_cv_scores_what_fit_writes_on_each_fold(faces_dir, run_dir, tmp_path, ca
         assert f"answered by the starting model in {by_start} of 2 folds" in " ".join(screen.split())
 
 
+def test_cv_report_says_what_fit_chose_and_when_its_rule_could_not_apply():
+    from facemt.report import _fit_section
+
+    fold = {"protocol": "subject", "seed": 0, "best_epoch": 4, "refit": False, "person_relative": None,
+            "never_worse_skipped": None}
+    kept = {"gender": "not trained: the data labels fewer than two of its classes", "expression": "tie"}
+    cfg = {"tasks": ["expression"], "fit_folds": [{**fold, "fold": 0, "answered_by_start": kept},
+                                                  {**fold, "fold": 1, "best_epoch": 6, "person_relative": "centred",
+                                                   "answered_by_start": {"gender": kept["gender"]}}]}
+    text = "\n".join(_fit_section(cfg))
+    assert "| subject | 2 | 5.0 | expression 1 | the head 1, centred 1 |" in text
+    assert "cannot train (no labels, or labels of one class: gender)" in text and "could not apply" not in text
+    why = "the run's preprocessing (image size or crop) differs from the start model's"
+    for f in cfg["fit_folds"]:
+        f.update(never_worse_skipped=why, answered_by_start={})
+    text = "\n".join(_fit_section(cfg))
+    assert "| subject | 2 | 5.0 | rule skipped in 2 folds |" in text and f"could not apply: {why}" in text
+
+
 def test_cv_rejects_bad_settings(faces_dir):
     with pytest.raises(FacemtError):
         facemt.cross_validate(index_folder(faces_dir), TINY, split="sideways")

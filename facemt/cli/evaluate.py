@@ -232,11 +232,13 @@ def _print_lines(summary, config: dict, out: Console) -> None:
         if "fit_gain_mean" in summary and r["fit_mean"] == r["fit_mean"]:  # fit from a starting model
             folds = [f for f in config["fit_folds"] if f["protocol"] == r["protocol"]]
             by_start = sum(r["head"] in f["answered_by_start"] for f in folds)
+            skipped = sum(f.get("never_worse_skipped") is not None for f in folds)
             relative = sum(f["person_relative"] is not None for f in folds) if r["head"] == "expression" else 0
             out.print(f"{r['protocol']} {r['head']} as fit writes it: {pct(r['fit_mean'], r['fit_std'])} %, minus not "
                       f"fine-tuned {interval_text(r, 'fit_gain')}; answered by the starting model in {by_start} of "
-                      f"{len(folds)} folds" + (f", read against each person's other pictures in {relative}"
-                                               if relative else ""), markup=False, highlight=False)
+                      f"{len(folds)} folds" + (f" (never-worse rule skipped in {skipped}: see the report)" if skipped else "")
+                      + (f", read against each person's other pictures in {relative}" if relative else ""),
+                      markup=False, highlight=False)
         elif "fit_mean" in summary and r["fit_mean"] == r["fit_mean"]:
             out.print(f"{r['protocol']} {r['head']} as fit writes it: {pct(r['fit_mean'], r['fit_std'])} %",
                       markup=False, highlight=False)
@@ -376,8 +378,8 @@ def add_cv_parser(sub: argparse._SubParsersAction) -> None:
                    help="also train one single-task model per head on the same folds (default on)")
     p.add_argument("--fit-model", action=argparse.BooleanOptionalAction, default=True,
                    help="also run fit itself on each fold's training persons (its own validation persons, the "
-                   "never-worse rule, the refit, the person-relative step) and score the model it writes: what "
-                   "`facemt fit` gives you on such images (default on; about twice a multi-task model's time)")
+                   "never-worse rule, --refit when given, the person-relative step) and score the model it writes: "
+                   "what `facemt fit` gives you on such images (default on; about one more multi-task model per fold)")
     p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     p.add_argument("--json", action="store_true", help="print the summary table as JSON")
     add_explain_args(p, None, "also map where each multi-task model finds the evidence for its test faces' true "
