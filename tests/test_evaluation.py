@@ -191,9 +191,11 @@ def test_cv_cli_writes_a_consistent_report(faces_dir, tmp_path, capsys):
     assert "Warning" in report
     assert main(argv) == 2  # refuses to overwrite a report
     capsys.readouterr()
-    assert main([*argv, "--overwrite", "--json"]) == 0
+    assert main([*argv, "--overwrite", "--json", "--split", "subject"]) == 0  # the last --split given wins
     summary = json.loads(capsys.readouterr().out)["summary"]
-    assert {(r["protocol"], r["head"]) for r in summary} == {(r["protocol"], r["head"]) for r in results["summary"]}
+    assert {(r["protocol"], r["head"]) for r in summary} == {(r["protocol"], r["head"]) for r in results["summary"]
+                                                            if r["protocol"] == "subject"}
+    assert json.loads((out / "results.json").read_text())["summary"] == summary  # replaced, not merged
 
 
 def test_cv_scores_what_fit_writes_on_each_fold(faces_dir, run_dir, tmp_path, capsys):
