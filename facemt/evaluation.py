@@ -330,7 +330,8 @@ def cross_validate(
             class per head; ``class_maps`` holds the class averages.
         fit_model: also run :func:`facemt.engine.fit` itself on every fold's
             training persons (its own validation persons among them, the
-            never-worse rule, the refit, the person-relative step) and score
+            never-worse rule, the refit when ``config.refit``, the
+            person-relative step) and score
             the model it writes (records with model ``fit``): what ``facemt
             fit`` gives a user with these images. What fit chose on each fold
             is in ``config["fit_folds"]``.
@@ -419,7 +420,8 @@ def _fit_subset(index: DataIndex, run: _Run) -> DataIndex:
 def _fit_fold(index: DataIndex, config: "TrainConfig", run: _Run, scorer: "_Scorer", cache: ImageCache,
               callback: Callable[[str, dict], None] | None) -> dict:
     """``facemt fit`` itself on the fold's training persons (it holds out its own validation persons among
-    them, applies the never-worse rule, refits and takes the person-relative step, as it does for a user),
+    them, applies the never-worse rule, refits with ``config.refit`` and takes the person-relative step, as it
+    does for a user),
     the model it writes scored on the fold's test persons as model ``fit``; returns what fit chose."""
     from facemt.engine import fit
 
@@ -466,7 +468,8 @@ def _plan(index: DataIndex, config: "TrainConfig", tasks: Sequence[str], folds: 
             else:
                 resolve_tasks(index, run.tasks, run.train_rows)
         except FacemtError as exc:
-            raise FacemtError(f"{run.label}: {exc} (fewer --folds, more persons, or --tasks without it)") from None
+            hint = ", or --no-fit-model" if run.model == "fit" else ""
+            raise FacemtError(f"{run.label}: {exc} (fewer --folds, more persons, or --tasks without it{hint})") from None
     return plan, folds_run, messages
 
 
