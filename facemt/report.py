@@ -20,7 +20,8 @@ from facemt.evaluation import BASELINE, CVResult  # noqa: E402
 from facemt.tasks import TASKS  # noqa: E402
 
 
-def _fmt(mean: float, std: float | None = None) -> str:
+def percent_text(mean: float | None, std: float | None = None) -> str:
+    """``81.2 ± 3.4`` from fractions (``-`` for a missing mean; no ``±`` part without a std)."""
     if mean is None or (isinstance(mean, float) and np.isnan(mean)):
         return "-"
     return f"{100 * mean:.1f}" + ("" if std is None or np.isnan(std) else f" ± {100 * std:.1f}")
@@ -183,14 +184,14 @@ def render_markdown(result: CVResult, title: str = "facemt cross-validation repo
         header.append("identity-leak gap (random − subject)")
     rows = []
     for _, r in summary.iterrows():
-        row = [r["protocol"], r["head"], _fmt(r["multitask_mean"], r["multitask_std"])]
+        row = [r["protocol"], r["head"], percent_text(r["multitask_mean"], r["multitask_std"])]
         if has_single:
-            row += [_fmt(r.get("single_mean"), r.get("single_std")), interval_text(r, "diff")]
+            row += [percent_text(r.get("single_mean"), r.get("single_std")), interval_text(r, "diff")]
         if has_zero:
-            row += [_fmt(r.get("zero_shot_mean"), r.get("zero_shot_std")), interval_text(r, "gain")]
+            row += [percent_text(r.get("zero_shot_mean"), r.get("zero_shot_std")), interval_text(r, "gain")]
         if has_fit:
-            row += [_fmt(r.get("fit_mean"), r.get("fit_std"))] + ([interval_text(r, "fit_gain")] if has_zero else [])
-        row.append(_fmt(r["majority_mean"]))
+            row += [percent_text(r.get("fit_mean"), r.get("fit_std"))] + ([interval_text(r, "fit_gain")] if has_zero else [])
+        row.append(percent_text(r["majority_mean"]))
         if "identity_leak_gap" in summary:
             row.append("-" if pd.isna(r["identity_leak_gap"]) else f"{100 * r['identity_leak_gap']:+.1f}")
         rows.append(row)
@@ -222,7 +223,7 @@ def render_markdown(result: CVResult, title: str = "facemt cross-validation repo
     mt = rec[rec["model"] == "multitask"].groupby(["protocol", "head"], sort=False)[
         ["balanced_accuracy", "macro_f1", "ece"]].mean().reset_index()
     out += [_markdown_table(["split", "head", "balanced accuracy", "macro-F1", "ECE"],
-                            [[r.protocol, r.head, _fmt(r.balanced_accuracy), _fmt(r.macro_f1), f"{r.ece:.3f}"]
+                            [[r.protocol, r.head, percent_text(r.balanced_accuracy), percent_text(r.macro_f1), f"{r.ece:.3f}"]
                              for r in mt.itertuples()]), "",
             "Macro-F1 averages over the classes present in each test fold's labels; balanced accuracy is the "
             "mean recall over those classes.", ""]
@@ -245,7 +246,7 @@ def _fit_section(cfg: dict) -> list[str]:
     """What `facemt fit` chose on the folds: epochs, heads answered by the start model, the person-relative step."""
     folds = pd.DataFrame(cfg["fit_folds"])
     unlabelled = sorted({h for k in folds["answered_by_start"] for h in k if h not in cfg["tasks"]})
-    skipped = folds["never_worse_skipped"].dropna().unique() if "never_worse_skipped" in folds else []
+    skipped = folds["never_worse_skipped"].dropna().unique()
     rows = []
     for protocol, g in folds.groupby("protocol", sort=False):
         kept = pd.Series([h for k in g["answered_by_start"] for h in k if h in cfg["tasks"]]).value_counts()
@@ -272,8 +273,8 @@ def _fit_section(cfg: dict) -> list[str]:
 
 def _relative_section(summary: pd.DataFrame) -> list[str]:
     """The person-relative expression classifier beside the multi-task head, per split."""
-    rows = [[r["protocol"], _fmt(r["person_relative_mean"], r["person_relative_std"]),
-             _fmt(r["multitask_mean"], r["multitask_std"]), interval_text(r, "relative_gain")]
+    rows = [[r["protocol"], percent_text(r["person_relative_mean"], r["person_relative_std"]),
+             percent_text(r["multitask_mean"], r["multitask_std"]), interval_text(r, "relative_gain")]
             for _, r in summary.iterrows() if pd.notna(r.get("person_relative_mean"))]
     return ["## Expression read per person", "",
             _markdown_table(["split", "person-relative", "multi-task head", "person-relative − head (95% CI)"], rows),
@@ -297,13 +298,13 @@ def _per_person_section(summary: pd.DataFrame) -> list[str]:
     for _, r in summary.iterrows():
         if pd.isna(r.get("per_person_mean")):
             continue
-        row = [r["protocol"], r["head"], _fmt(r["multitask_mean"], r["multitask_std"]),
-               _fmt(r["per_person_mean"], r["per_person_std"]), interval_text(r, "per_person_gain")]
+        row = [r["protocol"], r["head"], percent_text(r["multitask_mean"], r["multitask_std"]),
+               percent_text(r["per_person_mean"], r["per_person_std"]), interval_text(r, "per_person_gain")]
         if zero:
-            row += [_fmt(r.get("zero_shot_per_person_mean"), r.get("zero_shot_per_person_std")),
+            row += [percent_text(r.get("zero_shot_per_person_mean"), r.get("zero_shot_per_person_std")),
                     interval_text(r, "per_person_zero_gain")]
         if fitted:
-            row += [_fmt(r.get("fit_per_person_mean"), r.get("fit_per_person_std"))]
+            row += [percent_text(r.get("fit_per_person_mean"), r.get("fit_per_person_std"))]
             row += [interval_text(r, "fit_per_person_gain")] if zero else []
         rows.append(row)
     return ["## Age group and gender read per person", "", _markdown_table(header, rows), "",

@@ -171,7 +171,7 @@ class _CVProgress(EventProgress):
 
 def cmd_cv(args: argparse.Namespace, out: Console, err: Console) -> int:
     from facemt.evaluation import cross_validate
-    from facemt.report import interval_text, write_report
+    from facemt.report import interval_text, percent_text, write_report
 
     if not args.data:
         raise FacemtError("cv needs --data")
@@ -207,7 +207,7 @@ def cmd_cv(args: argparse.Namespace, out: Console, err: Console) -> int:
     columns += ["not fine-tuned", "gain [95% CI]"] if zero else []
     for col in columns + ["majority"]:
         table.add_column(col, justify="left" if col in ("split", "head") else "right")
-    pct = _pct
+    pct = percent_text
     for _, r in summary.iterrows():
         cells = [pct(r["multitask_mean"], r["multitask_std"])]
         cells += [pct(r.get("single_mean"), r.get("single_std")), interval_text(r, "diff")] if single else []
@@ -219,39 +219,42 @@ def cmd_cv(args: argparse.Namespace, out: Console, err: Console) -> int:
     return EXIT_OK
 
 
-def _pct(mean: float | None, std: float | None = None) -> str:
-    return "-" if mean is None or mean != mean else f"{100 * mean:.1f}" + ("" if std is None or std != std else f" ± {100 * std:.1f}")
+def _given(value: Any) -> bool:
+    return value is not None and value == value  # NaN: a summary column this row has no number for
+
+
+def _fit_line(r, config: dict) -> str:
+    """What fit writes for one split and head: accuracy, gain over the start model, what fit chose."""
+    from facemt.report import interval_text, percent_text
+
+    folds = [f for f in config["fit_folds"] if f["protocol"] == r["protocol"]]
+    line = f"{r['protocol']} {r['head']} as fit writes it: {percent_text(r['fit_mean'], r['fit_std'])} %"
+    if _given(r.get("fit_gain_mean")):  # training started from a facemt model
+        skipped = sum(f["never_worse_skipped"] is not None for f in folds)
+        line += (f", minus not fine-tuned {interval_text(r, 'fit_gain')}; answered by the starting model in "
+                 f"{sum(r['head'] in f['answered_by_start'] for f in folds)} of {len(folds)} folds"
+                 + (f" (never-worse rule skipped in {skipped}: see the report)" if skipped else ""))
+    relative = sum(f["person_relative"] is not None for f in folds) if r["head"] == "expression" else 0
+    return line + (f", read against each person's other pictures in {relative}" if relative else "")
 
 
 def _print_lines(summary, config: dict, out: Console) -> None:
     """Below cv's table, one line per head for what fit writes and for each reading per person."""
-    from facemt.report import interval_text
+    from facemt.report import interval_text, percent_text as pct
 
-    pct = _pct
     for _, r in summary.iterrows():
-        if "fit_gain_mean" in summary and r["fit_mean"] == r["fit_mean"]:  # fit from a starting model
-            folds = [f for f in config["fit_folds"] if f["protocol"] == r["protocol"]]
-            by_start = sum(r["head"] in f["answered_by_start"] for f in folds)
-            skipped = sum(f.get("never_worse_skipped") is not None for f in folds)
-            relative = sum(f["person_relative"] is not None for f in folds) if r["head"] == "expression" else 0
-            out.print(f"{r['protocol']} {r['head']} as fit writes it: {pct(r['fit_mean'], r['fit_std'])} %, minus not "
-                      f"fine-tuned {interval_text(r, 'fit_gain')}; answered by the starting model in {by_start} of "
-                      f"{len(folds)} folds" + (f" (never-worse rule skipped in {skipped}: see the report)" if skipped else "")
-                      + (f", read against each person's other pictures in {relative}" if relative else ""),
-                      markup=False, highlight=False)
-        elif "fit_mean" in summary and r["fit_mean"] == r["fit_mean"]:
-            out.print(f"{r['protocol']} {r['head']} as fit writes it: {pct(r['fit_mean'], r['fit_std'])} %",
-                      markup=False, highlight=False)
-        if "person_relative_mean" in summary and r["person_relative_mean"] == r["person_relative_mean"]:
+        if _given(r.get("fit_mean")):
+            out.print(_fit_line(r, config), markup=False, highlight=False)
+        if _given(r.get("person_relative_mean")):
             out.print(f"{r['protocol']} {r['head']} read per person (person-relative): "
                       f"{pct(r['person_relative_mean'], r['person_relative_std'])} %, minus the multi-task head "
                       f"{interval_text(r, 'relative_gain')}", markup=False, highlight=False)
-        if "per_person_mean" in summary and r["per_person_mean"] == r["per_person_mean"]:
+        if _given(r.get("per_person_mean")):
             untouched = r.get("zero_shot_per_person_mean")
             out.print(f"{r['protocol']} {r['head']} read per person: {pct(r['per_person_mean'], r['per_person_std'])} %, "
                       f"minus each picture alone {interval_text(r, 'per_person_gain')}"
-                      + ("" if untouched is None or untouched != untouched else
-                         f"; not fine-tuned, per person: {pct(untouched, r['zero_shot_per_person_std'])} %"),
+                      + (f"; not fine-tuned, per person: {pct(untouched, r['zero_shot_per_person_std'])} %"
+                         if _given(untouched) else ""),
                       markup=False, highlight=False)
 
 
