@@ -28,6 +28,7 @@ study's ``step`` arm run by the package itself.
 from __future__ import annotations
 
 import argparse
+import copy
 import subprocess
 import sys
 import time
@@ -133,9 +134,25 @@ def blend(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, np.nd
     return out
 
 
+#: the fine-tuned weights' shares in the ``wise-*`` arms (the rest the start model's)
+WISE = (0.25, 0.5, 0.75)
+
+
+def interpolate(start, tuned, alpha: float):
+    """The start and the fine-tuned network averaged in weight space (``alpha`` the fine-tuned share, every
+    parameter and normalisation statistic the two share in name and shape; the rest the fine-tuned one's):
+    WiSE-FT, Wortsman et al. 2022. Temperatures are the fine-tuned model's."""
+    out = copy.deepcopy(tuned)
+    a, b = start.state_dict(), tuned.state_dict()
+    out.load_state_dict({k: (1 - alpha) * a[k] + alpha * v if k in a and a[k].shape == v.shape
+                         and v.is_floating_point() else v for k, v in b.items()})
+    return out
+
+
 def run_fold(index: DataIndex, train_rows, test_rows_, config: TrainConfig, cache: ImageCache, start) -> list[dict]:
-    """One variant on one fold: untouched, tuned, blend (their mean log-probability) and fit
-    (never-worse rule) test accuracy per labelled head, with the validation evidence of each."""
+    """One variant on one fold: untouched, tuned, blend (their mean log-probability), ``wise-A`` (the two
+    averaged in weight space, :func:`interpolate`) and fit (never-worse rule) test accuracy per labelled
+    head, with the validation evidence of each (``val_arm``: a wise arm's validation accuracy)."""
     heads = [t for t in TASKS if index.table[t].iloc[test_rows_].notna().any()]
     test = index.table.iloc[test_rows_].reset_index(drop=True)
     sub = DataIndex(index.table.iloc[train_rows].reset_index(drop=True), [])
@@ -148,11 +165,17 @@ def run_fold(index: DataIndex, train_rows, test_rows_, config: TrainConfig, cach
         probs[name] = {"untouched": _probs(start_model, start_preprocess, table, cache),
                        "tuned": _probs(result.model, result.preprocess, table, cache)}
         probs[name]["blend"] = blend(probs[name]["untouched"], probs[name]["tuned"])
+    wise = [f"wise-{a}" for a in WISE] if start_preprocess == result.preprocess else []
+    for arm, alpha in zip(wise, WISE):
+        net = interpolate(start_model, result.model, alpha)
+        for name, table in (("test", test), ("val", val)):
+            probs[name][arm] = _probs(net, result.preprocess, table, cache)
+    val_arm = {} if config.refit else {arm: _scores(val, probs["val"][arm], heads) for arm in wise}
     # a refit model trained on the validation persons too: its validation answers are no evidence
     val_blend = {} if config.refit else _scores(val, probs["val"]["blend"], heads)
     nll = {arm: {} if config.refit and arm == "tuned" else log_loss(probs["val"][arm], val)
            for arm in ("untouched", "tuned")}
-    rows = [(arm, _scores(test, probs["test"][arm], heads)) for arm in ("untouched", "tuned", "blend")]
+    rows = [(arm, _scores(test, probs["test"][arm], heads)) for arm in ("untouched", "tuned", "blend", *wise)]
     relative = person_relative(sub.table, val, test, {"tuned": result, "start": start}, cache)
     rows += [(arm, scores) for arm, (scores, _) in relative.items()]
     val_relative = {arm: v for arm, (_, v) in relative.items()}
@@ -167,6 +190,7 @@ def run_fold(index: DataIndex, train_rows, test_rows_, config: TrainConfig, cach
              "val_n": result.val_faces.get(h), "start_all": result.untouched_all.get(h),
              "val_blend": val_blend.get(h, (None,))[0], "val_nll_tuned": nll["tuned"].get(h),
              "val_nll_untouched": nll["untouched"].get(h), "val_relative": val_relative.get(arm),
+             "val_arm": val_arm.get(arm, {}).get(h, (None,))[0],
              "step_choice": step[1] if step and arm == "step" else None,
              **(step[2] if step and arm == "step" else {})}
             for arm, scores in rows for h, (acc, n) in scores.items()]

@@ -198,7 +198,9 @@ def test_fine_tuning_study_scores_untouched_tuned_and_fit_on_the_same_folds(stud
                         "--csv", str(csv), "--results", str(results)]) == 0
     folds = pd.read_csv(csv)
     relative = {f"relative-{trunk}{rows}" for trunk in ("tuned", "start") for rows in ("", "-all")}
-    assert set(folds["arm"]) == {"untouched", "tuned", "blend", "fit", "step"} | relative
+    wise = {f"wise-{a}" for a in script.WISE}
+    assert set(folds["arm"]) == {"untouched", "tuned", "blend", "fit", "step"} | relative | wise
+    assert folds.loc[folds["arm"].isin(wise), "val_arm"].between(0, 1).all()
     assert set(folds["fold"]) == {0, 1}
     assert set(folds.loc[folds["arm"].isin(relative | {"step"}), "head"]) == {"expression"}
     # fit's person-relative step as fit runs it: what it chose, and the fit arm's answer where it chose the head
@@ -285,3 +287,28 @@ def test_fine_tuning_study_scores_untouched_tuned_and_fit_on_the_same_folds(stud
     for r in rows:
         assert int(r[2]) == 2 * len(fits.loc["defaults"].xs(r[1], level="head"))
         assert abs(float(r[4].split(" ")[0]) - 100 * gains[r[1]]) < 0.051
+
+
+def test_weight_space_average_lies_between_the_two_networks(run_dir):
+    import torch
+
+    from facemt.checkpoint import load_checkpoint
+
+    script = _script("finetune")
+    start, _, _ = load_checkpoint(run_dir, map_location="cpu")
+    tuned, _, _ = load_checkpoint(run_dir, map_location="cpu")
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(torch.randn_like(p))
+    a, b = ({k: v.clone() for k, v in m.state_dict().items()} for m in (start, tuned))
+    half = script.interpolate(start, tuned, 0.5).state_dict()
+    floats = [k for k, v in b.items() if v.is_floating_point()]
+    assert floats and all(torch.allclose(half[k], (a[k] + b[k]) / 2) for k in floats)
+    assert all(torch.equal(half[k], b[k]) for k in b if k not in floats)  # step counters: the fine-tuned one's
+    whole = script.interpolate(start, tuned, 1.0).state_dict()
+    assert all(torch.equal(whole[k], b[k]) for k in b)
+    none = script.interpolate(start, tuned, 0.0).state_dict()
+    assert all(torch.allclose(none[k], a[k]) for k in floats)
+    # neither network is changed by averaging them
+    assert all(torch.equal(v, b[k]) for k, v in tuned.state_dict().items())
+    assert all(torch.equal(v, a[k]) for k, v in start.state_dict().items())
