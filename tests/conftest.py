@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,15 @@ import torch
 
 from facemt.cli import main
 from facemt.synth import generate
+
+# Under pytest-xdist (README's test command runs one worker per core) each worker computes with its share of
+# the cores, and so do the processes its tests start: workers that each took every core would slow each
+# other down. Results of different thread counts are compared within a tolerance, never byte for byte.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = max(1, (os.cpu_count() or 1) // _WORKERS)
+    torch.set_num_threads(_THREADS)
+    os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 
 TINY_FIT = ["--epochs", "2", "--image-size", "32", "--batch-size", "16", "--augment", "light", "--device", "cpu"]
 

@@ -40,7 +40,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    out, err = Console(), Console(stderr=True, soft_wrap=True)
+    # soft_wrap: a line (a path written, a summary) is never broken where the console is narrow; tables still fit it
+    out, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
     try:
         return args.func(args, out, err)
     except FacemtError as exc:
