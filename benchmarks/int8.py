@@ -30,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -44,6 +45,9 @@ from facemt.engines import OnnxModel, quantize_int8  # noqa: E402
 from facemt.files import sha256_file  # noqa: E402
 from facemt.inference import calibration_batches  # noqa: E402
 from facemt.tasks import TASKS  # noqa: E402
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: every layer int8, per-channel weight scales, min-max activation ranges (facemt's default before this study)
 PLAIN = {"per_channel": True, "float_ends": False, "method": "minmax", "float_stride": 0}
