@@ -12,10 +12,12 @@ together (one lab's mixed stimuli); ``--set NAME=PATH`` adds any labelled folder
 
 In every fold, every variant runs exactly what ``facemt fit`` runs on the training persons (a
 person-disjoint validation split of them, the best epoch by validation accuracy) and is scored on the
-test persons four ways: ``untouched`` (the start model as it is), ``tuned`` (the fine-tuned heads, the
+test persons: ``untouched`` (the start model as it is), ``tuned`` (the fine-tuned heads, the
 never-worse rule off: ``--no-keep-start``), ``blend`` (the two together: their mean log-probability per
-head, renormalised) and ``fit`` (what fit writes: a head that fine-tuning did not
-improve on the validation persons, or that the set does not label, answered by the start model).
+head, renormalised), ``wise-A`` (the two averaged in weight space, A the fine-tuned share), ``fit`` (what
+fit writes: a head that fine-tuning did not improve on the validation persons, or that the set does not
+label, answered by the start model), ``step`` (fit with its person-relative step) and the person-relative
+classifiers on either trunk (``relative-*``).
 Variants change one thing against fit's defaults. Reported: per set, head and variant the mean test
 accuracy and paired differences over folds with 95 % t-intervals (against untouched, against defaults).
 A benchmark, not a test: nothing here asserts.
