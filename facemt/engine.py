@@ -102,11 +102,13 @@ def initial_weights(config: TrainConfig) -> str | None:
     return str(base_dir()) if base["backbone"] == config.backbone else None
 
 
-def resolve_tasks(index: DataIndex, wanted: Sequence[str] | None, rows: Sequence[int] | None = None
-                  ) -> tuple[str, ...]:
+def resolve_tasks(index: DataIndex, wanted: Sequence[str] | None, rows: Sequence[int] | None = None,
+                  warn: bool = True) -> tuple[str, ...]:
     """The tasks to train: the requested ones, or every head whose labels cover
     at least two classes (among ``rows`` when given: the training rows of a split).
-    ``fit``, ``cv`` and every benchmark apply this one rule.
+    ``fit``, ``cv`` and every benchmark apply this one rule. A head skipped is logged
+    unless ``warn`` is False (the caller has said so already: ``fit`` through its data
+    check, ``cv`` once before its folds).
 
     Raises:
         FacemtError: a requested task has no labels or only one class, or no
@@ -123,7 +125,7 @@ def resolve_tasks(index: DataIndex, wanted: Sequence[str] | None, rows: Sequence
             found = f"only {classes[0]!r}" if len(classes) else "no labels"
             where = "the data has" if rows is None else "its training images have"
             raise FacemtError(f"cannot train {t}: {where} {found}; a head needs at least two classes")
-        else:
+        elif warn:
             log.warning("skipping head %s: its labels cover fewer than two classes", t)
     if not tasks:
         raise FacemtError("the data has no head with labels of two or more classes: nothing to train")
@@ -324,7 +326,7 @@ def setup_training(
     a run or the base model), decode the images, and build datasets, loss,
     optimizer and schedule."""
     config.validate()
-    tasks = resolve_tasks(index, config.tasks)
+    tasks = resolve_tasks(index, config.tasks, warn=False)  # fit and cv have named the heads skipped
     device = resolve_device(config.device)
     here = world()
     seed_everything(config.seed if here.main else _mix(config.seed, here.rank))  # dropout differs per process

@@ -183,3 +183,23 @@ def test_library_errors_name_fields_and_the_cli_names_options(faces_dir, tmp_pat
         TrainConfig(backbone_lr_scale=0).validate()
     assert main(["fit", "--data", str(faces_dir), "--out", str(tmp_path / "o"), "--backbone-lr-scale", "0"]) == 2
     assert "error: --backbone-lr-scale must be" in capsys.readouterr().err
+
+
+def test_a_head_skipped_for_one_class_is_said_once(faces_dir, tmp_path, capsys, caplog):
+    """Women only: fit names the gender head it cannot train once (its data check), and cv once before its
+    folds, not again for every model it trains."""
+    women = tmp_path / "women"
+    women.mkdir()
+    for f in faces_dir.glob("*.jpg"):
+        if f.name.split("_")[2] == "f":
+            (women / f.name).write_bytes(f.read_bytes())
+    assert main(["fit", "--data", str(women), "--out", str(tmp_path / "r"), *TINY_FIT]) == 0
+    said = [l for l in capsys.readouterr().err.splitlines() if "gender" in l and "two classes" in l]
+    said += [r.getMessage() for r in caplog.records if "gender" in r.getMessage()]
+    assert len(said) == 1, said
+    caplog.clear()
+    assert main(["cv", "--data", str(women), "--out", str(tmp_path / "cv"), "--folds", "3", "--no-baselines",
+                 *TINY_FIT]) == 0
+    said = [l for l in capsys.readouterr().err.splitlines() if "gender" in l and "two classes" in l]
+    said += [r.getMessage() for r in caplog.records if "gender" in r.getMessage()]
+    assert len(said) == 1, said
