@@ -335,7 +335,7 @@ def setup_training(
         config = replace(config, backbone_lr_scale=FINE_TUNE_BACKBONE_LR_SCALE if init else 1.0)
     if config.mixup is None:
         config = replace(config, mixup=FINE_TUNE_MIXUP if init else 0.0)
-    image_size = config.image_size or (read_config(init)["preprocess"]["image_size"] if init else DEFAULT_IMAGE_SIZE)
+    image_size = input_size(config, init)
     model, preprocess = create_model(
         config.backbone, tasks, config.pretrained and not resuming, None if resuming else config.pretrained_file,
         image_size, config.dropout, config.crop_policy,
@@ -378,6 +378,12 @@ def setup_training(
         network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return Setup(config, tasks, device, model, preprocess, criterion, optimizer, scheduler, train_set, val_loader,
                  weights, steps_per_epoch, train_rows, val_rows, here, network, counts, teacher)
+
+
+def input_size(config: TrainConfig, init: str | None) -> int:
+    """The network input side a training uses: ``config.image_size``, else the initial model's (``init``, a
+    facemt run), else the default."""
+    return config.image_size or (read_config(init)["preprocess"]["image_size"] if init else DEFAULT_IMAGE_SIZE)
 
 
 def _teacher(config: TrainConfig, init: str | None, preprocess: PreprocessConfig,

@@ -343,7 +343,7 @@ def cross_validate(
         FacemtError: bad protocol settings or unusable data.
     """
     from facemt.checkpoint import load_checkpoint, run_name
-    from facemt.engine import initial_weights, resolve_device, resolve_tasks
+    from facemt.engine import initial_weights, input_size, resolve_device, resolve_tasks
 
     _check_protocol(split, folds, seeds, test_size)
     config.validate()
@@ -376,7 +376,7 @@ def cross_validate(
     settings = {
         "train": config.to_dict(), "folds": folds, "folds_run": folds_run, "split": split, "seeds": seeds, "baselines": baselines,
         "test_size": test_size, "tasks": list(tasks), "dataset": index.summary(), "images_decoded": cache.decoded,
-        "framings": len(cache.framings),
+        "framings": len(cache.framings), "image_size": input_size(config, start),
         "zero_shot": run_name(start) if start else None,  # the model training started from
     }
     if fitted:

@@ -151,6 +151,13 @@ def _start(cfg: dict) -> str:
     return "the timm hub's pretrained weights" if train.get("pretrained") else "random"
 
 
+def _size_text(cfg: dict) -> str:
+    size = cfg.get("image_size") or cfg["train"]["image_size"]  # reports before the resolved size: as given
+    if size is None:
+        return "image size of the initial model"
+    return f"{size} px faces" + (" (the initial model's)" if cfg["train"]["image_size"] is None else "")
+
+
 def render_markdown(result: CVResult, title: str = "facemt cross-validation report") -> str:
     """The human-readable report (tables, warnings, links to the plots)."""
     summary = result.summary()
@@ -162,7 +169,7 @@ def render_markdown(result: CVResult, title: str = "facemt cross-validation repo
         out += [f"> **Warning:** {w}", ""]
     out += [
         f"Data: {ds['images']} images, {ds['persons']} persons. Backbone `{train['backbone']}`, "
-        f"{train['epochs']} epochs, image size {train['image_size']}, augmentation `{train['augment']}`, "
+        f"{train['epochs']} epochs, {_size_text(cfg)}, augmentation `{train['augment']}`, "
         f"lr {train['lr']}, initial weights: {_start(cfg)}.",
         f"Protocol: split `{cfg['split']}`, "
         + (f"test size {cfg['test_size']}" if cfg["test_size"] else _folds_text(cfg))

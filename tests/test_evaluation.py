@@ -177,6 +177,7 @@ def test_cv_cli_writes_a_consistent_report(faces_dir, tmp_path, capsys):
     csv_records = pd.read_csv(out / "results.csv", keep_default_na=False)
     assert len(results["records"]) == len(csv_records)
     report = (out / "report.md").read_text()
+    assert results["config"]["image_size"] == 32 and "32 px faces, augmentation" in report
     for row in results["summary"]:
         mean, std = 100 * row["multitask_mean"], 100 * row["multitask_std"]
         assert f"| {row['protocol']} | {row['head']} | {mean:.1f} ± {std:.1f} |" in report
@@ -263,6 +264,15 @@ def test_cv_report_says_what_fit_chose_and_when_its_rule_could_not_apply():
         f.update(never_worse_skipped=why, answered_by_start={})
     text = "\n".join(_fit_section(cfg))
     assert "| subject | 2 | 5.0 | rule skipped in 2 folds |" in text and f"could not apply: {why}" in text
+
+
+def test_cv_report_names_the_face_size_the_models_trained_at():
+    """No --image-size given: the size comes from the initial model, and the report says which."""
+    from facemt.report import _size_text
+
+    assert _size_text({"image_size": 112, "train": {"image_size": None}}) == "112 px faces (the initial model's)"
+    assert _size_text({"image_size": 64, "train": {"image_size": 64}}) == "64 px faces"
+    assert _size_text({"train": {"image_size": 48}}) == "48 px faces"  # a report written before the size was kept
 
 
 def test_cv_rejects_bad_settings(faces_dir):
