@@ -75,7 +75,36 @@ def evaluation_notes(config: dict, tasks: Sequence[str], table: pd.DataFrame) ->
         unseen = [(c, int(present[c])) for c, n in zip(TASKS[task].classes, counts) if n == 0 and c in present]
         for c, n in unseen:
             notes.append(f"{task}: the model saw no {c!r} images in training; it can hardly get these {n} right")
+    seen = seen_in_fit(config, table)
+    if seen:
+        trained, validated = seen
+        notes.append(f"{trained + validated} of these {len(table)} images are in the data this run was fit on "
+                     f"({trained} trained on, {validated} of its validation persons): "
+                     "accuracy on them is no test of unseen faces; measure that with 'facemt cv'")
     return notes
+
+
+def seen_in_fit(config: dict, table: pd.DataFrame) -> tuple[int, int] | None:
+    """How many rows of ``table`` the run (its ``config``) was fit on: (trained on, of its validation
+    persons), from the data sources ``facemt fit`` recorded, read again; None for a model not written by
+    fit (the built-in base has its own held-out lists), when no row is among them, or when the sources
+    can no longer be read."""
+    from facemt.data import load_sources
+
+    split = config.get("split") or {}
+    if not config.get("sources") or "val_persons" not in split:
+        return None
+    try:
+        fitted = load_sources(config["sources"]).table
+    except (FacemtError, OSError):
+        return None
+    persons = dict(zip(fitted["path"], fitted["person"]))
+    shared = [p for p in table["path"] if p in persons]
+    if not shared:
+        return None
+    held_out = set(split["val_persons"])
+    validated = sum(persons[p] is not None and persons[p] in held_out for p in shared)
+    return len(shared) - validated, validated
 
 
 def person_consistency(table: pd.DataFrame, predicted: dict[str, np.ndarray],

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -12,6 +13,7 @@ from facemt.data import index_folder
 from facemt.engine import TrainConfig
 from facemt.evaluation import RANDOM_SPLIT_WARNING, expected_calibration_error, head_metrics
 from facemt.splits import make_folds
+from facemt.synth import generate
 from facemt.tasks import PERSON_HEADS, per_person
 
 TINY = TrainConfig(epochs=1, image_size=32, batch_size=16, augment="light", device="cpu")
@@ -296,6 +298,28 @@ def test_evaluate_cli_json(run_dir, faces_dir, capsys):
     assert tta["metrics"]["expression"]["ece"] != out["metrics"]["expression"]["ece"]
     assert main(["evaluate", str(run_dir), "--data", str(faces_dir), "--device", "cpu"]) == 0
     assert "confusion" in capsys.readouterr().out
+
+
+def test_evaluate_says_when_the_images_are_the_ones_the_run_was_fit_on(run_dir, faces_dir, tmp_path, capsys):
+    from facemt.checkpoint import read_config
+    from facemt.evaluation import seen_in_fit
+
+    config = read_config(run_dir)
+    validated = sum(f.name.split("_")[0] in config["split"]["val_persons"] for f in faces_dir.glob("*.jpg"))
+    assert 0 < validated < 72
+    assert main(["evaluate", str(run_dir), "--data", str(faces_dir), "--json", "--device", "cpu"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    said = f"72 of these 72 images are in the data this run was fit on ({72 - validated} trained on, {validated} of"
+    assert sum(said in n and "facemt cv" in n for n in notes) == 1
+    other = tmp_path / "other"
+    generate(other, persons=2, size=(48, 60), seed=7)  # faces the run never saw
+    assert main(["evaluate", str(run_dir), "--data", str(other), "--json", "--device", "cpu"]) == 0
+    assert not any("fit on" in n for n in json.loads(capsys.readouterr().out)["notes"])
+    table = index_folder(faces_dir).table
+    base = json.loads((Path(facemt.__file__).parent / "base" / "config.json").read_text())
+    assert seen_in_fit(base, table) is None  # the built-in model keeps its own held-out lists
+    moved = {**config, "sources": [str(tmp_path / "gone")]}
+    assert seen_in_fit(moved, table) is None  # a source no longer there: nothing to say
 
 
 def test_macro_f1_averages_over_the_classes_in_the_test_labels():
