@@ -203,3 +203,47 @@ def test_a_head_skipped_for_one_class_is_said_once(faces_dir, tmp_path, capsys, 
     said = [l for l in capsys.readouterr().err.splitlines() if "gender" in l and "two classes" in l]
     said += [r.getMessage() for r in caplog.records if "gender" in r.getMessage()]
     assert len(said) == 1, said
+
+
+def _documented_commands() -> list[str]:
+    """Every ``facemt ...`` line inside the code blocks of README.md and the examples' READMEs, continuation
+    lines joined, ``&&`` chains split."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    commands = []
+    for doc in [root / "README.md", *sorted((root / "examples").glob("*/README.md"))]:
+        inside, pending = False, ""
+        for line in doc.read_text().splitlines():
+            if line.lstrip().startswith("```"):
+                inside, pending = not inside, ""
+                continue
+            line = pending + line.strip()
+            pending = line[:-1] + " " if inside and line.endswith("\\") else ""
+            if inside and not pending:
+                commands += [p.strip() for p in line.split("&&") if p.strip().startswith("facemt ")]
+    return commands
+
+
+def test_every_command_in_the_docs_names_real_options():
+    """README's commands parse as written (a synopsis line, with [optional] parts, names only options its
+    command has): the docs cannot drift from the parser unnoticed."""
+    import argparse
+    import re
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    documented = _documented_commands()
+    assert len(documented) >= 30
+    for line in documented:
+        words = shlex.split(line, comments=True)
+        sub = commands[words[1]]
+        options = set(sub._option_string_actions)
+        named = re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", line)
+        assert set(named) <= options, (line, set(named) - options)
+        if " [" in line or "..." in line:
+            continue  # a synopsis, not a command
+        for op in (">", "|"):
+            words = words[:words.index(op)] if op in words else words
+        args = parser.parse_args(words[1:])
+        assert isinstance(args, argparse.Namespace) and args.command == words[1], line
