@@ -590,7 +590,8 @@ class Predictor:
         yield from flush()
 
     def predict_video(self, path: str | os.PathLike, fps: float | None = None, smooth: float | None = None,
-                      fallback: bool = False, min_face: int = 0, max_faces: int | None = None) -> "pd.DataFrame":
+                      fallback: bool = False, min_face: int = 0, max_faces: int | None = None,
+                      per_track: bool = False) -> "pd.DataFrame":
         """Every face of every sampled frame of a video, as a pandas DataFrame (one row per face per frame:
         ``path, frame, time_s, track, face, status, box, landmarks``, labels and per-class probabilities;
         see :func:`facemt.video.predict_video` for the arguments).
@@ -601,7 +602,7 @@ class Predictor:
         from facemt.video import predict_video, to_frame
 
         rows = list(predict_video(self, path, fps=fps, smooth=smooth, fallback=fallback, min_face=min_face,
-                                  max_faces=max_faces))
+                                  max_faces=max_faces, per_track=per_track))
         return to_frame(rows, self.tasks)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from facemt.errors import FacemtError
 from facemt.faces import box_iou
 from facemt.inference import Prediction, _answers, _frame
-from facemt.tasks import TASKS
+from facemt.tasks import PERSON_HEADS, TASKS, per_person
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -213,6 +213,7 @@ def predict_video(
     fallback: bool = False,
     min_face: int = 0,
     max_faces: int | None = None,
+    per_track: bool = False,
 ) -> Iterator[VideoPrediction]:
     """Stream one row per face per sampled frame of a video (a ``no_face`` row
     for a frame without a face), in frame order, batched like photos.
@@ -225,6 +226,10 @@ def predict_video(
         smooth: exponential smoothing of each track's probabilities with this
             time constant in seconds (None: off, each frame on its own).
         fallback, min_face, max_faces: as for photos (:meth:`Predictor.predict_files`).
+        per_track: each track is one person: its rows share one age group and
+            gender answer, from all its frames (:func:`facemt.tasks.per_person`
+            over the frames' own probabilities, unsmoothed); expression stays
+            each frame's. The rows then come when the video ends.
 
     Raises:
         FacemtError: the video cannot be read, or it is truncated (raised after
@@ -234,16 +239,23 @@ def predict_video(
     tracker = Tracker()
     slots: list[VideoPrediction] = []
     arrays: list[np.ndarray] = []
+    held: list[VideoPrediction] = []  # per_track: the video's rows, until every track is complete
+    raw: dict[str, list[np.ndarray]] = {t: [] for t in PERSON_HEADS if per_track and t in predictor.tasks}
 
     def flush() -> Iterator[VideoPrediction]:
         waiting = [p for p in slots if p.status == "ok"]
         if waiting:
             probs = predictor.probabilities(arrays)
+            for t in raw:
+                raw[t].append(probs[t])
             for i, p in enumerate(waiting):
                 p.labels, p.probabilities = _answers(probs, i)
                 if smoother is not None and p.track is not None:
                     smoother(p)
-        yield from slots
+        if per_track:
+            held.extend(slots)
+        else:
+            yield from slots
         slots.clear()
         arrays.clear()
 
@@ -264,6 +276,20 @@ def predict_video(
                 yield from flush()
     finally:  # a truncated video keeps the rows of the frames before (the error follows them)
         yield from flush()
+        if per_track:
+            one_answer_per_track(held, {t: np.concatenate(r) for t, r in raw.items() if r})
+            yield from held
+
+
+def one_answer_per_track(rows: Sequence[VideoPrediction], probs: dict[str, np.ndarray]) -> None:
+    """Give every track of ``rows`` one answer per head of ``probs`` (each head's probabilities of the ``ok``
+    rows, in order): the track's pooled answer (:func:`facemt.tasks.per_person`)."""
+    faces = [r for r in rows if r.status == "ok"]
+    pooled = {t: per_person(p, [r.track for r in faces]) for t, p in probs.items()}
+    for i, row in enumerate(faces):
+        labels, probabilities = _answers(pooled, i)
+        row.labels.update(labels)
+        row.probabilities.update(probabilities)
 
 
 def iter_media_files(paths: Sequence[str | os.PathLike]) -> list[Path]:

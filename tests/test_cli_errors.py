@@ -207,7 +207,8 @@ def test_evaluate_says_which_heads_and_classes_it_cannot_score(faces_dir, tmp_pa
     assert main(["evaluate", "--model", str(run), "--data", str(faces_dir), "--json"]) == 0
     captured = capsys.readouterr()
     notes = json.loads(captured.out)["notes"]
-    assert notes == ["the data has age_group, gender labels, but the model has no such head: not scored"]
+    assert notes[0] == "the data has age_group, gender labels, but the model has no such head: not scored"
+    assert len(notes) == 2 and "this run was fit on" in notes[1]  # these are the run's own training images
     assert "note: the data has age_group, gender labels" in captured.err
     table = load_sources([str(faces_dir)]).table
     config = {"class_counts": {"expression": [5, 0, 5, 5, 5, 5]}}

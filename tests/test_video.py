@@ -148,3 +148,47 @@ def test_video_options_are_checked_and_shards_take_whole_videos(clip, tmp_path, 
     assert main(["merge-predictions", "--out", str(out)]) == 0
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
     assert [r["path"].rsplit("/", 1)[-1] for r in rows] == ["a.avi"] * 4 + ["b.avi"] * 4
+
+
+def test_per_track_each_face_track_gets_one_age_group_and_gender(tmp_path):
+    """--person-from track: a track is one person; its rows share the pooled age group and gender of all its
+    frames (per_person over the frames' own probabilities), expression stays each frame's."""
+    from facemt.tasks import per_person
+
+    two = write_video(tmp_path / "two.avi", frames=12, size=(480, 300), faces=2)
+    model = facemt.load()
+    plain = [r for r in predict_video(model, two) if r.status == "ok"]
+    pooled = [r for r in predict_video(model, two, per_track=True) if r.status == "ok"]
+    tracks = [r.track for r in plain]
+    assert sorted(set(tracks)) == [0, 1] and [r.track for r in pooled] == tracks
+    for head in ("age_group", "gender"):
+        classes = list(plain[0].probabilities[head])
+        frames = np.array([[r.probabilities[head][c] for c in classes] for r in plain])
+        want = per_person(frames, tracks)
+        for i, r in enumerate(pooled):
+            assert [r.probabilities[head][c] for c in classes] == pytest.approx(list(want[i]), abs=1e-6)
+            assert r.labels[head] == classes[int(np.argmax(want[i]))]
+        for track in (0, 1):
+            assert len({r.labels[head] for r in pooled if r.track == track}) == 1
+    assert [r.probabilities["expression"] for r in pooled] == [r.probabilities["expression"] for r in plain]
+    table = model.predict_video(two, per_track=True)
+    assert table.groupby("track")["gender_p_male"].nunique().tolist() == [1, 1]
+
+
+def test_person_from_track_is_for_videos_and_keeps_a_truncated_videos_rows(clip, tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    photo = tmp_path / "p.png"
+    draw_face(make_person(1, "old", "male", rng), "anger", rng, (200, 250)).save(photo)
+    assert main(["predict", str(photo), "--person-from", "track"]) == 2
+    assert "no video is among the inputs" in capsys.readouterr().err
+    assert main(["predict", str(clip), "--person-from", "name"]) == 2
+    assert "--person-from track" in capsys.readouterr().err
+    data = clip.read_bytes()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "rows.csv"
+    assert main(["predict", str(cut), "--out", str(out), "--person-from", "track"]) == 1
+    rows = list(csv.DictReader(io.StringIO(out.read_text())))
+    assert rows[-1]["status"] == "error" and len(rows) > 3
+    faces = [r for r in rows if r["status"] == "ok"]
+    assert len({(r["gender"], r["gender_p_male"]) for r in faces}) == 1  # one track, one answer

@@ -138,7 +138,7 @@ def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
         check_writable(args.plot, args.overwrite, flag="--plot")
     predictor = load(args.model, device=args.device, batch_size=args.batch_size, crop=crop_override(args),
                      engine=args.engine, tta=args.tta, prior=args.prior, jitter=args.jitter)
-    if args.person_from and not predictor.person_relative:
+    if args.person_from in PERSON_FROM and not predictor.person_relative:
         err.print(f"note: {predictor.run_dir} carries no person-relative expression classifier (facemt fit fits one "
                   "where it helps), so --person-from reads only age group and gender per person",
                   markup=False, highlight=False)
@@ -157,7 +157,7 @@ def cmd_predict(args: argparse.Namespace, out: Console, err: Console) -> int:
 
         write_manifest(out_path, *shard, all_files, files, predictor.options(
             fallback=args.fallback, min_face=args.min_face, max_faces=args.max_faces,
-            **({"fps": args.fps, "smooth": args.smooth} if videos else {})))
+            **({"fps": args.fps, "smooth": args.smooth, "per_track": args.person_from == "track"} if videos else {})))
     if args.plot:
         from facemt.video import plot_timeline, to_frame
 
@@ -186,15 +186,21 @@ def _check_video_options(args: argparse.Namespace, videos: bool) -> None:
 
 
 def _check_person_options(args: argparse.Namespace, videos: bool, shard, files: Sequence[Path]) -> None:
-    """--person-from reads every picture of a person together: photos only, one face each, one process, and
-    every file name must say its person (checked before any work)."""
+    """--person-from name|folder reads every picture of a person together: photos only, one face each, one
+    process, and every file name must say its person; --person-from track is for videos (checked before any
+    work)."""
     if not args.person_from:
+        return
+    if args.person_from == "track":
+        if not videos:
+            raise FacemtError("--person-from track reads each face track of a video as one person, and no video "
+                              "is among the inputs")
         return
     clash = [flag for flag, on in (("a video input", videos), ("--shard or torchrun", shard is not None),
                                    ("--max-faces", args.max_faces is not None)) if on]
     if clash:
         raise FacemtError(f"--person-from reads the largest face of each photo with the same person's other photos: "
-                          f"it does not go with {', '.join(clash)}")
+                          f"it does not go with {', '.join(clash)} (for videos: --person-from track)")
     from facemt.data import person_of
 
     for f in files:
@@ -225,7 +231,7 @@ def _predictions(predictor, files: Sequence[Path], args: argparse.Namespace):
     from facemt.video import VideoPrediction, is_video_file, predict_video
 
     options = {"fallback": args.fallback, "min_face": args.min_face, "max_faces": args.max_faces}
-    if args.person_from:  # every picture of a person read together: the checks in _check_person_options
+    if args.person_from in PERSON_FROM:  # every picture of a person read together: see _check_person_options
         from facemt.data import person_of
 
         yield from predictor.predict_persons(files, [person_of(f, args.person_from) for f in files],
@@ -241,7 +247,8 @@ def _predictions(predictor, files: Sequence[Path], args: argparse.Namespace):
             photos = []
         if f is not None:
             try:
-                yield from predict_video(predictor, f, fps=args.fps, smooth=args.smooth, **options)
+                yield from predict_video(predictor, f, fps=args.fps, smooth=args.smooth,
+                                         per_track=args.person_from == "track", **options)
             except FacemtError as exc:
                 yield VideoPrediction(str(f), error=str(exc))
 
@@ -369,11 +376,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                             "default off)")
     video.add_argument("--plot", metavar="FILE.png",
                        help="draw each track's probabilities over time (expression as stacked areas)")
-    p.add_argument("--person-from", choices=PERSON_FROM,
+    p.add_argument("--person-from", choices=(*PERSON_FROM, "track"),
                    help="each photo's person, from its file 'name' (FACES or JAFFE names) or its 'folder': a "
                         "person's photos get one age group and gender (from all of them), and with a run fit with "
                         "the person-relative classifier, expression is read against the same person's other photos "
-                        "(3 or more); the largest face of each photo")
+                        "(3 or more); the largest face of each photo. Videos: 'track': each face track is one "
+                        "person, with one age group and gender from all its frames (a video's rows come when it "
+                        "ends)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out or --plot file")
     p.add_argument("--shard", metavar="K/N",
                    help="predict only the K-th of N shards of the sorted file list, into FILE.part-K-of-N.csv "
