@@ -35,6 +35,13 @@ def write_video(path, frames=20, fps=10, size=(320, 240), blank=(), faces=1):
     return path
 
 
+def write_photo(path, seed):
+    """A generated photo of an old man's angry face."""
+    rng = np.random.default_rng(seed)
+    draw_face(make_person(1, "old", "male", rng), "anger", rng, (200, 250)).save(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     return write_video(tmp_path_factory.mktemp("video") / "clip.avi", blank=(6, 7))
@@ -98,8 +105,7 @@ def test_cli_streams_rows_plots_a_timeline_and_mixes_photos_and_videos(clip, tmp
     folder = tmp_path / "media"
     folder.mkdir()
     (folder / "clip.avi").write_bytes(clip.read_bytes())
-    rng = np.random.default_rng(1)
-    draw_face(make_person(1, "old", "male", rng), "anger", rng, (200, 250)).save(folder / "photo.png")
+    write_photo(folder / "photo.png", 1)
     out, plot = tmp_path / "rows.csv", tmp_path / "timeline.png"
     assert main(["predict", str(folder), "--fps", "5", "--out", str(out), "--plot", str(plot)]) == 0
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
@@ -132,9 +138,7 @@ def test_a_truncated_video_keeps_its_rows_and_says_so_in_one_line(clip, tmp_path
 
 
 def test_video_options_are_checked_and_shards_take_whole_videos(clip, tmp_path, capsys):
-    rng = np.random.default_rng(2)
-    photo = tmp_path / "p.png"
-    draw_face(make_person(1, "old", "male", rng), "anger", rng, (200, 250)).save(photo)
+    photo = write_photo(tmp_path / "p.png", 2)
     assert main(["predict", str(photo), "--fps", "5"]) == 2
     assert "apply to videos" in capsys.readouterr().err
     assert main(["predict", str(clip), "--smooth", "-1"]) == 2
@@ -176,9 +180,7 @@ def test_per_track_each_face_track_gets_one_age_group_and_gender(tmp_path):
 
 
 def test_person_from_track_is_for_videos_and_keeps_a_truncated_videos_rows(clip, tmp_path, capsys):
-    rng = np.random.default_rng(3)
-    photo = tmp_path / "p.png"
-    draw_face(make_person(1, "old", "male", rng), "anger", rng, (200, 250)).save(photo)
+    photo = write_photo(tmp_path / "p.png", 3)
     assert main(["predict", str(photo), "--person-from", "track"]) == 2
     assert "no video is among the inputs" in capsys.readouterr().err
     assert main(["predict", str(clip), "--person-from", "name"]) == 2
