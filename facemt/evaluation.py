@@ -88,7 +88,8 @@ def seen_in_fit(config: dict, table: pd.DataFrame) -> tuple[int, int] | None:
     """How many rows of ``table`` the run (its ``config``) was fit on: (trained on, of its validation
     persons), from the data sources ``facemt fit`` recorded, read again; None for a model not written by
     fit (the built-in base has its own held-out lists), when no row is among them, or when the sources
-    can no longer be read."""
+    can no longer be read or now hold another number of images than fit used (files added or removed
+    since: which ones fit saw can no longer be told)."""
     from facemt.data import load_sources
 
     split = config.get("split") or {}
@@ -97,6 +98,8 @@ def seen_in_fit(config: dict, table: pd.DataFrame) -> tuple[int, int] | None:
     try:
         fitted = load_sources(config["sources"]).table
     except (FacemtError, OSError):
+        return None
+    if len(fitted) != split.get("train_images", 0) + split.get("val_images", 0):
         return None
     persons = dict(zip(fitted["path"], fitted["person"]))
     shared = [p for p in table["path"] if p in persons]

@@ -320,6 +320,9 @@ def test_evaluate_says_when_the_images_are_the_ones_the_run_was_fit_on(run_dir, 
     assert seen_in_fit(base, table) is None  # the built-in model keeps its own held-out lists
     moved = {**config, "sources": [str(tmp_path / "gone")]}
     assert seen_in_fit(moved, table) is None  # a source no longer there: nothing to say
+    changed = {**config, "split": {**config["split"], "train_images": config["split"]["train_images"] - 1}}
+    assert seen_in_fit(changed, table) is None  # files added since: which ones fit saw cannot be told
+    assert seen_in_fit(config, table) == (72 - validated, validated)
 
 
 def test_macro_f1_averages_over_the_classes_in_the_test_labels():
