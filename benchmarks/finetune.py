@@ -198,6 +198,39 @@ def run_fold(index: DataIndex, train_rows, test_rows_, config: TrainConfig, cach
             for arm, scores in rows for h, (acc, n) in scores.items()]
 
 
+def evidence_fold(index: DataIndex, train_rows, config: TrainConfig, cache: ImageCache, groups: int) -> list[dict]:
+    """More evidence for fit's two choices (the never-worse rule, the person-relative step) on one fold: fit
+    run again (the same settings) with each of ``groups`` other validation groups held out instead of its own,
+    each as many persons as fit's own validation persons, drawn from the rest of the training persons
+    (disjoint from fit's and from each other). Recorded per group and head: the fine-tuned and the start
+    model's validation accuracy and faces (``val_tuned``, ``val_untouched``, ``val_n``) and the step's
+    candidates' (``step_val_*``, ``step_nll_*``, ``step_n``). No test scores: :func:`pooled_evidence` reads
+    them from the fold's own run (the ``defaults`` rows of the same seed)."""
+    sub = DataIndex(index.table.iloc[train_rows].reset_index(drop=True), [])
+    persons = sub.table["person"]
+    own = set(persons.iloc[validation_split(sub.table, config.val_fraction, config.seed)[1]])
+    rest = sorted(set(persons) - own)
+    np.random.default_rng(config.seed).shuffle(rest)
+    out = []
+    for g in range(1, groups + 1):
+        held = set(rest[(g - 1) * len(own):g * len(own)])
+        if not held:
+            break
+        is_val = persons.isin(held).to_numpy()
+        result = fit(sub, replace(config, person_relative="auto"), cache=cache,
+                     rows=(np.flatnonzero(~is_val), np.flatnonzero(is_val)))
+        info = result.person_relative or {}
+        step = {f"step_{kind}_{name.replace(' ', '_')}": score[key] for name, score in info.get("scores", {}).items()
+                for kind, key in (("val", "accuracy"), ("nll", "log_loss"))}
+        for h in result.tasks:
+            out.append({"arm": "evidence", "group": g, "persons": " ".join(sorted(map(str, held))), "head": h,
+                        "val_tuned": result.metrics.get(f"val_{h}_acc"),
+                        "val_untouched": result.untouched.get(h), "val_n": result.val_faces.get(h),
+                        "kept": h in result.kept, "best_epoch": result.best_epoch,
+                        **({**step, "step_n": info.get("val_images")} if h == "expression" else {})})
+    return out
+
+
 def fit_step(result, sub: DataIndex, val: pd.DataFrame, test: pd.DataFrame, config: TrainConfig,
              cache: ImageCache) -> tuple[dict, str, dict] | None:
     """Fit's person-relative step (facemt.engine.person_relative_step, fit's default ``auto``) on the model
@@ -475,6 +508,83 @@ def over_draws(frames: list[pd.DataFrame], variant: str = "defaults", rule: str 
     return lines
 
 
+def pooled_evidence(run: pd.DataFrame, evidence: pd.DataFrame, groups: int | None = None) -> pd.DataFrame:
+    """Per set, fold and labelled head of ``run`` (a study CSV's ``defaults`` rows): the test accuracy of the
+    start model (``untouched``), of what fit writes deciding on its own validation persons (``own``: the
+    recorded ``fit`` arm, or ``step`` for expression where recorded) and deciding on those persons and the
+    first ``groups`` of :func:`evidence_fold`'s groups together (``pooled``): the never-worse rule on the
+    pooled correct counts (a tie keeps the start), then the step's candidate with the most pooled correct
+    answers (a tie: the lower mean log-loss; the head first). The fold's own validation faces for the step
+    are counted as ``val_n`` (every person of the sets it applies to has 3+ pictures)."""
+    run = run[run["variant"] == "defaults"]
+    out = []
+    for (name, fold), g in run.groupby(["set", "fold"]):
+        acc = g.pivot_table(index="head", columns="arm", values="accuracy")
+        ev = evidence[(evidence["set"] == name) & (evidence["fold"] == fold)]
+        ev = ev[ev["group"] <= groups] if groups else ev
+        tuned_rows = g[g["arm"] == "tuned"].set_index("head")
+        for h in acc.index:
+            step = g[(g["arm"] == STEP_ARM) & (g["head"] == h)]
+            r = tuned_rows.loc[h] if h in tuned_rows.index else None
+            evidence_here = r is not None and pd.notna(r["val_n"]) and r["val_n"] > 0
+            if len(step):
+                own = step["accuracy"].iloc[0]
+            elif "fit" in acc and pd.notna(acc.loc[h, "fit"]):
+                own = acc.loc[h, "fit"]
+            else:  # fit's rule recomputed (draws whose fit rows were dropped): a tie keeps the start
+                own = acc.loc[h, "untouched" if not evidence_here or r["val_tuned"] <= r["val_untouched"] else "tuned"]
+            cell = {"set": name, "fold": fold, "head": h, "untouched": acc.loc[h, "untouched"], "own": own,
+                    "pooled": own, "groups": 0}
+            e = ev[ev["head"] == h]
+            if not evidence_here or not len(e):
+                out.append(cell)
+                continue
+            tuned = r["val_tuned"] * r["val_n"] + (e["val_tuned"] * e["val_n"]).sum()
+            start = r["val_untouched"] * r["val_n"] + (e["val_untouched"] * e["val_n"]).sum()
+            keep = tuned <= start + 1e-6
+            answer = acc.loc[h, "untouched" if keep else "tuned"]
+            if len(step) and "step_n" in e:
+                answer = _pooled_step(step.iloc[0], r, e, keep, answer)
+            out.append({**cell, "pooled": answer, "groups": len(e), "kept": keep})
+    return pd.DataFrame(out)
+
+
+def _pooled_step(step: pd.Series, r: pd.Series, e: pd.DataFrame, keep: bool, head_test: float) -> float:
+    """The step's choice on pooled evidence (see :func:`pooled_evidence`) and its test accuracy."""
+    which = "val_untouched" if keep else "val_tuned"
+    n = r["val_n"] + e["step_n"].sum()
+    correct = {"head": r[which] * r["val_n"] + (e[which] * e["step_n"]).sum()}
+    loss = {"head": (r["step_nll_head"] * r["val_n"] + (e["step_nll_head"] * e["step_n"]).sum()) / n}
+    for c in CANDIDATES[1:]:
+        if pd.notna(step.get(f"step_val_{c}")) and e[f"step_val_{c}"].notna().all():
+            correct[c] = step[f"step_val_{c}"] * r["val_n"] + (e[f"step_val_{c}"] * e["step_n"]).sum()
+            loss[c] = (step[f"step_nll_{c}"] * r["val_n"] + (e[f"step_nll_{c}"] * e["step_n"]).sum()) / n
+    best = min(correct, key=lambda c: (-round(correct[c], 6), loss[c], c != "head"))
+    return head_test if best == "head" else step[f"step_test_{best}"]
+
+
+def evidence_lines(cells: pd.DataFrame) -> list[str]:
+    """Per set and head: fit deciding on its own validation persons against deciding on pooled evidence."""
+    lines = ["| set | head | fold results | untouched % | fit (own evidence) - untouched | fit (pooled evidence) - "
+             "untouched | pooled - own | below untouched (own / pooled) | expression: distance closed (own / pooled) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    shares = {"own": [], "pooled": []}
+    for (name, head), g in cells.groupby(["set", "head"]):
+        base = g["untouched"].mean()
+        closed = {k: (g[k].mean() - base) / (1 - base) for k in shares} if head == "expression" and base < 1 else {}
+        for k, v in closed.items():
+            shares[k].append(v)
+        lines.append(f"| {name} | {head} | {len(g)} | {_pct(base)} | {_pct(*paired_interval(g['own'] - g['untouched']))} | "
+                     f"{_pct(*paired_interval(g['pooled'] - g['untouched']))} | "
+                     f"{_pct(*paired_interval(g['pooled'] - g['own']))} | {int((g['own'] < g['untouched'] - 1e-9).sum())} / "
+                     f"{int((g['pooled'] < g['untouched'] - 1e-9).sum())} | "
+                     + (f"{100 * closed['own']:.0f} % / {100 * closed['pooled']:.0f} %" if closed else "-") + " |")
+    if shares["own"]:
+        lines += ["", f"Expression, the mean of the sets' shares of the distance to 100 % closed: own evidence "
+                  f"{100 * np.mean(shares['own']):.0f} %, pooled {100 * np.mean(shares['pooled']):.0f} %."]
+    return lines
+
+
 def step_choices(frames: list[pd.DataFrame], variant: str = "defaults") -> list[str]:
     """How often fit's person-relative step chose each classifier (or the head), per set, over the draws."""
     steps = pd.concat([f[(f["arm"] == STEP_ARM) & (f["variant"] == variant)] for f in frames if "step_choice" in f])
@@ -542,7 +652,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draws", type=Path, nargs="+", metavar="CSV", help="only write fit's defaults over these --csv "
                    "files, one per --seed, pooled")
     p.add_argument("--manifests", type=Path, metavar="DIR", help="only write each set as DIR/NAME.csv for facemt cv")
+    p.add_argument("--evidence", type=int, metavar="K", help="only run fit again on each fold with K other groups "
+                   "of validation persons (evidence_fold), writing their validation scores to --csv")
+    p.add_argument("--pooled", type=Path, nargs=2, action="append", metavar=("RUN_CSV", "EVIDENCE_CSV"),
+                   help="only compare fit deciding on its own validation persons with deciding on them and an "
+                        "--evidence run's groups (repeatable: one pair per --seed)")
     args = p.parse_args(argv)
+    if args.pooled:
+        cells = pd.concat([pooled_evidence(pd.read_csv(a), pd.read_csv(b)) for a, b in args.pooled])
+        lines = ["\n### Fit's choices on more evidence\n", "```", f"python benchmarks/finetune.py {' '.join(argv)}",
+                 "```", "", *evidence_lines(cells)]
+        if args.results:
+            publish(lines, args.results)
+        else:
+            print("\n".join(lines))
+        return 0
     if args.draws:
         frames = [pd.read_csv(f) for f in args.draws]
         lines = [f"\n### Fit's defaults over {len(args.draws)} draws of folds\n", "```",
@@ -584,6 +708,16 @@ def main(argv: list[str] | None = None) -> int:
     start = load_checkpoint(initial_weights(base), map_location="cpu")
     cache, records, started = ImageCache(), [], time.perf_counter()
     folds = {name: make_folds(index.table, "subject", args.folds, args.seed) for name, index in sets.items()}
+    if args.evidence:
+        for name, index in sets.items():
+            for k, (train_rows, _) in enumerate(folds[name]):
+                print(f"{name} evidence fold {k + 1}/{len(folds[name])} ({time.perf_counter() - started:.0f} s)", flush=True)
+                for row in evidence_fold(index, train_rows, base, cache, args.evidence):
+                    records.append({"set": name, "variant": "defaults", "fold": k, **row})
+                if args.csv:
+                    pd.DataFrame(records).to_csv(args.csv, index=False)
+        print(f"{len(records)} evidence rows ({time.perf_counter() - started:.0f} s)")
+        return 0
     for variant in variants:  # variant by variant: a run cut short still has every set for the first ones
         for name, index in sets.items():
             for k, (train_rows, test) in enumerate(folds[name]):

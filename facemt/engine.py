@@ -810,13 +810,16 @@ def fit(
     sources: Sequence[str] = (),
     should_stop: Callable[[], bool] | None = None,
     resume: ResumeState | None = None,
+    rows: tuple[Sequence[int], Sequence[int]] | None = None,
 ) -> TrainResult:
     """Split off a validation set (subject-disjoint when persons are known) and train.
 
     The checkpoint records the dataset summary, the data sources and which
-    persons validated. See :func:`train` for the other arguments and errors.
+    persons validated. ``rows`` = (training, validation) rows of ``index`` replaces
+    :func:`fit_split`'s split (the fine-tuning study validates on other persons
+    this way). See :func:`train` for the other arguments and errors.
     """
-    train_rows, val_rows = fit_split(index, config)
+    train_rows, val_rows = fit_split(index, config) if rows is None else (np.asarray(rows[0]), np.asarray(rows[1]))
     report = check_data(index, config.tasks, val_rows, decode=False)
     if report.problems:
         raise FacemtError("; ".join(report.problems))

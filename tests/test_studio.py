@@ -312,3 +312,51 @@ def test_weight_space_average_lies_between_the_two_networks(run_dir):
     # neither network is changed by averaging them
     assert all(torch.equal(v, b[k]) for k, v in tuned.state_dict().items())
     assert all(torch.equal(v, a[k]) for k, v in start.state_dict().items())
+
+
+def test_fine_tuning_study_pools_fits_evidence_over_other_validation_groups(faces_dir, run_dir, tmp_path):
+    """--evidence: fit run again with other persons validating (disjoint from fit's own and from each other);
+    --pooled: fit's two choices made on all that evidence, answered with the fold's recorded test scores."""
+    from facemt.config import TrainConfig
+    from facemt.data import ImageCache, index_folder
+
+    script = _script("finetune")
+    index = index_folder(faces_dir)  # 6 persons: fit validates on 1 of a fold's training persons
+    config = TrainConfig(init_from=str(run_dir), epochs=1, batch_size=16, device="cpu")
+    train_rows = np.flatnonzero(index.table["person"] != "006")
+    rows = pd.DataFrame(script.evidence_fold(index, train_rows, config, ImageCache(), groups=2))
+    assert set(rows["group"]) == {1, 2} and (rows["val_n"] > 0).all()
+    sub = index.table.iloc[train_rows].reset_index(drop=True)
+    own = set(sub["person"].iloc[script.validation_split(sub, config.val_fraction, config.seed)[1]])
+    assert rows.groupby("group")["head"].apply(set).tolist() == [{"age_group", "gender", "expression"}] * 2
+    expression = rows[rows["head"] == "expression"]
+    assert expression["step_n"].notna().all() and expression["step_val_head"].between(0, 1).all()
+    groups = [set(p.split()) for p in rows.groupby("group")["persons"].first()]
+    assert len(own) == 1 and all(len(g) == 1 for g in groups) and len(own | groups[0] | groups[1]) == 3
+
+    # the pooled decisions, on crafted records: fit's own validation persons tie (the start kept), the other
+    # groups favour the fine-tuned head; the step's classifier wins on pooled evidence
+    def arm(name, head, acc, **extra):
+        return {"set": "s", "variant": "defaults", "fold": 0, "arm": name, "head": head, "accuracy": acc, **extra}
+
+    evidence_of = {"val_tuned": 0.5, "val_untouched": 0.5, "val_n": 4.0}
+    step_of = {"step_val_head": 0.5, "step_nll_head": 1.0, "step_val_centred": 0.5, "step_nll_centred": 1.2,
+               "step_test_centred": 0.9}
+    run = pd.DataFrame([arm("untouched", "gender", 0.6), arm("tuned", "gender", 0.8, **evidence_of),
+                        arm("fit", "gender", 0.6, **evidence_of),
+                        arm("untouched", "expression", 0.4), arm("tuned", "expression", 0.7, **evidence_of),
+                        arm("fit", "expression", 0.4, **evidence_of),
+                        arm("step", "expression", 0.4, **evidence_of, **step_of)])
+    more = pd.DataFrame([{"set": "s", "fold": 0, "group": 1, "head": "gender", "val_tuned": 1.0,
+                          "val_untouched": 0.75, "val_n": 4.0},
+                         {"set": "s", "fold": 0, "group": 1, "head": "expression", "val_tuned": 0.75,
+                          "val_untouched": 0.5, "val_n": 4.0, "step_n": 4.0, "step_val_head": 0.75,
+                          "step_nll_head": 0.9, "step_val_centred": 1.0, "step_nll_centred": 0.5}])
+    cells = script.pooled_evidence(run, more).set_index("head")
+    assert cells.loc["gender", "own"] == 0.6 and cells.loc["gender", "pooled"] == 0.8  # 6 of 8 > 5 of 8
+    assert cells.loc["expression", "pooled"] == 0.9  # centred: 6 of 8 against the tuned head's 5 of 8
+    assert script.pooled_evidence(run, more.assign(val_tuned=0.75)).set_index("head").loc["gender", "pooled"] == 0.6
+    dropped = script.pooled_evidence(run[run["arm"] != "fit"], more).set_index("head")  # fit's rule recomputed
+    assert dropped.loc["gender", "own"] == 0.6 and dropped.loc["gender", "pooled"] == 0.8
+    lines = "\n".join(script.evidence_lines(cells.reset_index()))
+    assert "| s | gender | 1 | 60.0 | +0.0 | +20.0 | +20.0 | 0 / 0 | - |" in lines
