@@ -199,7 +199,7 @@ def test_a_head_skipped_for_one_class_is_said_once(faces_dir, tmp_path, capsys, 
     assert len(said) == 1, said
     caplog.clear()
     assert main(["cv", "--data", str(women), "--out", str(tmp_path / "cv"), "--folds", "3", "--no-baselines",
-                 *TINY_FIT]) == 0
+                 "--no-fit-model", *TINY_FIT]) == 0
     said = [l for l in capsys.readouterr().err.splitlines() if "gender" in l and "two classes" in l]
     said += [r.getMessage() for r in caplog.records if "gender" in r.getMessage()]
     assert len(said) == 1, said
