@@ -554,7 +554,7 @@ def _pooled_step(step: pd.Series, r: pd.Series, e: pd.DataFrame, keep: bool, hea
     which = "val_untouched" if keep else "val_tuned"
     n = r["val_n"] + e["step_n"].sum()
     correct = {"head": r[which] * r["val_n"] + (e[which] * e["step_n"]).sum()}
-    loss = {"head": (r["step_nll_head"] * r["val_n"] + (e["step_nll_head"] * e["step_n"]).sum()) / n}
+    loss = {"head": (step["step_nll_head"] * r["val_n"] + (e["step_nll_head"] * e["step_n"]).sum()) / n}
     for c in CANDIDATES[1:]:
         if pd.notna(step.get(f"step_val_{c}")) and e[f"step_val_{c}"].notna().all():
             correct[c] = step[f"step_val_{c}"] * r["val_n"] + (e[f"step_val_{c}"] * e["step_n"]).sum()
