@@ -52,8 +52,9 @@ from facemt.engine import (decode_images, fit, heads_to_keep, initial_weights, k
                            person_relative_step, val_probabilities)
 from facemt.inference import predict_images  # noqa: E402
 from facemt.evaluation import evaluate_predictions, paired_interval  # noqa: E402
-from facemt.relative import MIN_PICTURES, VARIANTS as CLASSIFIERS, fit_person_relative, trunk_features, with_person_relative  # noqa: E402
-from facemt.splits import make_folds, validation_split  # noqa: E402
+from facemt.relative import (MIN_PICTURES, VARIANTS as CLASSIFIERS, best_candidate, fit_person_relative,  # noqa: E402
+                             pooled_scores, trunk_features, with_person_relative)
+from facemt.splits import make_folds, more_validation_groups, validation_split  # noqa: E402
 from facemt.tasks import TASKS  # noqa: E402
 
 #: one change at a time against fit's defaults (TrainConfig fields); "epochs" is read first
@@ -207,18 +208,11 @@ def evidence_fold(index: DataIndex, train_rows, config: TrainConfig, cache: Imag
     candidates' (``step_val_*``, ``step_nll_*``, ``step_n``). No test scores: :func:`pooled_evidence` reads
     them from the fold's own run (the ``defaults`` rows of the same seed)."""
     sub = DataIndex(index.table.iloc[train_rows].reset_index(drop=True), [])
-    persons = sub.table["person"]
-    own = set(persons.iloc[validation_split(sub.table, config.val_fraction, config.seed)[1]])
-    rest = sorted(set(persons) - own)
-    np.random.default_rng(config.seed).shuffle(rest)
+    own = validation_split(sub.table, config.val_fraction, config.seed)[1]
     out = []
-    for g in range(1, groups + 1):
-        held = set(rest[(g - 1) * len(own):g * len(own)])
-        if not held:
-            break
-        is_val = persons.isin(held).to_numpy()
-        result = fit(sub, replace(config, person_relative="auto"), cache=cache,
-                     rows=(np.flatnonzero(~is_val), np.flatnonzero(is_val)))
+    for g, (rows, val_rows) in enumerate(more_validation_groups(sub.table, own, groups + 1, config.seed), 1):
+        held = set(sub.table["person"].iloc[val_rows])
+        result = fit(sub, replace(config, person_relative="auto"), cache=cache, rows=(rows, val_rows))
         info = result.person_relative or {}
         step = {f"step_{kind}_{name.replace(' ', '_')}": score[key] for name, score in info.get("scores", {}).items()
                 for kind, key in (("val", "accuracy"), ("nll", "log_loss"))}
@@ -550,16 +544,18 @@ def pooled_evidence(run: pd.DataFrame, evidence: pd.DataFrame, groups: int | Non
 
 
 def _pooled_step(step: pd.Series, r: pd.Series, e: pd.DataFrame, keep: bool, head_test: float) -> float:
-    """The step's choice on pooled evidence (see :func:`pooled_evidence`) and its test accuracy."""
-    which = "val_untouched" if keep else "val_tuned"
-    n = r["val_n"] + e["step_n"].sum()
-    correct = {"head": r[which] * r["val_n"] + (e[which] * e["step_n"]).sum()}
-    loss = {"head": (step["step_nll_head"] * r["val_n"] + (e["step_nll_head"] * e["step_n"]).sum()) / n}
-    for c in CANDIDATES[1:]:
-        if pd.notna(step.get(f"step_val_{c}")) and e[f"step_val_{c}"].notna().all():
-            correct[c] = step[f"step_val_{c}"] * r["val_n"] + (e[f"step_val_{c}"] * e["step_n"]).sum()
-            loss[c] = (step[f"step_nll_{c}"] * r["val_n"] + (e[f"step_nll_{c}"] * e["step_n"]).sum()) / n
-    best = min(correct, key=lambda c: (-round(correct[c], 6), loss[c], c != "head"))
+    """The step's choice on pooled evidence as fit makes it with ``--validation-groups``
+    (:func:`facemt.relative.pooled_scores`, :func:`facemt.relative.best_candidate`) and its test accuracy:
+    fit's own group with its head as the pooled never-worse rule left it (``keep``), each other group with
+    its head as that group's own fit left it (``step_val_head``)."""
+    names = ["head", *(c for c in CANDIDATES[1:] if pd.notna(step.get(f"step_val_{c}")))]
+    own = {"val_images": r["val_n"], "scores": {
+        c: {"accuracy": r["val_untouched" if keep else "val_tuned"] if c == "head" else step[f"step_val_{c}"],
+            "log_loss": step[f"step_nll_{c}"]} for c in names}}
+    groups = [{"val_images": g["step_n"], "scores": {
+        c: {"accuracy": g[f"step_val_{c}"], "log_loss": g[f"step_nll_{c}"]}
+        for c in names if pd.notna(g.get(f"step_val_{c}"))}} for _, g in e.iterrows()]
+    best = best_candidate(pooled_scores([own, *groups])["scores"])
     return head_test if best == "head" else step[f"step_test_{best}"]
 
 

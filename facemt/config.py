@@ -111,6 +111,12 @@ class TrainConfig:
     from the same person's other pictures) and use it when pictures come grouped
     by person: ``auto`` when it beats the network's expression head on the
     validation persons, ``on`` always, ``off`` never.
+    ``validation_groups`` (``fit`` only) above 1: the never-worse rule and the
+    person-relative step decide on that many disjoint groups of held-out persons
+    instead of one: fit trains again once per extra group (that group held out,
+    fit's own validation persons trained on) and pools the groups' validation
+    answers; the saved model is still the one trained without fit's own
+    validation persons (costs a training per extra group).
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -140,6 +146,7 @@ class TrainConfig:
     freeze_norm: bool = False
     refit: bool = False
     person_relative: str = "auto"
+    validation_groups: int = 1
     dropout: float = 0.2
     val_fraction: float = 0.2
     crop: str = "align"
@@ -171,6 +178,10 @@ class TrainConfig:
             raise FacemtError("refit trains again on the validation persons: it needs val_fraction above 0")
         if self.person_relative not in PERSON_RELATIVE:
             raise FacemtError(f"person_relative must be one of {', '.join(PERSON_RELATIVE)}")
+        if not 1 <= self.validation_groups <= 10:
+            raise FacemtError("validation_groups must be between 1 and 10")
+        if self.validation_groups > 1 and self.val_fraction == 0.0:
+            raise FacemtError("validation_groups above 1 holds out more persons: it needs val_fraction above 0")
         if not 0.0 <= self.dropout < 1.0:
             raise FacemtError("dropout must be in [0, 1)")
         if not 0.0 <= self.label_smoothing < 1.0:

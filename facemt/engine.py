@@ -21,7 +21,7 @@ from facemt.checkpoint import (ResumeState, base_dir, discard_resume, load_check
 from facemt.checks import check_data
 from facemt.data import (DataIndex, FaceDataset, ImageCache, encode_targets, is_ferplus_test, persons_in,
                          soft_targets)
-from facemt.splits import validation_split
+from facemt.splits import more_validation_groups, validation_split
 from facemt.config import (BASE_NAME, DEFAULT_IMAGE_SIZE, DISTILL_TEMPERATURE, FINE_TUNE_BACKBONE_LR_SCALE,
                            FINE_TUNE_MIXUP, TrainConfig)
 from facemt.distributed import World, all_reduce_sum, any_rank, barrier, broadcast_buffers, world
@@ -77,6 +77,10 @@ class TrainResult:
     refit: dict[str, Any] | None = None
     #: set by :func:`fit`: the person-relative expression classifier's evidence and whether the model uses it
     person_relative: dict[str, Any] | None = None
+    #: set by :func:`fit` with ``validation_groups`` above 1: the pooled evidence its choices were made on
+    validation_groups: dict[str, Any] | None = None
+    #: set by :func:`fit`: the persons held out for validation
+    val_persons: list[str] = field(default_factory=list)
 
 
 def seed_everything(seed: int) -> None:
@@ -847,19 +851,88 @@ def fit(
     cache = cache or ImageCache()
     result = train(index, config, train_rows, val_rows, out_dir, cache, callback, extra,
                    should_stop=should_stop, resume=resume)
+    result.val_persons = [str(p) for p in val_persons]
+    evidence = _more_evidence(index, config, val_rows, cache, callback, should_stop)
     if world().main:
-        _never_worse(result, index, (train_rows, val_rows), config, out_dir, cache)
+        _never_worse(result, index, (train_rows, val_rows), config, out_dir, cache, evidence)
     if config.refit and not len(val_rows):
         log.warning("--refit skipped: no validation persons were held out, so the model already saw every face")
     elif config.refit:
         _refit(result, index, config, [*train_rows, *val_rows], out_dir, cache, callback, should_stop)
     if world().main and config.person_relative != "off" and "expression" in result.model.tasks:
-        person_relative_step(result, index, (train_rows, val_rows), config, out_dir, cache)
+        person_relative_step(result, index, (train_rows, val_rows), config, out_dir, cache, evidence)
     return result
 
 
+def _more_evidence(index: DataIndex, config: TrainConfig, val_rows: Sequence[int], cache: ImageCache,
+                   callback: Callback | None, should_stop: Callable[[], bool] | None) -> list[TrainResult]:
+    """``config.validation_groups`` - 1 more fits for fit's choices to decide on
+    (:func:`facemt.splits.more_validation_groups`: each holds out another group of persons and trains on
+    the rest, fit's own validation persons included; nothing saved). A group that cannot train (a head
+    left with one class) is left out with a warning; interrupted, the groups finished so far count."""
+    if config.validation_groups < 2:
+        return []
+    if config.person_relative == "off" and not (config.keep_start and initial_weights(config)):
+        log.warning("--validation-groups skipped: nothing to choose (no start model to keep, "
+                    "--person-relative off)")
+        return []
+    splits = more_validation_groups(index.table, val_rows, config.validation_groups, config.seed)
+    if len(splits) < config.validation_groups - 1:
+        log.warning("--validation-groups %d: the persons allow %d group(s) of held-out persons",
+                    config.validation_groups, len(splits) + 1)
+    once = replace(config, validation_groups=1, refit=False)
+
+    def quiet(event: str, info: dict) -> None:  # what fit's own run has said is not said again
+        if callback and event not in ("warnings", "split", "framing"):
+            callback(event, info)
+
+    out = []
+    for group, (train_rows, held) in enumerate(splits, 2):
+        persons = index.table["person"].iloc[held]
+        if callback:
+            callback("evidence", {"group": group, "groups": len(splits) + 1, "val_images": len(held),
+                                  "val_persons": int(persons.nunique()), "epochs": config.epochs})
+        try:
+            out.append(fit(index, once, cache=cache, callback=quiet, should_stop=should_stop,
+                           rows=(train_rows, held)))
+        except TrainingInterrupted:
+            log.warning("interrupted: fit decides on the %d group(s) of validation persons finished", len(out) + 1)
+            break
+        except FacemtError as exc:
+            log.warning("validation group %d left out: %s", group, exc)
+    return out
+
+
+def pooled_validation(result: TrainResult, evidence: Sequence[TrainResult]) -> dict[str, Any]:
+    """Fit's own validation scores and those of the ``evidence`` runs (:func:`_more_evidence`) pooled per
+    head, each group weighted by its labelled validation images: ``val_accuracy`` (fine-tuned),
+    ``untouched_val_accuracy`` (the start model), ``val_images``, ``groups``, and ``per_group``."""
+    runs = [result, *evidence]
+    per_group = [{"val_persons": r.val_persons, "val_accuracy": {t: r.metrics.get(f"val_{t}_acc") for t in r.tasks},
+                  "untouched_val_accuracy": dict(r.untouched), "val_images": dict(r.val_faces)} for r in runs]
+    tuned, start, faces = {}, {}, {}
+    for t in result.tasks:
+        parts = [(g["val_accuracy"].get(t), g["untouched_val_accuracy"].get(t), g["val_images"].get(t))
+                 for g in per_group]
+        parts = [(a, b, n) for a, b, n in parts if n and a is not None and b is not None and math.isfinite(a)]
+        if parts:
+            faces[t] = sum(n for _, _, n in parts)
+            # rounded: the same count of correct faces is the same accuracy, however the groups add up
+            tuned[t] = round(sum(a * n for a, _, n in parts) / faces[t], 9)
+            start[t] = round(sum(b * n for _, b, n in parts) / faces[t], 9)
+    return {"groups": len(runs), "val_accuracy": tuned, "untouched_val_accuracy": start, "val_images": faces,
+            "per_group": [_clean_group(g) for g in per_group]}
+
+
+def _clean_group(group: dict[str, Any]) -> dict[str, Any]:
+    """``group`` with NaN accuracies (a head without labelled validation faces) as None, for JSON."""
+    return {k: {t: (None if v is None or not math.isfinite(v) else v) for t, v in d.items()} if isinstance(d, dict)
+            else d for k, d in group.items()}
+
+
 def person_relative_step(result: TrainResult, index: DataIndex, rows: tuple[Sequence[int], Sequence[int]],
-                         config: TrainConfig, out_dir: str | Path | None, cache: ImageCache) -> None:
+                         config: TrainConfig, out_dir: str | Path | None, cache: ImageCache,
+                         evidence: Sequence[TrainResult] = ()) -> None:
     """Fit the person-relative expression classifiers (:mod:`facemt.relative`) on the training persons'
     pictures through ``result.model``'s trunk, score them and the model's expression head on the validation
     persons they can answer, and, where one is best there (``person_relative`` ``on``: the best of them
@@ -875,7 +948,8 @@ def person_relative_step(result: TrainResult, index: DataIndex, rows: tuple[Sequ
                          device=device)["expression"]
     labels = encode_targets(table, ["expression"])["expression"]
     always = config.person_relative == "on"
-    relative, info = choose(features, persons_in(table), labels, own, is_val, always)
+    others = [e.person_relative for e in evidence if e.person_relative]
+    relative, info = choose(features, persons_in(table), labels, own, is_val, always, others)
     info = {"mode": config.person_relative, "min_pictures": MIN_PICTURES, "used": relative is not None, **info}
     if always and relative is not None:
         info["reason"] = f"--person-relative on ({info['reason']})"
@@ -920,10 +994,11 @@ def _refit(result: TrainResult, index: DataIndex, config: TrainConfig, rows: Seq
 
 
 def _never_worse(result: TrainResult, index: DataIndex, rows: tuple[Sequence[int], Sequence[int]],
-                 config: TrainConfig, out_dir: str | Path | None, cache: ImageCache) -> None:
+                 config: TrainConfig, out_dir: str | Path | None, cache: ImageCache,
+                 evidence: Sequence[TrainResult] = ()) -> None:
     """After training: score the start model on the validation rows and on every row fit was given
-    (``rows`` = training, validation), apply the never-worse rule (:func:`keep_start`), calibrate, and
-    record both in the run's config.json."""
+    (``rows`` = training, validation), apply the never-worse rule (:func:`keep_start`; on
+    :func:`pooled_validation` with ``evidence``), calibrate, and record both in the run's config.json."""
     start = initial_weights(config)
     start_model = start_preprocess = None
     train_rows, val_rows = rows
@@ -933,8 +1008,11 @@ def _never_worse(result: TrainResult, index: DataIndex, rows: tuple[Sequence[int
             result.untouched, result.untouched_all, result.val_faces = _start_scores(
                 start_model, start_preprocess, index, train_rows, val_rows, result.tasks, cache, config.device)
     never_worse: dict[str, Any] = {"enabled": config.keep_start}
+    if start and evidence and len(val_rows):
+        result.validation_groups = pooled_validation(result, evidence)
     if start and config.keep_start:
-        skipped = keep_start(result, start_model, start_preprocess, labelled_only=config.tasks is None)
+        skipped = keep_start(result, start_model, start_preprocess, labelled_only=config.tasks is None,
+                             pooled=result.validation_groups)
         if skipped:
             never_worse["skipped"] = skipped
             log.warning("no head can be answered by the start model: %s", skipped)
@@ -946,7 +1024,8 @@ def _never_worse(result: TrainResult, index: DataIndex, rows: tuple[Sequence[int
         update_config(out_dir, {"untouched": {"model": run_name(start), "val_accuracy": result.untouched,
                                               "all_faces_accuracy": result.untouched_all,
                                               "val_images": result.val_faces},
-                                "never_worse": {**never_worse, "kept": result.kept}})
+                                "never_worse": {**never_worse, "kept": result.kept},
+                                **({"validation_groups": result.validation_groups} if result.validation_groups else {})})
 
 
 def _start_scores(model: MultiTaskNet, preprocess: PreprocessConfig, index: DataIndex, train_rows: Sequence[int],
@@ -1008,13 +1087,20 @@ def heads_to_keep(metrics: dict[str, Any], untouched: dict[str, float], start_ta
 
 
 def keep_start(result: TrainResult, start: MultiTaskNet, start_preprocess: PreprocessConfig,
-               labelled_only: bool = True) -> str | None:
-    """Set ``result.kept`` (:func:`heads_to_keep`) and make ``result.model`` answer those heads with
-    ``start``, carried whole. Returns why nothing can be kept (the start model would see faces framed
-    or sized otherwise than it was trained on), else None."""
+               labelled_only: bool = True, pooled: dict[str, Any] | None = None) -> str | None:
+    """Set ``result.kept`` (:func:`heads_to_keep`; on ``pooled`` validation scores, :func:`pooled_validation`,
+    where given) and make ``result.model`` answer those heads with ``start``, carried whole. Returns why
+    nothing can be kept (the start model would see faces framed or sized otherwise than it was trained on),
+    else None."""
     if start_preprocess != result.preprocess:
         return "the run's preprocessing (image size or crop) differs from the start model's"
-    result.kept = heads_to_keep(result.metrics, result.untouched, start.tasks, result.tasks, labelled_only)
+    if pooled:
+        metrics = {f"val_{t}_acc": a for t, a in pooled["val_accuracy"].items()}
+        result.kept = heads_to_keep(metrics, pooled["untouched_val_accuracy"], start.tasks, result.tasks, labelled_only)
+        result.kept = {t: why + (f" ({pooled['val_images'][t]} images of {pooled['groups']} validation groups)"
+                                 if t in pooled["val_images"] else "") for t, why in result.kept.items()}
+    else:
+        result.kept = heads_to_keep(result.metrics, result.untouched, start.tasks, result.tasks, labelled_only)
     if result.kept:
         result.model.keep(start, list(result.kept))
     return None

@@ -175,13 +175,17 @@ def _scores(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 
 
 def choose(features: np.ndarray, persons: Sequence[object | None], labels: np.ndarray, own: np.ndarray,
-           held_out: np.ndarray, always: bool = False) -> tuple[PersonRelative | None, dict]:
+           held_out: np.ndarray, always: bool = False, others: Sequence[dict] = ()) -> tuple[PersonRelative | None, dict]:
     """Fit every variant (:data:`VARIANTS`) on the rows not ``held_out`` and score each, and the network's
     head (``own``: its expression probabilities of the held-out rows), on the held-out rows they answer; the best
     is the most accurate, then the lowest log-loss (the head among them). Return the best variant refitted
     on every row, or None where the head is best (``always``: the best variant even then), and what was
     measured: ``scores`` (name -> accuracy and log-loss), ``val_images`` scored, ``best`` (a name or
-    :data:`HEAD`), ``reason``, and ``variant`` (the one returned)."""
+    :data:`HEAD`), ``reason``, and ``variant`` (the one returned).
+
+    ``others``: what this function measured on other groups of held-out persons (each with a model trained
+    without them: fit's ``--validation-groups``); the choice is then made on every group's pictures together
+    (:func:`pooled_scores`; ``pooled`` in what is returned) over the candidates every group scored."""
     persons = np.asarray(persons, dtype=object)
     fitted = {name: fit_person_relative(features[~held_out], persons[~held_out], labels[~held_out],
                                         MIN_PICTURES, name) for name in VARIANTS}
@@ -192,19 +196,48 @@ def choose(features: np.ndarray, persons: Sequence[object | None], labels: np.nd
                for name, clf in fitted.items()}
     y = labels[held_out]
     scored = ~np.isnan(next(iter(answers.values()))).any(axis=1) & (y >= 0)
-    if not scored.any():
-        info = {"reason": f"no held-out person with {MIN_PICTURES}+ labelled pictures to decide on"}
+    info: dict = {}
+    if scored.any():
+        info["scores"] = {name: _scores(p[scored], y[scored]) for name, p in answers.items()}
+        info["scores"][HEAD] = _scores(own[scored], y[scored])
+        info["val_images"] = int(scored.sum())
+    pooled = pooled_scores([info, *others]) if others else None
+    if pooled:
+        info["pooled"] = pooled
+    decide = pooled or info
+    if not decide.get("scores"):
+        info["reason"] = f"no held-out person with {MIN_PICTURES}+ labelled pictures to decide on"
         best = next(iter(fitted)) if always else None
     else:
-        scores = {name: _scores(p[scored], y[scored]) for name, p in answers.items()}
-        scores[HEAD] = _scores(own[scored], y[scored])
-        rank = lambda k: (-scores[k]["accuracy"], scores[k]["log_loss"], k != HEAD)  # noqa: E731
-        best = min(scores, key=rank)
-        info = {"scores": scores, "val_images": int(scored.sum()), "best": best,
-                "reason": "the network's head is best on the held-out persons" if best == HEAD else
-                f"{best!r} is best on the held-out persons"}
+        scores = {k: v for k, v in decide["scores"].items() if k == HEAD or k in fitted}
+        best = best_candidate(scores)
+        where = (f"the {decide['groups']} groups of held-out persons ({decide['val_images']} pictures)" if pooled
+                 else "the held-out persons")
+        info.update(best=best, reason=f"the network's head is best on {where}" if best == HEAD else
+                    f"{best!r} is best on {where}")
         if best == HEAD:
-            best = min(fitted, key=rank) if always else None
+            best = best_candidate({k: v for k, v in scores.items() if k != HEAD}) if always else None
     if best is None:
         return None, info
     return fit_person_relative(features, persons, labels, MIN_PICTURES, best), {**info, "variant": best}
+
+
+def best_candidate(scores: dict[str, dict[str, float]]) -> str | None:
+    """The most accurate of ``scores`` (name -> accuracy and log-loss), then the lowest log-loss, then the
+    network's head (:data:`HEAD`) before a classifier; None when there is none."""
+    return min(scores, key=lambda k: (-scores[k]["accuracy"], scores[k]["log_loss"], k != HEAD), default=None)
+
+
+def pooled_scores(infos: Sequence[dict]) -> dict | None:
+    """Accuracy and log-loss per candidate over several groups' held-out pictures together (each group's
+    ``scores`` weighted by its ``val_images``, as :func:`choose` records them), for the candidates every
+    scored group has; None when no group scored any."""
+    infos = [i for i in infos if i and i.get("scores") and i.get("val_images")]
+    if not infos:
+        return None
+    names = [k for k in infos[0]["scores"] if all(k in i["scores"] for i in infos)]
+    n = sum(i["val_images"] for i in infos)
+    total = lambda k, m: sum(i["scores"][k][m] * i["val_images"] for i in infos) / n  # noqa: E731
+    # rounded: the same count of correct pictures is the same accuracy, however the groups add up
+    scores = {k: {"accuracy": round(total(k, "accuracy"), 9), "log_loss": total(k, "log_loss")} for k in names}
+    return {"scores": scores, "val_images": n, "groups": len(infos)}

@@ -254,6 +254,9 @@ def _fit_section(cfg: dict) -> list[str]:
     folds = pd.DataFrame(cfg["fit_folds"])
     unlabelled = sorted({h for k in folds["answered_by_start"] for h in k if h not in cfg["tasks"]})
     skipped = folds["never_worse_skipped"].dropna().unique()
+    groups = cfg.get("train", {}).get("validation_groups", 1)
+    where = (f"{groups} disjoint groups of validation persons together (--validation-groups {groups}: it trains once "
+             "more per extra group)" if groups > 1 else "those validation persons")
     rows = []
     for protocol, g in folds.groupby("protocol", sort=False):
         kept = pd.Series([h for k in g["answered_by_start"] for h in k if h in cfg["tasks"]]).value_counts()
@@ -266,7 +269,7 @@ def _fit_section(cfg: dict) -> list[str]:
     return ["*What fit writes* is `facemt fit` itself run on each fold's training persons, with the settings above: it "
             "holds out its own validation persons among them to pick the epoch"
             + (" and refits on all of them" if folds["refit"].any() else "") + ", answers a head with the starting "
-            "model where fine-tuning does not beat it on those validation persons (never worse than the start), and "
+            f"model where fine-tuning does not beat it on {where} (never worse than the start), and "
             "reads expression against each test person's other pictures where that beat the head there. This is "
             "the model a user of `facemt fit` gets from these images. What fit chose, per split (counts of folds):",
             "", _markdown_table(["split", "folds", "mean epoch chosen", "heads answered by the starting model",

@@ -156,3 +156,25 @@ def make_folds(
         if set(groups[train]) & set(groups[test]):
             raise AssertionError("a person is on both sides of a split")
     return folds
+
+
+def more_validation_groups(table: pd.DataFrame, val_rows: Sequence[int], groups: int,
+                           seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Up to ``groups - 1`` more (training, validation) splits of ``table`` beside fit's own (whose
+    validation rows are ``val_rows``): each holds out as many persons as fit's own validation persons, drawn
+    in a seeded order from the others, disjoint from fit's and from each other's; fewer where the persons
+    run out (the last group can be smaller). Rows without a person are their own group, as in every split."""
+    names = person_groups(table)
+    own = set(names[np.asarray(val_rows, dtype=int)])
+    if not own:
+        return []
+    rest = sorted(set(names) - own)
+    np.random.default_rng(seed).shuffle(rest)
+    out = []
+    for g in range(groups - 1):
+        held = set(rest[g * len(own):(g + 1) * len(own)])
+        if not held:
+            break
+        is_val = np.isin(names, list(held))
+        out.append((np.flatnonzero(~is_val), np.flatnonzero(is_val)))
+    return out

@@ -266,6 +266,9 @@ def test_cv_report_says_what_fit_chose_and_when_its_rule_could_not_apply():
         f.update(never_worse_skipped=why, answered_by_start={})
     text = "\n".join(_fit_section(cfg))
     assert "| subject | 2 | 5.0 | rule skipped in 2 folds |" in text and f"could not apply: {why}" in text
+    assert "does not beat it on those validation persons" in text
+    cfg["train"] = {"validation_groups": 3}  # the choices made on three groups of validation persons
+    assert "does not beat it on 3 disjoint groups of validation persons together" in "\n".join(_fit_section(cfg))
 
 
 def test_cv_report_names_the_face_size_the_models_trained_at():

@@ -3,6 +3,7 @@ label, are answered by the model training started from, carried whole in the run
 
 from __future__ import annotations
 
+import io
 import json
 
 import pandas as pd
@@ -195,3 +196,65 @@ def test_an_interrupted_refit_leaves_the_validated_model(faces_dir, run_dir, tmp
     images = decode_images(index_folder(faces_dir), saved.preprocess, ImageCache(), None)
     got, want = saved.probabilities(images), predict_images(result.model, images, result.preprocess)
     assert all(abs(got[t] - want[t]).max() < 1e-5 for t in got)
+
+
+def test_more_validation_groups_hold_out_other_persons_each_once():
+    from facemt.splits import more_validation_groups, validation_split
+
+    table = pd.DataFrame({"person": [f"p{i}" for i in range(10) for _ in range(3)], "gender": "female"})
+    own = validation_split(table, 0.2, 0)[1]
+    mine = set(table["person"].iloc[own])
+    groups = more_validation_groups(table, own, 3, seed=0)
+    held = [set(table["person"].iloc[v]) for _, v in groups]
+    assert len(groups) == 2 and all(len(h) == len(mine) for h in held)
+    assert not held[0] & held[1] and not (held[0] | held[1]) & mine
+    for train, val in groups:  # every other row trains, fit's own validation persons too
+        assert sorted([*train, *val]) == list(range(len(table))) and set(table["person"].iloc[train]) >= mine
+    again = more_validation_groups(table, own, 3, seed=0)
+    assert all((a[1] == b[1]).all() for a, b in zip(groups, again))
+    assert [set(table["person"].iloc[v]) for _, v in more_validation_groups(table, own, 3, seed=1)] != held
+    # the persons run out: fewer groups, the last one smaller; no validation persons: no groups
+    many = more_validation_groups(table, own, 10, seed=0)
+    assert len(many) == -(-(10 - len(mine)) // len(mine)) and sum(len(v) for _, v in many) == 3 * (10 - len(mine))
+    assert more_validation_groups(table, own[:0], 3, seed=0) == []
+    # rows without a person are each their own group
+    table["person"] = None
+    groups = more_validation_groups(table, [0, 1, 2], 2, seed=0)
+    assert len(groups) == 1 and len(groups[0][1]) == 3 and not set(groups[0][1]) & {0, 1, 2}
+
+
+def test_fit_decides_on_several_validation_groups_pooled(faces_dir, run_dir, tmp_path, capsys):
+    """--validation-groups 3: the never-worse rule and the person-relative step read three disjoint groups
+    of held-out persons together; the saved model is the one trained without fit's own validation persons."""
+    run = tmp_path / "groups"
+    assert main(["fit", "--data", str(faces_dir), "--init-from", str(run_dir), "--out", str(run), "--json",
+                 *TINY_FIT, "--epochs", "1", "--lr", "3", "--validation-groups", "3"]) == 0
+    printed = json.loads(capsys.readouterr().out.split("\n}\n")[0] + "\n}")
+    config = read_config(run)
+    groups = config["validation_groups"]
+    assert groups == printed["validation_groups"] and groups["groups"] == len(groups["per_group"]) == 3
+    persons = [set(g["val_persons"]) for g in groups["per_group"]]
+    assert persons[0] == set(config["split"]["val_persons"]) and all(persons)
+    assert not (persons[0] & persons[1] or persons[0] & persons[2] or persons[1] & persons[2])
+    assert groups["per_group"][0]["untouched_val_accuracy"] == config["untouched"]["val_accuracy"]
+    for t, n in groups["val_images"].items():  # each group weighted by its labelled faces
+        parts = [g for g in groups["per_group"] if g["val_images"].get(t)]
+        assert n == sum(g["val_images"][t] for g in parts)
+        for key in ("val_accuracy", "untouched_val_accuracy"):
+            assert abs(groups[key][t] - sum(g[key][t] * g["val_images"][t] for g in parts) / n) < 1e-6
+    # the rule read the pooled accuracies (a tie keeps the start), not fit's own group alone
+    kept = {t for t, a in groups["val_accuracy"].items() if a <= groups["untouched_val_accuracy"][t]}
+    assert kept and set(config["never_worse"]["kept"]) == kept
+    assert all("3 validation groups" in why for why in config["never_worse"]["kept"].values())
+    step = config["person_relative_fit"]
+    pooled = step["pooled"]
+    assert pooled["groups"] == 3 and pooled["val_images"] > step["val_images"]
+    rank = {k: (v["accuracy"], -v["log_loss"]) for k, v in pooled["scores"].items()}
+    assert rank[step["best"]] == max(rank.values()) and "3 groups of held-out persons" in step["reason"]
+    # the progress bar's log says each extra training
+    from facemt.cli.common import EventProgress
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=200)
+    EventProgress(console)("evidence", {"group": 2, "groups": 3, "val_images": 12, "val_persons": 1, "epochs": 1})
+    assert "validation group 2 of 3" in console.file.getvalue()

@@ -20,7 +20,7 @@ from facemt.data import ImageCache, index_folder, person_of, persons_in
 from facemt.engine import decode_images
 from facemt.errors import FacemtError
 from facemt.model import create_model
-from facemt.relative import HEAD, VARIANTS, PersonRelative, centre, choose, fit_person_relative
+from facemt.relative import HEAD, VARIANTS, PersonRelative, centre, choose, fit_person_relative, pooled_scores
 from facemt.tasks import TASKS, per_person
 
 from conftest import TINY_FIT
@@ -163,6 +163,32 @@ def test_choose_keeps_the_head_unless_a_classifier_beats_it_on_the_held_out_pers
     # two pictures of one person held out: too few to read against each other, so auto keeps the head
     relative, info = choose(x, who, y, guess[:2], np.arange(len(y)) < 2)
     assert relative is None and "no held-out person" in info["reason"]
+
+
+def test_choose_on_several_groups_of_held_out_persons_pools_their_pictures():
+    """fit --validation-groups: other groups' scores (each from a model trained without that group) are
+    added to the held-out persons' own, weighted by their pictures, before the best is chosen."""
+    x, who, y = _posed(10, seed=0)
+    held_out = np.isin(who, ["p8", "p9"])
+    y = np.where(held_out, (y + 1) % EXPRESSIONS, y)  # the held-out persons alone favour a sure head
+    sure = np.eye(EXPRESSIONS, dtype=np.float32)[y[held_out]] * 0.999 + 0.001 / EXPRESSIONS
+    alone = choose(x, who, y, sure, held_out)[1]
+    assert alone["best"] == HEAD and "pooled" not in alone
+    score = lambda acc: {"accuracy": acc, "log_loss": 1.0}  # noqa: E731
+    other = {"val_images": 100, "scores": {HEAD: score(0.5), "centred": score(1.0), "both": score(0.9)}}
+    relative, info = choose(x, who, y, sure, held_out, others=[other, other])
+    n = alone["val_images"]
+    assert info["pooled"]["groups"] == 3 and info["pooled"]["val_images"] == n + 200
+    want = (alone["scores"]["centred"]["accuracy"] * n + 200) / (n + 200)
+    assert abs(info["pooled"]["scores"]["centred"]["accuracy"] - want) < 1e-6
+    assert set(info["pooled"]["scores"]) == {HEAD, "centred", "both"}  # only what every group scored
+    assert info["best"] == "centred" == relative.variant and "3 groups" in info["reason"]
+    assert info["scores"] == alone["scores"]  # the own group's scores are kept as measured
+    # groups that agree with the own one change nothing; a group that scored nothing is no evidence
+    agree = {"val_images": 100, "scores": {HEAD: score(1.0), "centred": score(0.2), "both": score(0.2),
+                                           "both x head": score(0.9)}}
+    assert choose(x, who, y, sure, held_out, others=[agree, {"reason": "none"}])[0] is None
+    assert pooled_scores([{"reason": "none"}]) is None
 
 
 @pytest.fixture(scope="module")

@@ -331,6 +331,7 @@ def test_fine_tuning_study_pools_fits_evidence_over_other_validation_groups(face
     assert rows.groupby("group")["head"].apply(set).tolist() == [{"age_group", "gender", "expression"}] * 2
     expression = rows[rows["head"] == "expression"]
     assert expression["step_n"].notna().all() and expression["step_val_head"].between(0, 1).all()
+    assert {f"step_{k}_{c}" for c in script.CANDIDATES for k in ("val", "nll")} <= set(rows.columns)  # as --pooled reads
     groups = [set(p.split()) for p in rows.groupby("group")["persons"].first()]
     assert len(own) == 1 and all(len(g) == 1 for g in groups) and len(own | groups[0] | groups[1]) == 3
 

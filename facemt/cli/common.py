@@ -88,6 +88,11 @@ class EventProgress:
             p.console.print(f"refit: training again on all {info['images']} images ({info['persons']} persons) "
                             f"for {info['epochs']} epoch(s)", markup=False, highlight=False)
             self.train_task = None
+        elif event == "evidence":
+            p.console.print(f"validation group {info['group']} of {info['groups']}: training again with "
+                            f"{info['val_images']} images of {info['val_persons']} other person(s) held out",
+                            markup=False, highlight=False)
+            self.train_task = None
         elif event == "epoch_start" and self.train_task is None:
             self.train_task = p.add_task("train", total=info["epochs"] * info["steps"])
         elif event == "step":

@@ -162,7 +162,7 @@ class _CVProgress(EventProgress):
             if not self.console.is_terminal:  # a log file or CI: no bar is drawn, so say where the run is
                 self.console.print(f"cv model {info['run']}/{info['runs']} {info['label']}{timing(self.started, info['run'] - 1, info['runs'])}",
                                    markup=False, highlight=False)
-        elif event == "refit":  # fit's second training, on every face it was given
+        elif event in ("refit", "evidence"):  # fit's second training, or one per extra validation group
             self.total += math.ceil(info["epochs"])
             p.update(self.train_task, total=self.total)
         elif event == "epoch_end":

@@ -85,6 +85,12 @@ _TRAIN_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
                                           "(evaluate, cv, predict --person-from): auto: the best of three when it "
                                           "beats the network's expression head on the validation persons, on: the "
                                           "best of three always, off: none (default %(default)s)"}),
+    ("optim", "validation_groups", {"type": int, "metavar": "K",
+                                    "help": "make fit's choices after training (the never-worse rule, the "
+                                            "person-relative step) on K disjoint groups of held-out persons "
+                                            "instead of one: trains again once per extra group, fit's own "
+                                            "validation persons trained on; the saved model is unchanged "
+                                            "(costs K-1 more trainings; default %(default)s)"}),
     ("augment", "jitter_consistency", {"type": float, "metavar": "W",
                                        "help": "also train every face re-framed by a few pixels (the face detector's "
                                        "own alignment noise) to give the same probabilities, with this weight "
@@ -258,7 +264,8 @@ def _fit_and_report(args, out: Console, err: Console, run: Path, config: TrainCo
         print(json.dumps({"run": str(run), "tasks": list(result.tasks), "best_epoch": result.best_epoch,
                           "metrics": result.metrics, "temperatures": dict(result.model.temperatures),
                           "untouched_val_acc": result.untouched, "untouched_all_faces_acc": result.untouched_all,
-                          "kept": result.kept, "refit": result.refit, "person_relative": result.person_relative},
+                          "kept": result.kept, "refit": result.refit, "person_relative": result.person_relative,
+                          "validation_groups": result.validation_groups},
                          indent=2))
         return EXIT_OK
     out.print(_result_table(result, run))
@@ -273,15 +280,26 @@ def _fit_and_report(args, out: Console, err: Console, run: Path, config: TrainCo
     if result.kept:
         out.print("answered by the start model (carried in the run, never worse than it): "
                   + "; ".join(f"{t}: {why}" for t, why in result.kept.items()), markup=False, highlight=False)
+    if result.validation_groups:
+        out.print(_groups_line(result.validation_groups), markup=False, highlight=False)
     if result.person_relative:
         out.print(_relative_line(result.person_relative), markup=False, highlight=False)
     return EXIT_OK
 
 
+def _groups_line(groups: dict) -> str:
+    """The pooled evidence fit's choices were made on (--validation-groups), in one line."""
+    heads = ", ".join(f"{t} {100 * a:.1f} % fine-tuned against {100 * groups['untouched_val_accuracy'][t]:.1f} % "
+                      f"before training on {groups['val_images'][t]} images" for t, a in groups["val_accuracy"].items())
+    return f"choices made on {groups['groups']} groups of validation persons: {heads}"
+
+
+
 def _relative_line(info: dict) -> str:
     """What fit decided about the person-relative expression classifiers, in one line."""
-    scores = info.get("scores", {})
-    scores = (" (validation accuracy on " + f"{info['val_images']} pictures: "
+    shown = info.get("pooled") or info  # with --validation-groups: every group's pictures together
+    scores = shown.get("scores", {})
+    scores = (" (validation accuracy on " + f"{shown['val_images']} pictures: "
               + ", ".join(f"{name} {100 * s['accuracy']:.1f} %" for name, s in scores.items()) + ")" if scores else "")
     if info["used"]:
         return (f"person-relative expression: {info['variant']!r} used when pictures come grouped by person (evaluate, "
