@@ -294,7 +294,6 @@ def _groups_line(groups: dict) -> str:
     return f"choices made on {groups['groups']} groups of validation persons: {heads}"
 
 
-
 def _relative_line(info: dict) -> str:
     """What fit decided about the person-relative expression classifiers, in one line."""
     shown = info.get("pooled") or info  # with --validation-groups: every group's pictures together
