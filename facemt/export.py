@@ -16,7 +16,7 @@ from facemt.checkpoint import load_checkpoint
 from facemt.engines import INT8_DEFAULTS, ONNX_FILES, quantize_int8
 from facemt.model import Graph, write_onnx
 from facemt.inference import calibration_batches, own_prior
-from facemt.files import atomic_write, atomic_write_text, sha256_file
+from facemt.files import atomic_write, atomic_write_text, check_writable, sha256_file
 from facemt.errors import FacemtError
 from facemt.tasks import schema_dict
 
@@ -77,7 +77,7 @@ def export(
     model, pre, config = load_checkpoint(run_dir)
     graph = Graph(model.cpu().eval(), probabilities).eval()
     default = ONNX_FILES["onnx-int8" if quantize else "onnx"] if fmt == "onnx" else "model.torchscript.pt"
-    path = Path(out) if out else Path(run_dir) / default
+    path = check_writable(Path(out) if out else Path(run_dir) / default, overwrite=True)  # said before any work
     torch.manual_seed(0)
     dummy = torch.randn(batch_size, 3, pre.image_size, pre.image_size)
     tasks = model.tasks

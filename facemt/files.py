@@ -50,6 +50,33 @@ def check_writable(path: str | os.PathLike, overwrite: bool = False, flag: str =
     return path
 
 
+def check_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Say now, before any work, whether ``path`` is or can become a folder this
+    process writes into (a temporary file is made there and removed; folders
+    made for the check are removed again, so a failure later leaves no trace).
+
+    Raises:
+        FacemtError: naming the path and why not.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FacemtError(f"{flag} {path}: is a file; give a folder")
+    made = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise FacemtError(f"{flag} {path}: cannot write there ({exc.strerror or exc})") from None
+    finally:
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+    return path
+
+
 def finish_file(tmp: str) -> None:
     """Give a written temporary file normal permissions and flush it to disk."""
     # Writers may recreate the file with their own mode (safetensors uses 0600).

@@ -63,6 +63,15 @@ USER_ERRORS = [
     (["cv", "--data", "FACES", "--out", "OUT", "--split", "random", "--folds", "100"], "only 72 images"),
     (["check-data", "--data", "FACES", "--data", "FACES"], "give each source once"),
     (["merge-predictions", "--out", "DIR"], "is a folder"),
+    # folders that cannot be written are said before any work, not as a traceback after training
+    (["fit", "--data", "FACES", "--out", "/proc/facemt-test/run", *TINY_FIT], "cannot write there"),
+    (["cv", "--data", "FACES", "--out", "/proc/facemt-test", "--folds", "2", *TINY_FIT], "cannot write there"),
+    (["evaluate", "--model", "RUN", "--data", "FACES", "--explain", "/proc/facemt-test"], "cannot write there"),
+    (["explain", "PHOTO", "--model", "RUN", "--out", "/proc/facemt-test"], "cannot write there"),
+    (["explain", "PHOTO", "--model", "RUN", "--out", "PHOTO"], "is a file"),
+    (["synth", "/proc/facemt-test", "--persons", "2"], "cannot write there"),
+    (["export", "--model", "RUN", "--out", "/proc/facemt-test.onnx"], "cannot write there"),
+    (["export", "--model", "RUN", "--out", "DIR"], "is a folder"),
 ]
 if NO_GPU:
     USER_ERRORS += [(["predict", "PHOTO", "--model", "RUN", "--device", "cuda"], "no CUDA GPU"),
@@ -84,6 +93,17 @@ def test_every_user_error_is_one_line_and_exit_2(argv, match, faces_dir, run_dir
     assert err.startswith("error:") and match in err and "\n" not in err, err
     assert "Traceback" not in err and not captured.out  # no table, no partial output
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, no temporary file left
+
+
+def test_a_disk_failure_no_check_foresaw_is_one_line_and_exit_1(tmp_path, monkeypatch, capsys):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "s" / "001_y_m_a_a.jpg"))
+
+    monkeypatch.setattr("facemt.synth.generate", full)
+    assert main(["synth", str(tmp_path / "s"), "--persons", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    assert err.splitlines()[-1] == f"error: {tmp_path / 's' / '001_y_m_a_a.jpg'}: No space left on device", err
 
 
 def test_the_python_api_refuses_a_zero_batch(run_dir):

@@ -140,7 +140,9 @@ def test_a_truncated_video_keeps_its_rows_and_says_so_in_one_line(clip, tmp_path
 def test_video_options_are_checked_and_shards_take_whole_videos(clip, tmp_path, capsys):
     photo = write_photo(tmp_path / "p.png", 2)
     assert main(["predict", str(photo), "--fps", "5"]) == 2
-    assert "apply to videos" in capsys.readouterr().err
+    assert "--fps applies to videos" in capsys.readouterr().err
+    assert main(["predict", str(photo), "--fps", "5", "--smooth", "0.5"]) == 2
+    assert "--fps, --smooth apply to videos" in capsys.readouterr().err
     assert main(["predict", str(clip), "--smooth", "-1"]) == 2
     folder = tmp_path / "videos"
     folder.mkdir()

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from facemt import __version__
 from facemt.cli import evaluate, export, predict, train
-from facemt.cli.common import EPILOG, EXIT_INTERRUPTED, EXIT_USAGE
+from facemt.cli.common import EPILOG, EXIT_INTERRUPTED, EXIT_PARTIAL, EXIT_USAGE
 from facemt.errors import FacemtError
 
 
@@ -50,6 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted", markup=False)
         return EXIT_INTERRUPTED
+    except OSError as exc:  # a disk, permission or path failure no check foresaw: one line, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        err.print(f"error: {where}{exc.strerror or exc}", markup=False, highlight=False, soft_wrap=True)
+        return EXIT_PARTIAL
 
 
 

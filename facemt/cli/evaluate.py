@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from facemt.errors import FacemtError
+from facemt.files import check_folder
 from facemt.config import CROP_POLICIES
 
 from facemt.cli.train import add_train_args, train_config
@@ -80,6 +81,7 @@ def cmd_evaluate(args: argparse.Namespace, out: Console, err: Console) -> int:
         from facemt.explain import check_method
 
         check_method(args.method)
+        check_folder(args.explain, flag="--explain")
         predictor.torch_model()  # an ONNX engine asked for by name is said now
     index = load_data(args.data, err)
     cache = ImageCache()
@@ -183,6 +185,7 @@ def cmd_cv(args: argparse.Namespace, out: Console, err: Console) -> int:
     report_dir = Path(args.out)
     if (report_dir / "report.md").exists() and not args.overwrite:
         raise FacemtError(f"{report_dir} already holds a report; choose another --out or pass --overwrite")
+    check_folder(report_dir)
     index = load_data(args.data, err)
     from facemt.splits import make_folds
 
@@ -268,9 +271,7 @@ def cmd_explain(args: argparse.Namespace, out: Console, err: Console) -> int:
     files = iter_image_files(args.inputs)
     if not files:
         raise FacemtError("no image files found in the given inputs")
-    folder = Path(args.out)
-    if folder.exists() and not folder.is_dir():
-        raise FacemtError(f"--out {folder}: is a file; give a folder for the PNGs")
+    folder = check_folder(args.out)
     predictor = load(chosen_model(args), device=args.device, crop=crop_override(args), engine=args.engine, prior=args.prior)
     predictor.torch_model()  # an ONNX engine asked for by name is said now, before any work
     written, results, failed = [], [], 0

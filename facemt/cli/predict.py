@@ -179,7 +179,8 @@ def _check_video_options(args: argparse.Namespace, videos: bool) -> None:
     given = [flag for flag, value in (("--fps", args.fps), ("--smooth", args.smooth), ("--plot", args.plot))
              if value is not None]
     if given and not videos:
-        raise FacemtError(f"{', '.join(given)} apply to videos, and no video is among the inputs")
+        raise FacemtError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to videos, "
+                          "and no video is among the inputs")
     for flag, value in (("--fps", args.fps), ("--smooth", args.smooth)):
         if value is not None and not value > 0:
             raise FacemtError(f"{flag} must be a positive number (got {value})")

@@ -165,9 +165,11 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_synth(args: argparse.Namespace, out: Console, err: Console) -> int:
+    from facemt.files import check_folder
     from facemt.synth import check_args, generate
 
     check_args(args.out, args.persons, (args.width, args.height))
+    check_folder(args.out, flag="synth")
     with Progress(TextColumn("synth"), BarColumn(), MofNCompleteColumn(), console=err) as progress:
         task = progress.add_task("synth", total=args.persons * 12)
         paths = generate(args.out, persons=args.persons, size=(args.width, args.height), seed=args.seed,
@@ -233,6 +235,10 @@ def cmd_fit(args: argparse.Namespace, out: Console, err: Console) -> int:
     if resume is not None:
         err.print(f"resuming {run} at epoch {resume.epoch}, step {resume.step}")
     try:
+        if resume is None and here.main:
+            from facemt.files import check_folder
+
+            check_folder(run)  # said now, not after training (by one process: the check leaves no folder behind)
         return _fit_and_report(args, out, err, run, config, sources, resume)
     finally:
         shutdown()
