@@ -138,7 +138,7 @@ def test_explain_benchmark_runs_end_to_end(faces_dir, run_dir, tmp_path):
     spec.loader.exec_module(script)
     results = tmp_path / "RESULTS.md"
     assert script.main(["--data-root", str(root), "--model", str(run_dir), "--faces", "8", "--methods",
-                        "gradcam-8,integrated-gradients", "--csv", str(tmp_path / "e.csv"), "--results", str(results),
+                        "gradcam-8,gradcam-16", "--csv", str(tmp_path / "e.csv"), "--results", str(results),
                         "--figure", str(tmp_path / "maps.png")]) == 0
     frame = pd.read_csv(tmp_path / "e.csv")
     assert len(frame) == 6 and frame["rank_corr_heads"].between(-1, 1).all()
