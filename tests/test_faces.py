@@ -324,3 +324,33 @@ def test_the_mirror_scan_is_averaged_and_can_be_turned_off(portrait):
     assert np.allclose(np.array(both.landmarks), (np.array(plain.landmarks) + back) / 2, atol=0.6)
     with pytest.raises(FacemtError, match="detection side"):
         FaceDetector(side=8)
+
+
+def _candidate(x, y, eye_x, score, size=80.0):
+    """A YuNet row: box (x, y, w, h), five landmarks (the first eye at ``eye_x``), score."""
+    points = [eye_x, y + 30, x + 55, y + 30, x + 40, y + 45, x + 28, y + 60, x + 52, y + 60]
+    return [x, y, size, size * 1.3, *points, score]
+
+
+def test_candidates_of_one_face_are_merged_smoothly_not_picked():
+    """Two candidates with (nearly) the same score: the face is their weighted mean whichever comes first, so
+    a change that swaps their order (one grey level of a resized photo) moves nothing; a candidate at the
+    score threshold or barely overlapping weighs nothing; a face elsewhere stays a face of its own."""
+    from facemt.faces import NMS_OVERLAP, _vote
+
+    a, b = _candidate(100, 50, 120.0, 0.94), _candidate(102, 51, 126.0, 0.94)
+    one, other = _vote(np.array([a, b]), 0.6), _vote(np.array([b, a]), 0.6)
+    assert one.shape == (1, 15) and np.abs(one - other).max() < 1e-3
+    assert 120.0 < one[0, 4] < 126.0 and one[0, 14] == 0.94
+    nudged = _vote(np.array([[*a[:14], 0.94 + 1e-6], b]), 0.6)  # the other one now strongest: the same face
+    assert np.abs(nudged - one)[0, :14].max() < 1e-3
+    weak = _vote(np.array([a, _candidate(101, 50, 140.0, 0.6)]), 0.6)  # at the threshold: weighs nothing
+    assert np.allclose(weak[0], a)
+    # shifted until it overlaps `a` just above the suppression threshold: suppressed, and weighs almost nothing
+    shift = next(s for s in np.arange(80, 0, -0.5) if facemt.faces.box_iou(a[:4], _candidate(100 + s, 50, 0, 0)[:4])
+                 > NMS_OVERLAP)
+    edge = _vote(np.array([a, _candidate(100 + shift, 50, 200.0, 0.94)]), 0.6)
+    assert len(edge) == 1 and abs(edge[0, 4] - 120.0) < 2.0
+    far = _vote(np.array([a, _candidate(300, 50, 320.0, 0.9)]), 0.6)
+    assert len(far) == 2 and np.allclose(far[0], a) and np.allclose(far[1], _candidate(300, 50, 320.0, 0.9))
+    assert _vote(np.zeros((0, 15)), 0.6).shape == (0, 15)
