@@ -86,6 +86,10 @@ DETECTION_SIDE = 416
 NMS_OVERLAP = 0.3
 #: Rounds of :func:`_vote`'s weighting, each by the overlap with the previous round's merged box.
 VOTE_ROUNDS = 4
+#: Candidates scoring this much below a face's strongest weigh nothing in :func:`_vote`. Averaging every
+#: candidate (a margin of 1) was steadier still but moved the built-in model's framing away from the one it
+#: was trained on (UTKFace held-out age group 81.0 -> 80.1 %; benchmarks/RESULTS.md, "NMS with voting").
+VOTE_MARGIN = 0.05
 
 
 class FaceDetector:
@@ -103,10 +107,12 @@ class FaceDetector:
     score but landmarks a few pixels apart; plain non-maximum suppression
     keeps one, and which one can flip with a change of one grey level (the
     same photo saved at another size moved the eyes by 5 % of their distance
-    that way). Each face is therefore the weighted mean of every candidate
-    that overlaps its strongest one (:func:`_vote`): the weights shrink to
-    zero at the score threshold and at the overlap threshold, so the box and
-    landmarks change smoothly with the picture.
+    that way). Each face is therefore the weighted mean of the candidates
+    that overlap its strongest one and score nearly as high (:func:`_vote`):
+    the weights shrink to zero at the overlap threshold and
+    :data:`VOTE_MARGIN` below the strongest score, so near-ties are averaged
+    and never flip, while a clear winner answers as before (the landmarks
+    the built-in model was trained on).
 
     Args:
         model_path: the ONNX file; the packaged one by default (its SHA-256 is
@@ -219,8 +225,10 @@ def _vote(rows: np.ndarray, threshold: float, overlap: float = NMS_OVERLAP) -> n
     The same faces as greedy suppression keeps (the strongest candidate, then
     the strongest that overlaps no kept one by more than ``overlap``), each
     with the box and landmarks averaged over the candidates it suppresses and
-    itself, weighted by ``(score - threshold) * (iou - overlap)``: a candidate
-    at either threshold weighs nothing, so none enters or leaves with a jump.
+    itself, weighted by ``(score - floor) * (iou - overlap)``, where ``floor``
+    is :data:`VOTE_MARGIN` below the strongest score (never below
+    ``threshold``): a candidate at either limit weighs nothing, so none
+    enters or leaves with a jump.
     ``iou`` is first the overlap with the strongest candidate, then (for
     :data:`VOTE_ROUNDS` rounds) with the merged box, which converges to the
     same face whichever of two equal candidates came first. Its score stays
@@ -236,8 +244,9 @@ def _vote(rows: np.ndarray, threshold: float, overlap: float = NMS_OVERLAP) -> n
         members = left & (iou > overlap)
         members[i] = True
         group, merged = rows[members], top.copy()
+        floor = max(threshold, top[14] - VOTE_MARGIN)  # a clear winner answers alone, near-ties are averaged
         for _ in range(VOTE_ROUNDS):  # overlaps with the merged box, not the strongest: the same whichever is first
-            weights = np.clip(group[:, 14] - threshold, 0, None) * np.clip(iou[members] - overlap, 0, None)
+            weights = np.clip(group[:, 14] - floor, 0, None) * np.clip(iou[members] - overlap, 0, None)
             if not weights.sum() > 0:
                 break
             merged[:14] = weights @ group[:, :14] / weights.sum()

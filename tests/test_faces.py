@@ -336,7 +336,7 @@ def test_candidates_of_one_face_are_merged_smoothly_not_picked():
     """Two candidates with (nearly) the same score: the face is their weighted mean whichever comes first, so
     a change that swaps their order (one grey level of a resized photo) moves nothing; a candidate at the
     score threshold or barely overlapping weighs nothing; a face elsewhere stays a face of its own."""
-    from facemt.faces import NMS_OVERLAP, _vote
+    from facemt.faces import NMS_OVERLAP, VOTE_MARGIN, _vote
 
     a, b = _candidate(100, 50, 120.0, 0.94), _candidate(102, 51, 126.0, 0.94)
     one, other = _vote(np.array([a, b]), 0.6), _vote(np.array([b, a]), 0.6)
@@ -346,6 +346,10 @@ def test_candidates_of_one_face_are_merged_smoothly_not_picked():
     assert np.abs(nudged - one)[0, :14].max() < 1e-3
     weak = _vote(np.array([a, _candidate(101, 50, 140.0, 0.6)]), 0.6)  # at the threshold: weighs nothing
     assert np.allclose(weak[0], a)
+    beaten = _vote(np.array([a, _candidate(101, 50, 140.0, 0.94 - VOTE_MARGIN)]), 0.6)  # a clear winner alone
+    assert np.allclose(beaten[0], a)
+    close = _vote(np.array([a, _candidate(101, 50, 140.0, 0.94 - VOTE_MARGIN / 2)]), 0.6)  # a near-tie counts
+    assert 121.0 < close[0, 4] < 140.0
     # shifted until it overlaps `a` just above the suppression threshold: suppressed, and weighs almost nothing
     shift = next(s for s in np.arange(80, 0, -0.5) if facemt.faces.box_iou(a[:4], _candidate(100 + s, 50, 0, 0)[:4])
                  > NMS_OVERLAP)
