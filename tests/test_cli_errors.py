@@ -231,7 +231,9 @@ def test_evaluate_says_which_heads_and_classes_it_cannot_score(faces_dir, tmp_pa
     captured = capsys.readouterr()
     notes = json.loads(captured.out)["notes"]
     assert notes[0] == "the data has age_group, gender labels, but the model has no such head: not scored"
-    assert len(notes) == 2 and "this run was fit on" in notes[1]  # these are the run's own training images
+    assert "this run was fit on" in notes[1]  # these are the run's own training images
+    # and, where the run's step chose a person-relative classifier on its validation persons, a note that says so
+    assert all("person-relative classifier" in n for n in notes[2:]) and len(notes) <= 3, notes
     assert "note: the data has age_group, gender labels" in captured.err
     table = load_sources([str(faces_dir)]).table
     config = {"class_counts": {"expression": [5, 0, 5, 5, 5, 5]}}
