@@ -137,7 +137,7 @@ def test_explain_benchmark_runs_end_to_end(faces_dir, run_dir, tmp_path):
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     results = tmp_path / "RESULTS.md"
-    assert script.main(["--data-root", str(root), "--model", str(run_dir), "--faces", "8", "--methods",
+    assert script.main(["--data-root", str(root), "--model", str(run_dir), "--faces", "4", "--methods",
                         "gradcam-8,gradcam-16", "--csv", str(tmp_path / "e.csv"), "--results", str(results),
                         "--figure", str(tmp_path / "maps.png")]) == 0
     frame = pd.read_csv(tmp_path / "e.csv")
