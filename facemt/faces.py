@@ -240,7 +240,7 @@ def _vote(rows: np.ndarray, threshold: float, overlap: float = NMS_OVERLAP) -> n
     for i, top in enumerate(rows):
         if not left[i]:
             continue
-        iou = np.array([box_iou(top[:4], row[:4]) if free else 0.0 for row, free in zip(rows, left)])
+        iou = np.where(left, _ious(top[:4], rows[:, :4]), 0.0)
         members = left & (iou > overlap)
         members[i] = True
         group, merged = rows[members], top.copy()
@@ -250,7 +250,7 @@ def _vote(rows: np.ndarray, threshold: float, overlap: float = NMS_OVERLAP) -> n
             if not weights.sum() > 0:
                 break
             merged[:14] = weights @ group[:, :14] / weights.sum()
-            iou[members] = [box_iou(merged[:4], row[:4]) for row in group]
+            iou[members] = _ious(merged[:4], group[:, :4])
         kept.append(merged)
         left &= ~members
     return np.array(kept, dtype=np.float64).reshape(-1, 15)
@@ -268,6 +268,16 @@ def _average_mirrored(rows: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
         if overlap[j] > 0.5:
             out[i] = (row + mirrored[j]) / 2
     return out
+
+
+def _ious(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """:func:`box_iou` of one (x, y, width, height) box with each row of ``boxes``."""
+    x0, y0 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
+    x1 = np.minimum(box[0] + box[2], boxes[:, 0] + boxes[:, 2])
+    y1 = np.minimum(box[1] + box[3], boxes[:, 1] + boxes[:, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    union = box[2] * box[3] + boxes[:, 2] * boxes[:, 3] - inter
+    return np.divide(inter, union, out=np.zeros(len(boxes)), where=union > 0)
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
