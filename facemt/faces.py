@@ -271,7 +271,7 @@ def _average_mirrored(rows: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
 
 
 def _ious(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """:func:`box_iou` of one (x, y, width, height) box with each row of ``boxes``."""
+    """Intersection over union of one (x, y, width, height) box with each row of ``boxes``."""
     x0, y0 = np.maximum(box[0], boxes[:, 0]), np.maximum(box[1], boxes[:, 1])
     x1 = np.minimum(box[0] + box[2], boxes[:, 0] + boxes[:, 2])
     y1 = np.minimum(box[1] + box[3], boxes[:, 1] + boxes[:, 3])
@@ -282,11 +282,7 @@ def _ious(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
     """Intersection over union of two (x, y, width, height) boxes."""
-    x0, y0 = max(a[0], b[0]), max(a[1], b[1])
-    x1, y1 = min(a[0] + a[2], b[0] + b[2]), min(a[1] + a[3], b[1] + b[3])
-    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
-    union = a[2] * a[3] + b[2] * b[3] - inter
-    return float(inter / union) if union > 0 else 0.0
+    return float(_ious(np.asarray(a, dtype=np.float64), np.asarray([b], dtype=np.float64)[:, :4])[0])
 
 
 def _quiet_opencv() -> None:
