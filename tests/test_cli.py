@@ -247,3 +247,23 @@ def test_every_command_in_the_docs_names_real_options():
             words = words[:words.index(op)] if op in words else words
         args = parser.parse_args(words[1:])
         assert isinstance(args, argparse.Namespace) and args.command == words[1], line
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bars_are_drawn_on_a_terminal_only(terminal):
+    from rich.console import Console
+
+    from facemt.cli.common import EventProgress
+
+    console = Console(file=io.StringIO(), force_terminal=terminal, color_system=None, width=120)
+    row = {"train_gender_acc": 0.5, "val_gender_acc": 0.25}
+    with EventProgress(console) as progress:
+        progress("decode", {"done": 4, "total": 4})
+        progress("epoch_start", {"epochs": 1, "steps": 2})
+        for _ in range(2):
+            progress("step", {"epoch": 1, "loss": 0.7})
+        progress("epoch_end", {"epoch": 1, "epochs": 1, "row": row})
+    text = console.file.getvalue()
+    assert "train acc gender=0.50  val acc gender=0.25" in text
+    # in a log file a bar would come once, at the end, after the epoch lines it belongs before
+    assert ("━" in text) == terminal and ("decode images" in text) == terminal

@@ -44,15 +44,20 @@ def timing(started: float, done: int, total: int) -> str:
     return f" (elapsed {elapsed:.0f} s{eta})"
 
 
+def bars(console: Console, *columns: Any, disable: bool = False, **kwargs: Any) -> Progress:
+    """Rich progress bars on ``console``, drawn only on a terminal: in a log file a bar would be
+    printed once, at the end, after the lines the run wrote while it worked."""
+    return Progress(*columns, console=console, disable=disable or not console.is_terminal, **kwargs)
+
+
 class EventProgress:
     """Turns the engine's callback events into rich progress bars on stderr."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            console=console, transient=False,
+        self.progress = bars(
+            console, TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), transient=False,
         )
         self.decode_task = None
         self.train_task = None

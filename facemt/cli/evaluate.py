@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from facemt.errors import FacemtError
@@ -18,7 +18,7 @@ from facemt.config import CROP_POLICIES
 
 from facemt.cli.train import add_train_args, train_config
 from facemt.cli.common import (
-    EXIT_OK, EXIT_PARTIAL, EPILOG, timing, EventProgress, load_data, print_summary, crop_override,
+    EXIT_OK, EXIT_PARTIAL, EPILOG, bars, timing, EventProgress, load_data, print_summary, crop_override,
     metrics_table, add_engine_arg, add_tta_arg, add_prior_arg, add_model_arg, chosen_model, add_method_arg,
     add_explain_args, parse_targets, add_person_relative_arg,
 )
@@ -38,7 +38,7 @@ def cmd_check_data(args: argparse.Namespace, out: Console, err: Console) -> int:
         from facemt.tasks import select_tasks
 
         tasks = select_tasks(args.tasks)
-    with Progress(TextColumn("decode"), BarColumn(), MofNCompleteColumn(), console=err, transient=True) as progress:
+    with bars(err, TextColumn("decode"), BarColumn(), MofNCompleteColumn(), transient=True) as progress:
         task = progress.add_task("decode", total=len(index))
         report = check_data(index, tasks, val_rows, progress=lambda d, n: progress.update(task, completed=d))
     if args.json:
@@ -275,8 +275,8 @@ def cmd_explain(args: argparse.Namespace, out: Console, err: Console) -> int:
     predictor = load(chosen_model(args), device=args.device, crop=crop_override(args), engine=args.engine, prior=args.prior)
     predictor.torch_model()  # an ONNX engine asked for by name is said now, before any work
     written, results, failed = [], [], 0
-    with Progress(TextColumn("explain"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err,
-                  transient=True, disable=len(files) < 4) as progress:
+    with bars(err, TextColumn("explain"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+              transient=True, disable=len(files) < 4) as progress:
         task = progress.add_task("explain", total=len(files))
         for path in files:
             try:

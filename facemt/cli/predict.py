@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from facemt.errors import FacemtError
@@ -20,7 +20,7 @@ from facemt.config import CROP_POLICIES, PERSON_FROM
 from facemt.tasks import TASK_NAMES, TASKS
 
 from facemt.cli.common import (
-    EXIT_OK, EXIT_PARTIAL, EPILOG, timing, crop_override, add_engine_arg, add_tta_arg, add_prior_arg,
+    EXIT_OK, EXIT_PARTIAL, EPILOG, bars, timing, crop_override, add_engine_arg, add_tta_arg, add_prior_arg,
     add_model_arg,
 )
 
@@ -264,9 +264,9 @@ def _predict_to(sink: "_Sink", predictor, files: Sequence[Path], args: argparse.
     started = time.monotonic()
     done, finished, last = 0, False, None
     try:
-        with Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TextColumn("eta"), TimeRemainingColumn(), console=err, transient=out_path is None,
-                      disable=total < 2 * args.batch_size) as progress:
+        with bars(err, TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("eta"), TimeRemainingColumn(), transient=out_path is None,
+                  disable=total < 2 * args.batch_size) as progress:
             task = progress.add_task("predict", total=total)
             for p in _predictions(predictor, files, args):
                 counts[p.status] += 1

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 from rich.table import Table
 
 from facemt.errors import FacemtError
@@ -17,7 +17,7 @@ from facemt.config import AUGMENT_PRESETS, CROP_POLICIES, LOSS_WEIGHTINGS, PERSO
 from facemt.tasks import TASK_NAMES
 
 from facemt.cli.common import (
-    EXIT_OK, EXIT_INTERRUPTED, EPILOG, EventProgress, load_data, print_summary,
+    EXIT_OK, EXIT_INTERRUPTED, EPILOG, bars, EventProgress, load_data, print_summary,
 )
 
 
@@ -170,7 +170,7 @@ def cmd_synth(args: argparse.Namespace, out: Console, err: Console) -> int:
 
     check_args(args.out, args.persons, (args.width, args.height))
     check_folder(args.out, flag="synth")
-    with Progress(TextColumn("synth"), BarColumn(), MofNCompleteColumn(), console=err) as progress:
+    with bars(err, TextColumn("synth"), BarColumn(), MofNCompleteColumn()) as progress:
         task = progress.add_task("synth", total=args.persons * 12)
         paths = generate(args.out, persons=args.persons, size=(args.width, args.height), seed=args.seed,
                          progress=lambda d, n: progress.update(task, completed=d, total=n))
