@@ -331,7 +331,7 @@ def plot_timeline(frame: "pd.DataFrame", path: str | os.PathLike, max_tracks: in
     for video, rows in faces.groupby("path", sort=False):
         sizes = rows.groupby("track").size().sort_values(ascending=False)
         groups += [(video, track, rows[rows["track"] == track]) for track in sizes.index[:max_tracks]]
-    fig, axes = plt.subplots(len(groups), len(tasks), figsize=(4.2 * len(tasks), 2.4 * len(groups)),
+    fig, axes = plt.subplots(len(groups), len(tasks), figsize=(4.2 * len(tasks), 2.4 * len(groups) + 0.6),
                              squeeze=False, sharex="row")
     for row, (video, track, rows) in enumerate(groups):
         for col, task in enumerate(tasks):
@@ -345,8 +345,8 @@ def plot_timeline(frame: "pd.DataFrame", path: str | os.PathLike, max_tracks: in
             ax.set_ylim(0, 1)
             ax.set_title(f"{Path(video).name}, track {int(track)}: {task.replace('_', ' ')}", fontsize=9)
             ax.set_xlabel("time (s)")
-            if row == 0:
-                ax.legend(fontsize=7, loc="upper right", ncol=2 if task == "expression" else 1)
+            if row == 0:  # above the panels: inside, a legend would hide the probabilities it names
+                ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.1), ncol=3, frameon=False)
     fig.tight_layout()
     out = Path(path)
     tmp = make_temp(out)
