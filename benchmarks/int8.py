@@ -204,11 +204,22 @@ def main(argv: list[str] | None = None) -> int:
             if args.ship == name:
                 ship(predictor, out, name, kind, count, options,
                      {"chosen_sets": worst["agreement"], "fresh_sets": fresh["agreement"]})
+    lines = report(argv, args.model, x, rows, speed, time.perf_counter() - started)
+    if args.results:
+        publish(lines, str(args.results))
+    else:
+        print("\n".join(lines))
+    Path("runs/int8.json").write_text(json.dumps({"rows": rows, "speed": speed}, indent=1, default=str))
+    return 0
+
+
+def report(argv: list[str], model: str, x: dict, rows: list[dict], speed: list[dict], seconds: float) -> list[str]:
+    """The RESULTS.md section: one row per variant, then every variant's agreement per head and set."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True,
                             text=True).stdout.strip()
     lines = [f"\n## int8 against float32 on real faces: `python benchmarks/int8.py {' '.join(argv)}` "
-             f"(commit {commit}, {time.perf_counter() - started:.0f} s)\n",
-             f"Model `{args.model}`; test faces: " + ", ".join(f"{k} {len(v)}" for k, v in x.items())
+             f"(commit {commit}, {seconds:.0f} s)\n",
+             f"Model `{model}`; test faces: " + ", ".join(f"{k} {len(v)}" for k, v in x.items())
              + "; real calibration faces: thirds of UTKFace training adults, FER2013Train and the studio training "
              "persons (never test faces). Agreement: top-1 the same as float32's (ONNX Runtime). Target: "
              f"{TARGET:.0f} % on every head and set, and faster than float32.", "",
@@ -233,12 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         b = "" if np.isnan(r["accuracy_int8"]) else f"{r['accuracy_int8']:.1f}"
         lines.append(f"| {r['variant']} | {r['set']} | {r['head']} | {r['n']} | {r['agreement']:.1f} | "
                      f"{r['max_abs_diff']:.3f} | {a} | {b} |")
-    if args.results:
-        publish(lines, str(args.results))
-    else:
-        print("\n".join(lines))
-    Path("runs/int8.json").write_text(json.dumps({"rows": rows, "speed": speed}, indent=1, default=str))
-    return 0
+    return lines
 
 
 def ship(predictor, graph: Path, name: str, kind: str, count: int, options: dict, agreement: dict) -> None:
