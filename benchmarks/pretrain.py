@@ -166,7 +166,7 @@ class GreyCache(ImageCache):
         return greyscale(super()._decode(path, cfg))
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-root", required=True)
     p.add_argument("--weights", help="ImageNet weights of --backbone (.safetensors); required unless --init-from")
@@ -208,6 +208,11 @@ def main(argv=None) -> int:
     p.add_argument("--record-counts", metavar="RUN", nargs="+",
                    help="train nothing: write the class counts of this recipe's training rows into each RUN's "
                         "config.json (for a base trained before runs recorded them; needed by --prior)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     args = p.parse_args(argv)
     root = Path(args.data_root)
     if args.record_counts:
