@@ -316,16 +316,33 @@ def plot_timeline(frame: "pd.DataFrame", path: str | os.PathLike, max_tracks: in
     """Each head's probabilities over time, one row of panels per track (the
     ``max_tracks`` longest of each video): age group and gender as lines,
     expression as stacked areas. Written atomically to ``path`` (PNG, PDF or SVG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from facemt.files import make_temp
 
     faces = frame[frame["status"] == "ok"].dropna(subset=["track"])
     if faces.empty:
         raise FacemtError(f"--plot {path}: no face was found in any sampled frame, nothing to draw")
+    fig = timeline_figure(faces, max_tracks)
+    import matplotlib.pyplot as plt  # after timeline_figure chose the Agg backend
+
+    out = Path(path)
+    tmp = make_temp(out)
+    try:
+        fig.savefig(tmp, format=out.suffix.lstrip(".").lower() or "png", dpi=120)
+        os.replace(tmp, out)
+    except (OSError, ValueError) as exc:
+        raise FacemtError(f"--plot {out}: cannot write the figure ({exc})") from None
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+
+
+def timeline_figure(faces: "pd.DataFrame", max_tracks: int = 6):
+    """The matplotlib figure of :func:`plot_timeline` for rows that all have a face and a track."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     tasks = [t for t in TASKS if t in faces.columns]
     groups = []
     for video, rows in faces.groupby("path", sort=False):
@@ -348,16 +365,7 @@ def plot_timeline(frame: "pd.DataFrame", path: str | os.PathLike, max_tracks: in
             if row == 0:  # above the panels: inside, a legend would hide the probabilities it names
                 ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.1), ncol=3, frameon=False)
     fig.tight_layout()
-    out = Path(path)
-    tmp = make_temp(out)
-    try:
-        fig.savefig(tmp, format=out.suffix.lstrip(".").lower() or "png", dpi=120)
-        os.replace(tmp, out)
-    except (OSError, ValueError) as exc:
-        raise FacemtError(f"--plot {out}: cannot write the figure ({exc})") from None
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+    return fig
 
 
 def to_frame(rows: Sequence[VideoPrediction], tasks: Sequence[str]) -> "pd.DataFrame":

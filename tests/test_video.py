@@ -196,3 +196,25 @@ def test_person_from_track_is_for_videos_and_keeps_a_truncated_videos_rows(clip,
     assert rows[-1]["status"] == "error" and len(rows) > 3
     faces = [r for r in rows if r["status"] == "ok"]
     assert len({(r["gender"], r["gender_p_male"]) for r in faces}) == 1  # one track, one answer
+
+
+def test_timeline_legends_hide_no_panel(clip):
+    """The legends stand above the top row of panels: inside, the expression legend covered the stacked areas."""
+    from facemt.video import timeline_figure
+
+    table = facemt.load().predict_video(clip)
+    fig = timeline_figure(table[table["status"] == "ok"])
+    try:
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        panels = [ax.get_window_extent(renderer) for ax in fig.axes]
+        legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+        assert len(legends) == 3  # one per head
+        for legend in legends:
+            box = legend.get_window_extent(renderer)
+            assert not any(box.overlaps(panel) for panel in panels)
+            assert fig.bbox.contains(box.x0, box.y0) and fig.bbox.contains(box.x1, box.y1)  # not cut off
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
