@@ -13,6 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
 from rich.table import Table
 
 from facemt.errors import FacemtError
+from facemt.files import check_folder
 from facemt.config import AUGMENT_PRESETS, CROP_POLICIES, LOSS_WEIGHTINGS, PERSON_RELATIVE, TrainConfig
 from facemt.tasks import TASK_NAMES
 
@@ -165,7 +166,6 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def cmd_synth(args: argparse.Namespace, out: Console, err: Console) -> int:
-    from facemt.files import check_folder
     from facemt.synth import check_args, generate
 
     check_args(args.out, args.persons, (args.width, args.height))
@@ -236,8 +236,6 @@ def cmd_fit(args: argparse.Namespace, out: Console, err: Console) -> int:
         err.print(f"resuming {run} at epoch {resume.epoch}, step {resume.step}")
     try:
         if resume is None and here.main:
-            from facemt.files import check_folder
-
             check_folder(run)  # said now, not after training (by one process: the check leaves no folder behind)
         return _fit_and_report(args, out, err, run, config, sources, resume)
     finally:
